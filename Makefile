@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv from nothing.
+# Users with their own CUDA torch: make demo TORCH_SPEC="torch torchvision" (or an empty string).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.alignprop-installed
+DEMO_OUT ?= outputs/demo
+
+.PHONY: demo test test-fast venv clean
+
+venv: $(STAMP)
+
+# torch is pinned in the same pip command as everything else, so no dependency pulls a different build
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC) -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m alignprop_core demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

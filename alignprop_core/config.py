@@ -1,0 +1,152 @@
+"""Typed, validated configuration: one dataclass per concept (sampler, LoRA, training).
+
+The CLI (`alignprop_core.cli`) and the ComfyUI nodes map their inputs one to one onto these
+fields, so a setting means the same thing everywhere. Every field carries its meaning and unit in
+``metadata["help"]``; ``__post_init__`` rejects bad values with a sentence naming the field and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, asdict
+from typing import Any
+
+TRUNCATION_STRATEGIES = ("fixed", "uniform", "gaussian")
+LOSS_SHAPES = ("maximize", "target")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    """A dataclass field whose help text is kept for the CLI and the node tooltips."""
+    return field(metadata={"help": text}, **kw)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}; "
+                             f"give a positive {name}.")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}.")
+
+
+def _one_of(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(f"{type(obj).__name__}.{name}={value!r} is not known; "
+                         f"use one of {', '.join(allowed)}.")
+
+
+@dataclass
+class SamplerConfig:
+    """How images are sampled during training (the differentiable DDIM chain)."""
+
+    steps: int = _help("number of DDIM denoising steps T", default=20)
+    eta: float = _help("DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral noise", default=0.0)
+    guidance_scale: float = _help("classifier-free guidance scale w (1 = conditional only)", default=7.5)
+    use_cfg: bool = _help("run the unconditional branch and apply classifier-free guidance", default=True)
+    truncation: str = _help("truncated backprop: fixed | uniform | gaussian (K drawn once per batch)",
+                            default="fixed")
+    k: int = _help("fixed: the last K steps carry gradient", default=1)
+    k_min: int = _help("uniform: smallest K drawn", default=1)
+    k_max: int = _help("uniform: largest K drawn (inclusive)", default=1)
+    k_mean: float = _help("gaussian: mean of K", default=1.0)
+    k_std: float = _help("gaussian: standard deviation of K (K is rounded and clipped to [1, steps])",
+                         default=0.0)
+    checkpoint_unet: bool = _help("gradient-checkpoint every denoising step in the gradient window",
+                                  default=True)
+    checkpoint_vae: bool = _help("gradient-checkpoint the VAE decode", default=True)
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps")
+        _non_negative(self, "eta", "k_std")
+        _one_of(self, "truncation", TRUNCATION_STRATEGIES)
+        if self.use_cfg and self.guidance_scale < 1:
+            raise ValueError(f"SamplerConfig.guidance_scale={self.guidance_scale} is below 1 with "
+                             "classifier-free guidance on; use guidance_scale >= 1 or set use_cfg=False.")
+        if self.truncation == "fixed" and not 1 <= self.k <= self.steps:
+            raise ValueError(f"SamplerConfig.k={self.k} is outside [1, steps={self.steps}]; "
+                             "K counts the last denoising steps that carry gradient.")
+        if self.truncation == "uniform":
+            if not 1 <= self.k_min <= self.k_max <= self.steps:
+                raise ValueError(f"SamplerConfig.k_min={self.k_min}, k_max={self.k_max} must satisfy "
+                                 f"1 <= k_min <= k_max <= steps={self.steps}.")
+        if self.truncation == "gaussian" and not 1 <= self.k_mean <= self.steps:
+            raise ValueError(f"SamplerConfig.k_mean={self.k_mean} is outside [1, steps={self.steps}].")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter trained on the denoiser (peft under the hood)."""
+
+    rank: int = _help("LoRA rank r (inner dimension of the low-rank update)", default=4)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank", default=4.0)
+    target_modules: tuple[str, ...] = _help(
+        "module-name suffixes that receive LoRA (attention projections)",
+        default=("to_q", "to_k", "to_v", "to_out.0"))
+    init_seed: int = _help("seed for the LoRA initialisation (same seed, same initial LoRA)", default=0)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        _positive(self, "rank", "alpha")
+        if not self.target_modules:
+            raise ValueError("LoraConfig.target_modules is empty; name at least one module, "
+                             "e.g. to_q, to_k, to_v, to_out.0.")
+
+
+@dataclass
+class TrainConfig:
+    """The AlignProp optimisation loop."""
+
+    reward: str = _help("name of the reward to maximise (see alignprop_core.rewards.REWARDS)",
+                        default="color_target")
+    loss: str = _help("maximize: loss = -reward; target: loss = |reward_target - reward|",
+                      default="maximize")
+    reward_target: float = _help("target value for loss=target (the paper uses 10 for aesthetics)",
+                                 default=10.0)
+    steps: int = _help("number of optimiser steps", default=20)
+    batch_size: int = _help("images sampled per micro-batch", default=2)
+    grad_accum: int = _help("micro-batches accumulated per optimiser step", default=1)
+    lr: float = _help("AdamW learning rate", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay", default=1e-4)
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.999)
+    adam_eps: float = _help("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = _help("clip the LoRA gradient to this global norm (0 = no clipping)",
+                                 default=1.0)
+    width: int = _help("image width in pixels (multiple of the VAE factor)", default=64)
+    height: int = _help("image height in pixels (multiple of the VAE factor)", default=64)
+    negative_prompt: str = _help("prompt of the unconditional CFG branch", default="")
+    mixed_precision: str = _help("no | fp16 | bf16 autocast (CUDA); LoRA weights stay fp32",
+                                 default="no")
+    seed: int = _help("seed of every random draw in training (prompts, noise, K)", default=0)
+    eval_every: int = _help("evaluate on held-out prompts every N steps (0 = only start and end)",
+                            default=5)
+    eval_seed: int = _help("seed of the fixed evaluation latents", default=1234)
+    eval_batch_size: int = _help("images per evaluation forward pass", default=4)
+    save_every: int = _help("save the LoRA and the training state every N steps (0 = only at end)",
+                            default=0)
+
+    def __post_init__(self) -> None:
+        _one_of(self, "loss", LOSS_SHAPES)
+        _one_of(self, "mixed_precision", MIXED_PRECISION)
+        _positive(self, "steps", "batch_size", "grad_accum", "lr", "width", "height",
+                  "eval_batch_size")
+        _non_negative(self, "weight_decay", "max_grad_norm", "eval_every", "save_every")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            raise ValueError("TrainConfig.adam_beta1 and adam_beta2 must lie in [0, 1).")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    out = asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text, for CLI flags and node tooltips."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}

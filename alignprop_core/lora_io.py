@@ -1,0 +1,395 @@
+"""LoRA files: every key conversion, atomic save, load, apply and the paper's adapter mixing.
+
+Files are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads directly::
+
+    lora_unet_<module path, '.' -> '_'>.lora_down.weight   (r, in)   = peft lora_A.weight
+    lora_unet_<module path, '.' -> '_'>.lora_up.weight     (out, r)  = peft lora_B.weight
+    lora_unet_<module path, '.' -> '_'>.alpha              0-dim     the update is up @ down * alpha / r
+
+Replacing '.' by '_' loses information (``transformer_blocks`` vs ``transformer.blocks``), so the
+reverse mapping is never guessed from the string: it is looked up among the real module names of
+the target module. Run settings (steps, base model, ...) go in the safetensors metadata, never in
+the file name. ``save_lora`` writes a model's LoRA, ``save_lora_file`` a ``LoraFile`` (e.g. a mix).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch as st
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import LoraConfig
+from .lora import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
+
+PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIX_MODES = ("weights", "delta")
+TARGETS_KEY = "alignprop.lora_target_modules"
+RESERVED_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", TARGETS_KEY)
+
+
+@dataclass
+class LoraFile:
+    """A LoRA as stored on disk: kohya-form tensors plus what is needed to inject it."""
+
+    state: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _group_kohya(state: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya keys grouped by module name: ``{name: {"lora_down.weight": .., "lora_up.weight": .., ..}}``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None or not key.startswith(prefix + "_"):
+            unknown.append(key)
+            continue
+        groups.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:6]) + (", ..." if len(unknown) > 6 else "")
+        raise ValueError(f"Unknown LoRA keys ({len(unknown)}): {shown}. Expected '{prefix}_<module>' + "
+                         "'.lora_down.weight' / '.lora_up.weight' / '.alpha' (UNet LoRA only).")
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"LoRA module {name!r} lacks its lora_down or lora_up weight; "
+                             "the file is incomplete.")
+    return groups
+
+
+def _rank_alpha(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]:
+    """Shared rank and alpha of kohya groups (a missing alpha means alpha = rank, as in kohya)."""
+    if not groups:
+        raise ValueError("The LoRA state holds no lora keys.")
+    pairs: dict[tuple[int, float], str] = {}
+    for name, parts in groups.items():
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        rank = down.shape[0]
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank:
+            raise ValueError(f"LoRA module {name!r} has shapes down {tuple(down.shape)} / up "
+                             f"{tuple(up.shape)}; expected (r, in) and (out, r) linear factors.")
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+        pairs.setdefault((rank, alpha), name)
+    if len(pairs) != 1:
+        detail = "; ".join(f"rank {r}, alpha {a} (e.g. {n})" for (r, a), n in sorted(pairs.items()))
+        raise ValueError(f"Inconsistent LoRA ranks/alphas across modules: {detail}. "
+                         "One shared rank and alpha is required.")
+    return next(iter(pairs))
+
+
+def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
+    """The kohya module name of a diffusers module path.
+
+    Args:
+        module_path: dotted path, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``.
+        prefix: kohya prefix (``lora_unet`` for the denoiser).
+
+    Returns:
+        e.g. ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``.
+    """
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float,
+                  prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """Convert a peft-form LoRA state to kohya form.
+
+    Args:
+        state: ``{"<path>.lora_A.weight": (r, in), "<path>.lora_B.weight": (out, r), ...}``.
+        alpha: LoRA alpha, stored per module as a 0-dim float32 tensor.
+        prefix: kohya prefix.
+
+    Returns:
+        ``{"<prefix>_<path_>.lora_down.weight", ".lora_up.weight", ".alpha"}`` tensors (same objects for
+        the weights; callers clone or cast as needed).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for peft_suffix, kohya_suffix in PEFT_SUFFIXES.items():
+            if key.endswith("." + peft_suffix):
+                name = kohya_name(key[: -len(peft_suffix) - 1], prefix)
+                out[f"{name}.{kohya_suffix}"] = value
+                out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+                break
+        else:
+            raise ValueError(f"Unknown peft LoRA key {key!r}: expected '<module>.lora_A.weight' or "
+                             "'<module>.lora_B.weight' (bias, DoRA and embedding LoRA are not supported).")
+    return out
+
+
+def _name_map(module: nn.Module, prefix: str) -> dict[str, str | None]:
+    """kohya name -> real module path; None marks names two different paths collapse to."""
+    mapping: dict[str, str | None] = {}
+    for path, _ in module.named_modules():
+        if not path:
+            continue
+        name = kohya_name(path, prefix)
+        mapping[name] = None if name in mapping and mapping[name] != path else path
+    return mapping
+
+
+def kohya_to_peft(state: dict[str, torch.Tensor], module: nn.Module,
+                  prefix: str = "lora_unet") -> tuple[dict[str, torch.Tensor], int, float]:
+    """Convert a kohya-form LoRA state to peft form, resolving names against ``module``.
+
+    Args:
+        state: kohya-form tensors (``lora_down``/``lora_up``/``alpha`` per module).
+        module: the model the LoRA belongs to; its real module names resolve the '_' ambiguity.
+        prefix: kohya prefix.
+
+    Returns:
+        ``(peft_state, rank, alpha)``; ``peft_state`` suits ``set_lora_state_dict``.
+
+    Raises:
+        ValueError: on unknown keys, modules not found (or ambiguous) in ``module``, or ranks/alphas
+            that differ between modules.
+    """
+    groups = _group_kohya(state, prefix)
+    rank, alpha = _rank_alpha(groups)
+    names = _name_map(module, prefix)
+    missing = sorted(n for n in groups if n not in names)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(f"{len(missing)} LoRA module(s) are not in the target model: {shown}. "
+                         "The LoRA was made for a different model architecture.")
+    ambiguous = sorted(n for n in groups if names[n] is None)
+    if ambiguous:
+        raise ValueError(f"LoRA module names {ambiguous[:5]} match more than one module path once '.' "
+                         "becomes '_'; this model cannot be addressed with kohya keys.")
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in groups.items():
+        path = names[name]
+        out[f"{path}.lora_A.weight"] = parts["lora_down.weight"]
+        out[f"{path}.lora_B.weight"] = parts["lora_up.weight"]
+    return out, rank, alpha
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in SAVE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in SAVE_DTYPES:
+        return SAVE_DTYPES[dtype]
+    raise ValueError(f"Unsupported save dtype {dtype!r}; use one of {', '.join(SAVE_DTYPES)}.")
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA path {str(path)!r} must end in .safetensors (the format ComfyUI loads).")
+    return path
+
+
+def _file_metadata(rank: int, alpha: float, targets: tuple[str, ...],
+                   metadata: dict[str, str] | None) -> dict[str, str]:
+    extra = dict(metadata or {})
+    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"Metadata keys and values must be str; convert {bad[:5]} (e.g. json.dumps).")
+    clash = [k for k in extra if k in RESERVED_METADATA]
+    if clash:
+        raise ValueError(f"Metadata keys {clash} are written by save_lora itself; rename yours.")
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha), TARGETS_KEY: json.dumps(list(targets)), **extra}
+
+
+def _write_atomic(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str],
+                  dtype: str | torch.dtype) -> Path:
+    torch_dtype = _resolve_dtype(dtype)
+    # alpha stays float32: it is a scalar whose exact value sets the scale.
+    tensors = {k: (v.float() if k.endswith(".alpha") else v.to(torch_dtype)).detach().cpu().contiguous()
+               for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        st.save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
+              metadata: dict[str, str] | None = None, dtype: str | torch.dtype = "fp32") -> Path:
+    """Write the LoRA of ``module`` as a kohya-form safetensors file, atomically.
+
+    The file is written to a temporary name in the same directory and renamed into place, so a
+    failure never leaves a partial file at ``path``. Parent directories are created.
+
+    Args:
+        path: destination; must end in ``.safetensors``.
+        module: a module with LoRA injected.
+        cfg: the LoRA config it was built with (rank/alpha are checked against the module).
+        metadata: extra str -> str entries (step count, base model, settings).
+        dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: bad suffix, dtype, metadata, or cfg not matching the module's LoRA.
+    """
+    path = _check_path(path)
+    _resolve_dtype(dtype)
+    rank, alpha = lora_rank_alpha(module)
+    if rank != cfg.rank or not math.isclose(alpha, cfg.alpha):
+        raise ValueError(f"cfg says rank={cfg.rank}, alpha={cfg.alpha} but the module's LoRA has "
+                         f"rank={rank}, alpha={alpha}; pass the config the LoRA was built with.")
+    meta = _file_metadata(rank, alpha, tuple(cfg.target_modules), metadata)
+    return _write_atomic(path, peft_to_kohya(lora_state_dict(module), alpha), meta, dtype)
+
+
+def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, str] | None = None,
+                   dtype: str | torch.dtype = "fp32") -> Path:
+    """Write a ``LoraFile`` (e.g. the result of ``mix_loras``) atomically, like ``save_lora``.
+
+    Args:
+        path: destination; must end in ``.safetensors``.
+        lora: the LoRA to write; its own metadata is kept, ``metadata`` entries are added on top.
+        metadata: extra str -> str entries.
+        dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
+
+    Returns:
+        The path written.
+    """
+    path = _check_path(path)
+    _resolve_dtype(dtype)
+    _rank_alpha(_group_kohya(lora.state, "lora_unet"))  # refuse to write an inconsistent LoRA
+    own = {k: v for k, v in lora.metadata.items() if k not in RESERVED_METADATA}
+    meta = _file_metadata(lora.rank, lora.alpha, lora.target_modules, {**own, **(metadata or {})})
+    return _write_atomic(path, lora.state, meta, dtype)
+
+
+def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraFile:
+    """Read a kohya-form LoRA safetensors file.
+
+    Args:
+        path: the ``.safetensors`` file.
+        module: optional target model; if given, every LoRA module is checked to exist in it.
+
+    Returns:
+        A ``LoraFile`` (tensors on CPU in their stored dtype).
+
+    Raises:
+        FileNotFoundError: naming the path if it does not exist.
+        ValueError: if the file holds no lora keys, unknown keys, or inconsistent ranks/alphas.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {str(path)!r}; check the path (or the ComfyUI "
+                                "loras folder).")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if not any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in state):
+        raise ValueError(f"{str(path)!r} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight'); "
+                         "it is not a LoRA file.")
+    rank, alpha = _rank_alpha(_group_kohya(state, "lora_unet"))
+    if module is not None:
+        kohya_to_peft(state, module)
+    targets: tuple[str, ...] = ()
+    if TARGETS_KEY in metadata:
+        try:
+            targets = tuple(json.loads(metadata[TARGETS_KEY]))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{str(path)!r} has unreadable {TARGETS_KEY} metadata: {err}.") from err
+    return LoraFile(state=state, rank=rank, alpha=alpha, target_modules=targets, metadata=metadata)
+
+
+def apply_lora_file(module: nn.Module, lora: LoraFile) -> None:
+    """Put the weights of ``lora`` into ``module``, injecting LoRA layers first if there are none.
+
+    Fresh injection targets exactly the module paths present in the file, so file and model match
+    one to one. A module that already has LoRA must have the same rank, alpha and modules.
+
+    Args:
+        module: the model (modified in place).
+        lora: a loaded or mixed ``LoraFile``.
+
+    Raises:
+        ValueError: if the file does not fit the model or the existing LoRA (nothing is half-applied
+            on a fresh module: injected layers are removed again on failure).
+    """
+    state, rank, alpha = kohya_to_peft(lora.state, module)
+    if has_lora(module):
+        have = lora_rank_alpha(module)
+        if have[0] != rank or not math.isclose(have[1], alpha):
+            raise ValueError(f"The module's LoRA has rank={have[0]}, alpha={have[1]} but the file has "
+                             f"rank={rank}, alpha={alpha}; call remove_lora first to load it fresh.")
+        set_lora_state_dict(module, state)
+        return
+    paths = tuple(sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")))
+    add_lora(module, LoraConfig(rank=rank, alpha=alpha, target_modules=paths))
+    try:
+        set_lora_state_dict(module, state)
+    except Exception:
+        remove_lora(module)
+        raise
+
+
+def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
+    """Interpolate two LoRAs (AlignProp's adapter mixing), ``t=0`` is ``a`` and ``t=1`` is ``b``.
+
+    ``weights`` interpolates every factor, ``(1-t)*down_a + t*down_b`` and likewise for up, as in the
+    paper; it needs equal rank and alpha. ``delta`` interpolates the weight update exactly:
+    ``dW = (1-t)*dW_a + t*dW_b`` by stacking the factors (rank ``r_a + r_b``, the alpha/rank scales
+    folded into ``up`` and ``alpha = rank`` so the stored scale is 1).
+
+    Args:
+        a, b: LoRAs over the same modules.
+        t: mixing weight; values outside [0, 1] extrapolate.
+        mode: ``weights`` or ``delta``.
+
+    Returns:
+        A new ``LoraFile`` (float32 tensors) with mix info in its metadata.
+
+    Raises:
+        ValueError: unknown mode (lists the modes), different key sets, or weights-mode rank/alpha
+            mismatch.
+    """
+    if mode not in MIX_MODES:
+        raise ValueError(f"Unknown mix mode {mode!r}; use one of {', '.join(MIX_MODES)}.")
+    ga, gb = _group_kohya(a.state, "lora_unet"), _group_kohya(b.state, "lora_unet")
+    if set(ga) != set(gb):
+        only_a, only_b = sorted(set(ga) - set(gb)), sorted(set(gb) - set(ga))
+        raise ValueError(f"The LoRAs cover different modules (only in a: {only_a[:3]}, only in b: "
+                         f"{only_b[:3]}); mix LoRAs trained with the same target modules and model.")
+    t = float(t)
+    state: dict[str, torch.Tensor] = {}
+    if mode == "weights":
+        if a.rank != b.rank or not math.isclose(a.alpha, b.alpha):
+            raise ValueError(f"mode 'weights' needs equal rank and alpha, got rank {a.rank}/{b.rank}, "
+                             f"alpha {a.alpha}/{b.alpha}; use mode 'delta' instead.")
+        for name in ga:
+            for suffix in ("lora_down.weight", "lora_up.weight"):
+                wa, wb = ga[name][suffix].float(), gb[name][suffix].float()
+                state[f"{name}.{suffix}"] = (1 - t) * wa + t * wb
+            state[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
+        rank, alpha = a.rank, a.alpha
+    else:
+        rank = a.rank + b.rank
+        alpha = float(rank)  # stored scale alpha / rank == 1: the scales live in the up factors
+        for name in ga:
+            pa, pb = ga[name], gb[name]
+            up = torch.cat([(1 - t) * (a.alpha / a.rank) * pa["lora_up.weight"].float(),
+                            t * (b.alpha / b.rank) * pb["lora_up.weight"].float()], dim=1)
+            down = torch.cat([pa["lora_down.weight"].float(), pb["lora_down.weight"].float()], dim=0)
+            state[f"{name}.lora_down.weight"] = down
+            state[f"{name}.lora_up.weight"] = up
+            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    targets = a.target_modules if a.target_modules == b.target_modules else ()
+    metadata = {"alignprop.mix_mode": mode, "alignprop.mix_t": repr(t)}
+    return LoraFile(state=state, rank=rank, alpha=alpha, target_modules=targets, metadata=metadata)

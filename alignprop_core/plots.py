@@ -1,0 +1,69 @@
+"""Pictures of a run: the reward curve and the before/after image grid (PNG, via matplotlib Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_curve(history: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]],
+                      path: str | Path, title: str = "AlignProp reward") -> Path:
+    """Training reward per optimiser step and held-out reward at evaluation points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    done = [h for h in history if not h.get("skipped")]
+    if done:
+        ax.plot([h["step"] for h in done], [h["reward"] for h in done], lw=1, alpha=0.6,
+                label="train batch reward")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_reward"] for e in evals], "o-", lw=2,
+                label="held-out reward (fixed latents)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_before_after_grid(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str],
+                           before_scores: Sequence[float], after_scores: Sequence[float],
+                           path: str | Path) -> Path:
+    """Two rows (before, after) of images (N,3,H,W) in [0,1], one column per prompt, with rewards."""
+    if before.shape != after.shape or before.shape[0] != len(prompts):
+        raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must match "
+                         f"and hold one image per prompt ({len(prompts)}).")
+    plt = _pyplot()
+    n = len(prompts)
+    fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4.2), dpi=110, squeeze=False)
+    for row, (images, scores, label) in enumerate(((before, before_scores, "before"),
+                                                   (after, after_scores, "after"))):
+        for col in range(n):
+            ax = axes[row][col]
+            ax.imshow(images[col].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{prompts[col][:14]}\n{scores[col]:.3f}", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(label)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

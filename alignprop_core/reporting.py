@@ -1,0 +1,79 @@
+"""One whole run from the command line: load the model, train, and write every artefact.
+
+Artefacts in the output folder: the LoRA, metrics.csv / metrics.json, reward_curve.png, and
+before_after.png (held-out prompts from fixed latents, without and with the LoRA).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from .denoiser import diffusers_backend
+from .lora import set_lora_scale
+from .plots import plot_reward_curve, save_before_after_grid
+from .rewards import RewardFn
+from .run_log import write_metrics
+from .t2i_model import load_t2i_model
+from .trainer import evaluate, train as train_lora
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _progress(total: int, start: int):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="AlignProp", unit="step", dynamic_ncols=True)
+    latest: dict[str, float] = {}
+
+    def on_step(step: int, metrics: dict[str, Any]) -> None:
+        if "eval_reward" in metrics:
+            latest["eval"] = metrics["eval_reward"]
+        else:
+            latest["reward"] = metrics["reward"]
+            bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in latest.items()})
+
+    return bar, on_step
+
+
+def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
+                   eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig,
+                   train: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
+                   device: torch.device) -> dict[str, Any]:
+    """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`."""
+    if device.type == "cpu" and train.mixed_precision == "fp16":
+        raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
+    model = load_t2i_model(model_dir, device=device, dtype=WEIGHT_DTYPES[train.mixed_precision])
+    backend = diffusers_backend(model, name=Path(model_dir).name)
+    grid_prompts = list(eval_prompts)[:8]
+    before_scores, before = evaluate(backend, reward_fn, grid_prompts, sampler, train, return_images=True)
+
+    bar, on_step = _progress(train.steps, 0)
+    try:
+        result = train_lora(backend, reward_fn, prompts, eval_prompts, sampler, lora, train,
+                            out_dir=out_dir, lora_name=lora_name, resume_from=resume_from,
+                            on_step=on_step)
+    finally:
+        bar.close()
+
+    set_lora_scale(backend.lora_target, 1.0)
+    after_scores, after = evaluate(backend, reward_fn, grid_prompts, sampler, train, return_images=True)
+    config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(train),
+              "model": str(model_dir)}
+    csv_path, json_path = write_metrics(out_dir, result.history, result.evals, config)
+    curve = plot_reward_curve(result.history, result.evals, Path(out_dir) / "reward_curve.png",
+                              title=f"AlignProp: {train.reward}")
+    grid = save_before_after_grid(before, after, grid_prompts, before_scores, after_scores,
+                                  Path(out_dir) / "before_after.png")
+    evals = result.evals
+    return {
+        "lora": str(result.lora_path), "metrics_csv": str(csv_path), "metrics_json": str(json_path),
+        "reward_curve": str(curve), "before_after": str(grid),
+        "held_out_reward_start": evals[0]["eval_reward"] if evals else None,
+        "held_out_reward_end": evals[-1]["eval_reward"] if evals else None,
+        "steps": result.history[-1]["step"] if result.history else 0,
+        "stopped_early": result.stopped_early,
+    }

@@ -1,0 +1,125 @@
+"""Differentiable DDIM sampling with truncated, gradient-checkpointed backpropagation (AlignProp §3).
+
+The chain x_T -> x_0 runs T DDIM steps. Only the last K steps (the gradient window) are recorded by
+autograd; earlier steps run under `no_grad`, which is the paper's truncated backpropagation. Each step
+inside the window is wrapped in `torch.utils.checkpoint(use_reentrant=False)`, so autograd keeps one
+latent per step instead of the UNet's activations, and recomputes the UNet during backward. K is drawn
+once per sample batch (`draw_truncation`), never per step: the reference implementation re-draws it at
+every denoising step, which makes the window non-contiguous.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .config import SamplerConfig
+from .denoiser import Cond, Denoiser, DiffusionBackend
+from .schedule import NoiseSchedule, ddim_step
+
+
+def draw_truncation(cfg: SamplerConfig, generator: torch.Generator) -> int:
+    """K, the number of final denoising steps that carry gradient, for one sample batch."""
+    if cfg.truncation == "fixed":
+        return cfg.k
+    if cfg.truncation == "uniform":
+        return int(torch.randint(cfg.k_min, cfg.k_max + 1, (1,), generator=generator).item())
+    if cfg.truncation == "gaussian":
+        k = cfg.k_mean + cfg.k_std * torch.randn((1,), generator=generator, dtype=torch.float64).item()
+        return int(min(max(round(k), 1), cfg.steps))
+    raise ValueError(f"SamplerConfig.truncation={cfg.truncation!r} is not known; "
+                     "use one of fixed, uniform, gaussian.")
+
+
+def _cat_cond(uncond: Cond, cond: Cond) -> Cond:
+    if uncond.keys() != cond.keys():
+        raise ValueError(f"conditioning keys differ: {sorted(uncond)} vs {sorted(cond)}.")
+    return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+
+
+def guided_prediction(denoiser: Denoiser, x_t: torch.Tensor, t: int, cond: Cond,
+                      uncond: Cond | None, guidance_scale: float) -> torch.Tensor:
+    """Denoiser output with classifier-free guidance, both branches in one batched call."""
+    if uncond is None:
+        ts = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        return denoiser(x_t, ts, cond)
+    ts = torch.full((2 * x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    out_u, out_c = denoiser(torch.cat([x_t, x_t]), ts, _cat_cond(uncond, cond)).chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+
+def _denoise_step(x_t: torch.Tensor, noise: torch.Tensor | None, cond: Cond, uncond: Cond | None,
+                  denoiser: Denoiser, schedule: NoiseSchedule, t: int, t_prev: int,
+                  cfg: SamplerConfig) -> torch.Tensor:
+    out = guided_prediction(denoiser, x_t, t, cond, uncond, cfg.guidance_scale)
+    return ddim_step(out, x_t, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), cfg.eta,
+                     schedule.prediction_type, noise)
+
+
+def sample_latents(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, cond: Cond,
+                   uncond: Cond | None, cfg: SamplerConfig, grad_steps: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the DDIM chain from x_T; the last `grad_steps` steps are differentiable.
+
+    Args:
+        denoiser: model-output callable (see `denoiser.Denoiser`).
+        schedule: the model's noise schedule.
+        x_T: initial noise, (B, C, h, w).
+        cond, uncond: conditioning of the prompts and of the negative prompt (uncond None: no CFG).
+        cfg: sampler settings (steps, eta, guidance, checkpointing).
+        grad_steps: K; 0 runs the whole chain without gradient.
+        generator: source of the eta > 0 noise; it is drawn at every step, inside the window or not,
+            so the random stream does not depend on K.
+
+    Returns:
+        x_0 latents, (B, C, h, w); attached to the graph when grad_steps > 0 and grad is enabled.
+    """
+    if not 0 <= grad_steps <= cfg.steps:
+        raise ValueError(f"grad_steps={grad_steps} is outside [0, steps={cfg.steps}].")
+    if cfg.use_cfg and uncond is None:
+        raise ValueError("SamplerConfig.use_cfg is on but no unconditional conditioning was given.")
+    uncond = uncond if cfg.use_cfg else None
+    timesteps = schedule.timesteps(cfg.steps)
+    first_grad_step = cfg.steps - grad_steps
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = schedule.previous_timestep(t, cfg.steps)
+        noise = None
+        if cfg.eta > 0:
+            # drawn on the generator's device so a CPU generator gives the same noise on any device
+            gen_device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=gen_device,
+                                dtype=x.dtype).to(x.device)
+        args = (noise, cond, uncond, denoiser, schedule, t, t_prev, cfg)
+        if i < first_grad_step or not torch.is_grad_enabled():
+            with torch.no_grad():
+                x = _denoise_step(x, *args)
+        elif cfg.checkpoint_unet:
+            x = checkpoint(_denoise_step, x, *args, use_reentrant=False)
+        else:
+            x = _denoise_step(x, *args)
+    return x
+
+
+def decode_images(backend: DiffusionBackend, latents: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """Latents -> images in [0,1]; optionally checkpointed so the decoder's activations are not kept."""
+    if use_checkpoint and torch.is_grad_enabled() and latents.requires_grad:
+        return checkpoint(backend.decode, latents, use_reentrant=False)
+    return backend.decode(latents)
+
+
+def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: SamplerConfig,
+                  x_T: torch.Tensor, negative_prompt: str = "", grad_steps: int = 0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompts + initial noise -> images (B,3,H,W) in [0,1], differentiable through the last K steps."""
+    if len(prompts) != x_T.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts but {x_T.shape[0]} initial latents; "
+                         "give one prompt per latent.")
+    with torch.no_grad():
+        cond = backend.encode_prompts(list(prompts))
+        uncond = backend.encode_prompts([negative_prompt] * len(prompts)) if cfg.use_cfg else None
+    latents = sample_latents(backend.denoiser, backend.schedule, x_T, cond, uncond, cfg,
+                             grad_steps, generator)
+    return decode_images(backend, latents, cfg.checkpoint_vae)
+

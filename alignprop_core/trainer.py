@@ -1,0 +1,226 @@
+"""The AlignProp training loop (Prabhudesai et al. 2023, Algorithm 1).
+
+Each optimiser step: draw prompts and x_T, draw K once, sample through the DDIM chain with the last K
+steps differentiable and checkpointed, decode, score with the reward, backpropagate the loss into the
+LoRA weights only, and take an AdamW step. Every random draw comes from one `torch.Generator` whose
+state is saved with the run, so the same seed gives the same LoRA and a resumed run is bit-identical
+to an uninterrupted one (on the CPU). Nothing here knows ComfyUI: progress and cancellation come in
+through the `on_step` and `should_stop` callbacks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from .denoiser import DiffusionBackend
+from .lora import add_lora, lora_state_dict, set_lora_state_dict
+from .lora_io import save_lora
+from .rewards import RewardFn
+from .sampler import draw_truncation, sample_images
+from .train_state import TrainState, load_train_state, save_train_state
+
+OnStep = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    lora_path: Path | None  # the final LoRA file (None when no output folder was given)
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics of every optimiser step
+    evals: list[dict[str, Any]] = field(default_factory=list)  # held-out reward at eval points
+    stopped_early: bool = False  # should_stop() or Ctrl-C ended the run before train.steps
+
+
+def autocast_context(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16 on the run's device; plain fp32 otherwise."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],
+             sampler: SamplerConfig, train: TrainConfig, return_images: bool = False
+             ) -> tuple[list[float], torch.Tensor | None]:
+    """Reward of each held-out prompt from fixed latents (seeded by train.eval_seed).
+
+    Returns:
+        (per-prompt rewards, images (N,3,H,W) on the CPU if return_images else None)
+    """
+    gen = torch.Generator().manual_seed(train.eval_seed)
+    shape = backend.latent_shape(len(prompts), train.height, train.width)
+    x_T = torch.randn(shape, generator=gen).to(backend.device)
+    scores, images = [], []
+    for i in range(0, len(prompts), train.eval_batch_size):
+        chunk = list(prompts[i:i + train.eval_batch_size])
+        with autocast_context(backend.device, train.mixed_precision):
+            img = sample_images(backend, chunk, sampler, x_T[i:i + len(chunk)],
+                                train.negative_prompt, grad_steps=0, generator=gen)
+            scores += reward_fn(img.float(), chunk).float().tolist()
+        if return_images:
+            images.append(img.float().cpu())
+    return scores, (torch.cat(images) if return_images else None)
+
+
+def _loss(rewards: torch.Tensor, train: TrainConfig) -> torch.Tensor:
+    if train.loss == "maximize":
+        return -rewards.mean()
+    if train.loss == "target":
+        return (train.reward_target - rewards).abs().mean()
+    raise ValueError(f"TrainConfig.loss={train.loss!r} is not known; use maximize or target.")
+
+
+def _validate_inputs(backend: DiffusionBackend, prompts: Sequence[str], eval_prompts: Sequence[str],
+                     train: TrainConfig) -> None:
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("no training prompts were given; give at least one prompt (one per line).")
+    if not eval_prompts:
+        raise ValueError("no evaluation prompts were given; give at least one held-out prompt.")
+    backend.latent_shape(1, train.height, train.width)  # raises on a bad resolution
+
+
+def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],
+          eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig, train: TrainConfig,
+          out_dir: str | Path | None = None, lora_name: str = "alignprop_lora.safetensors",
+          resume_from: str | Path | None = None, on_step: OnStep | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward_fn`.
+
+    Args:
+        backend: the model as callables (see `denoiser.DiffusionBackend`).
+        reward_fn: differentiable reward, images in [0,1] -> (B,).
+        prompts / eval_prompts: training prompts and held-out prompts for evaluation.
+        sampler, lora, train: the three configs.
+        out_dir: where the LoRA (and, with train.save_every, the training state) are written.
+        lora_name: file name of the final LoRA inside out_dir.
+        resume_from: a train_state.pt to continue from exactly.
+        on_step: called after every optimiser step (and evaluation) with (step, metrics).
+        should_stop: polled at step boundaries; True ends the run and still saves the LoRA.
+
+    Returns:
+        TrainResult with the LoRA path and the metric history.
+    """
+    _validate_inputs(backend, prompts, eval_prompts, train)
+    run_config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(train)}
+    state = load_train_state(resume_from) if resume_from is not None else None  # fail before any work
+    out = Path(out_dir) if out_dir is not None else None
+
+    # 1. LoRA on the denoiser; only its parameters train (kept in fp32 by add_lora)
+    params = add_lora(backend.lora_target, lora)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                                  eps=train.adam_eps, weight_decay=train.weight_decay)
+    scaler = torch.amp.GradScaler(backend.device.type, enabled=train.mixed_precision == "fp16")
+    gen = torch.Generator().manual_seed(train.seed)
+    history: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    step = 0
+
+    # 2. resume: restore every piece of state that influences what comes next
+    if state is not None:
+        if state.config and state.config.get("lora") != run_config["lora"]:
+            raise ValueError(f"{resume_from} was trained with LoRA settings {state.config.get('lora')}, "
+                             f"not {run_config['lora']}; resume with the same LoRA settings.")
+        set_lora_state_dict(backend.lora_target, state.lora)
+        optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+        gen.set_state(state.generator)
+        step, history, evals = state.step, state.history, state.evals
+
+    def save_state() -> None:
+        if out is not None:
+            save_train_state(out / "train_state.pt", TrainState(
+                step=step, lora=lora_state_dict(backend.lora_target), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict() if scaler.is_enabled() else {}, generator=gen.get_state(),
+                history=history, evals=evals, config=run_config))
+
+    def save(name: str) -> Path | None:
+        if out is None:
+            return None
+        meta = {"alignprop.step": str(step), "alignprop.base_model": backend.name,
+                "alignprop.reward": train.reward, "alignprop.config": str(run_config)}
+        return save_lora(out / name, backend.lora_target, lora, metadata=meta)
+
+    def run_eval() -> None:
+        scores, _ = evaluate(backend, reward_fn, eval_prompts, sampler, train)
+        evals.append({"step": step, "eval_reward": sum(scores) / len(scores)})
+        if on_step is not None:
+            on_step(step, dict(evals[-1]))
+
+    if step == 0:
+        run_eval()
+    stopped = False
+    try:
+        while step < train.steps:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            metrics = _optimizer_step(backend, reward_fn, prompts, sampler, train, params, optimizer,
+                                      scaler, gen)
+            step += 1
+            metrics["step"] = step
+            history.append(metrics)
+            if on_step is not None:
+                on_step(step, dict(metrics))
+            if (train.eval_every and step % train.eval_every == 0) or step == train.steps:
+                run_eval()
+            if train.save_every and step % train.save_every == 0:
+                save_state()
+                save(f"{Path(lora_name).stem}-step{step:05d}.safetensors")
+    except KeyboardInterrupt:
+        stopped = True
+        warnings.warn(f"training interrupted at step {step}; saving the LoRA trained so far.")
+    path = save(lora_name)
+    if stopped:
+        save_state()
+    return TrainResult(lora_path=path, history=history, evals=evals, stopped_early=stopped)
+
+
+def _optimizer_step(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],
+                    sampler: SamplerConfig, train: TrainConfig, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    gen: torch.Generator) -> dict[str, Any]:
+    """grad_accum micro-batches of sample -> decode -> reward -> backward, then one AdamW step."""
+    optimizer.zero_grad(set_to_none=True)
+    rewards, losses, ks = [], [], []
+    for _ in range(train.grad_accum):
+        idx = torch.randint(len(prompts), (train.batch_size,), generator=gen).tolist()
+        batch_prompts = [prompts[i] for i in idx]
+        shape = backend.latent_shape(train.batch_size, train.height, train.width)
+        x_T = torch.randn(shape, generator=gen).to(backend.device)  # (B, C, H/f, W/f)
+        k = draw_truncation(sampler, gen)  # once per batch: the whole window is contiguous
+        with autocast_context(backend.device, train.mixed_precision):
+            images = sample_images(backend, batch_prompts, sampler, x_T, train.negative_prompt,
+                                   grad_steps=k, generator=gen)
+            r = reward_fn(images.float(), batch_prompts).float()  # (B,)
+        if not torch.isfinite(r).all():
+            optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"the reward returned NaN/Inf for prompts {batch_prompts}; this optimiser "
+                          "step is skipped and the LoRA is left unchanged.")
+            return {"reward": math.nan, "loss": math.nan, "k": k, "grad_norm": math.nan, "skipped": True}
+        loss = _loss(r, train)
+        scaler.scale(loss / train.grad_accum).backward()
+        rewards += r.detach().tolist()
+        losses.append(loss.item())
+        ks.append(k)
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                                         ) if grads else torch.zeros(())
+    if train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return {"reward": sum(rewards) / len(rewards), "loss": sum(losses) / len(losses),
+            "k": ks[0] if len(ks) == 1 else ks, "grad_norm": float(grad_norm), "skipped": False}
