@@ -28,6 +28,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics so far
     evals: list[dict[str, Any]] = field(default_factory=list)  # evaluation results so far
     config: dict[str, Any] = field(default_factory=dict)  # the run's configs, to detect mismatches
+    reward_state: dict[str, Any] = field(default_factory=dict)  # e.g. a mixture's running statistics
 
 
 def save_train_state(path: str | os.PathLike, state: TrainState) -> Path:
@@ -44,6 +45,7 @@ def save_train_state(path: str | os.PathLike, state: TrainState) -> Path:
         "history": json.dumps(state.history),
         "evals": json.dumps(state.evals),
         "config": json.dumps(state.config),
+        "reward_state": json.dumps(state.reward_state),
     }
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -70,4 +72,5 @@ def load_train_state(path: str | os.PathLike) -> TrainState:
                       scaler=raw.get("scaler", {}), generator=raw["generator"],
                       history=json.loads(raw.get("history", "[]")),
                       evals=json.loads(raw.get("evals", "[]")),
-                      config=json.loads(raw.get("config", "{}")))
+                      config=json.loads(raw.get("config", "{}")),
+                      reward_state=json.loads(raw.get("reward_state", "{}")))

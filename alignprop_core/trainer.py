@@ -59,6 +59,32 @@ def evaluate(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[s
         (per-prompt rewards, images (N,3,H,W) on the CPU if return_images else None)
     """
     gen = torch.Generator().manual_seed(train.eval_seed)
+    with _frozen_reward_stats(reward_fn):
+        return _evaluate(backend, reward_fn, prompts, sampler, train, return_images, gen)
+
+
+@contextlib.contextmanager
+def _frozen_reward_stats(reward_fn: RewardFn):
+    """Evaluation must not move a reward's running statistics (e.g. a standardised mixture).
+
+    Only a reward that has no statistics yet may take them from the first (step-0) evaluation
+    batch: it cannot score anything otherwise, and the held-out batch at the starting weights is a
+    fair first estimate of the reward's scale.
+    """
+    before = getattr(reward_fn, "update_stats", None)
+    stats = getattr(reward_fn, "stats", None)
+    if before is not None and getattr(stats, "batches", 1) > 0:
+        reward_fn.update_stats = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            reward_fn.update_stats = before
+
+
+def _evaluate(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],
+              sampler: SamplerConfig, train: TrainConfig, return_images: bool,
+              gen: torch.Generator) -> tuple[list[float], torch.Tensor | None]:
     shape = backend.latent_shape(len(prompts), train.height, train.width)
     x_T = torch.randn(shape, generator=gen).to(backend.device)
     scores, images = [], []
@@ -136,6 +162,8 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
         if state.scaler:
             scaler.load_state_dict(state.scaler)
         gen.set_state(state.generator)
+        if state.reward_state and hasattr(reward_fn, "load_state_dict"):
+            reward_fn.load_state_dict(state.reward_state)
         step, history, evals = state.step, state.history, state.evals
 
     def save_state() -> None:
@@ -143,7 +171,8 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
             save_train_state(out / "train_state.pt", TrainState(
                 step=step, lora=lora_state_dict(backend.lora_target), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict() if scaler.is_enabled() else {}, generator=gen.get_state(),
-                history=history, evals=evals, config=run_config))
+                history=history, evals=evals, config=run_config,
+                reward_state=reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else {}))
 
     def save(name: str) -> Path | None:
         if out is None:

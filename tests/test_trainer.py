@@ -26,12 +26,12 @@ def _configs(**train_kw):
     return sampler, lora, TrainConfig(**kw)
 
 
-def _run(out_dir=None, **kw):
+def _run(out_dir=None, reward=None, **kw):
     backend = make_backend(torch.float32)
+    reward = reward if reward is not None else make_reward("color_target")
     sampler, lora, cfg = _configs(**{k: v for k, v in kw.items() if k in TrainConfig.__dataclass_fields__})
     extra = {k: v for k, v in kw.items() if k not in TrainConfig.__dataclass_fields__}
-    result = train(backend, make_reward("color_target"), PROMPTS, EVAL, sampler, lora, cfg,
-                   out_dir=out_dir, **extra)
+    result = train(backend, reward, PROMPTS, EVAL, sampler, lora, cfg, out_dir=out_dir, **extra)
     return backend, result
 
 
@@ -74,6 +74,23 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [h["reward"] for h in resumed_result.history] == [h["reward"] for h in full_result.history]
     assert resumed_result.evals == full_result.evals
+
+
+def test_resume_restores_a_standardised_mixture_exactly(tmp_path):
+    def mixture():
+        return make_reward("mixture", spec="smoothness:1, color_target:0.5", standardize=True)
+
+    full_reward, resumed_reward = mixture(), mixture()
+    full, full_result = _run(tmp_path / "full", reward=full_reward, steps=6, eval_every=3)
+    _run(tmp_path / "half", reward=mixture(), steps=6, eval_every=3, save_every=3,
+         should_stop=_stop_after(3))
+    resumed, _ = _run(tmp_path / "resumed", reward=resumed_reward, steps=6, eval_every=3,
+                      resume_from=tmp_path / "half" / "train_state.pt")
+    sa, sb = lora_state_dict(full.lora_target), lora_state_dict(resumed.lora_target)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert full_reward.state_dict() == resumed_reward.state_dict()
+    # the step-0 evaluation initialises the statistics, later evaluations do not move them
+    assert full_reward.state_dict()["batches"] == 1 + 6
 
 
 def _stop_after(n):

@@ -1,20 +1,43 @@
 """The reward registry: reward name -> factory of a differentiable ``fn(images, prompts) -> Tensor[B]``.
 
 Images are (B, 3, H, W) in [0, 1]; the result is one score per image, higher is better. Factories
-keep heavy imports (CLIP, detectors) inside themselves, so importing this registry is cheap.
-`REWARDS` fills the CLI choices and the ComfyUI dropdown.
+keep heavy imports (open_clip, transformers) inside themselves, so importing this registry is cheap.
+`REWARDS` fills the CLI choices and the ComfyUI dropdown. Rewards that need weights take local file
+paths as factory arguments; nothing is ever downloaded.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from .aesthetic import make_aesthetic
 from .base import RewardFn, check_images
+from .clip_score import make_clip_score
 from .color import make_color_target
+from .hps import make_hps
+from .jpeg import make_jpeg_compressibility, make_jpeg_incompressibility
+from .mixture import MixtureReward, make_mixture, mixture_from_spec
+from .object_count import make_object_count
+from .pickscore import make_pickscore
 from .smoothness import make_smoothness
 
+
+def make_mixture_reward(spec: str, standardize: bool = False, momentum: float = 0.99) -> MixtureReward:
+    """A weighted mix of registered rewards from a one-line spec, e.g.
+    ``"aesthetic:1.0[toward=10; head_path=...], jpeg_compressibility:0.5"``."""
+    return mixture_from_spec(spec, REWARDS, standardize=standardize, momentum=momentum)
+
+
 REWARDS: dict[str, Callable[..., RewardFn]] = {
+    "aesthetic": make_aesthetic,
+    "hps": make_hps,
+    "pickscore": make_pickscore,
+    "clip_score": make_clip_score,
+    "jpeg_compressibility": make_jpeg_compressibility,
+    "jpeg_incompressibility": make_jpeg_incompressibility,
+    "object_count": make_object_count,
     "color_target": make_color_target,
     "smoothness": make_smoothness,
+    "mixture": make_mixture_reward,
 }
 
 
@@ -27,4 +50,4 @@ def make_reward(name: str, **kwargs: Any) -> RewardFn:
     return factory(**kwargs)
 
 
-__all__ = ["REWARDS", "RewardFn", "check_images", "make_reward"]
+__all__ = ["REWARDS", "RewardFn", "check_images", "make_mixture", "make_reward"]

@@ -20,3 +20,20 @@ def check_images(images: torch.Tensor, prompts: Sequence[str] | None = None, tol
     if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; "
                          "give one prompt per image.")
+
+
+def check_prompts(prompts: Sequence[str] | None, reward: str) -> list[str]:
+    """Raise a ValueError unless every prompt is a non-empty string; return them as a list.
+
+    Args:
+        prompts: one prompt per image.
+        reward: reward name for the message.
+    """
+    if prompts is None:
+        raise ValueError(f"the {reward} reward compares images with text; give one prompt per image.")
+    prompts = list(prompts)
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"the {reward} reward needs a non-empty text prompt for every image; prompts at "
+                         f"positions {bad} are empty. Give each image its prompt.")
+    return prompts
