@@ -21,7 +21,7 @@ import torch
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
 from .denoiser import DiffusionBackend
 from .lora import add_lora, lora_state_dict, set_lora_state_dict
-from .lora_io import save_lora
+from .lora_io import LoraFile, apply_lora_file, save_lora
 from .rewards import RewardFn
 from .sampler import draw_truncation, sample_images
 from .train_state import TrainState, load_train_state, save_train_state
@@ -120,7 +120,8 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
           eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig, train: TrainConfig,
           out_dir: str | Path | None = None, lora_name: str = "alignprop_lora.safetensors",
           resume_from: str | Path | None = None, on_step: OnStep | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, init_lora: LoraFile | None = None,
+          state_dir: str | Path | None = None) -> TrainResult:
     """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward_fn`.
 
     Args:
@@ -133,6 +134,8 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
         resume_from: a train_state.pt to continue from exactly.
         on_step: called after every optimiser step (and evaluation) with (step, metrics).
         should_stop: polled at step boundaries; True ends the run and still saves the LoRA.
+        init_lora: a LoRA file to continue from (its rank, alpha and modules must match `lora`).
+        state_dir: where train_state.pt goes (default: out_dir).
 
     Returns:
         TrainResult with the LoRA path and the metric history.
@@ -141,9 +144,12 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
     run_config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(train)}
     state = load_train_state(resume_from) if resume_from is not None else None  # fail before any work
     out = Path(out_dir) if out_dir is not None else None
+    state_out = Path(state_dir) if state_dir is not None else out
 
     # 1. LoRA on the denoiser; only its parameters train (kept in fp32 by add_lora)
     params = add_lora(backend.lora_target, lora)
+    if init_lora is not None:
+        apply_lora_file(backend.lora_target, init_lora)
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler(backend.device.type, enabled=train.mixed_precision == "fp16")
@@ -167,8 +173,8 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
         step, history, evals = state.step, state.history, state.evals
 
     def save_state() -> None:
-        if out is not None:
-            save_train_state(out / "train_state.pt", TrainState(
+        if state_out is not None:
+            save_train_state(state_out / "train_state.pt", TrainState(
                 step=step, lora=lora_state_dict(backend.lora_target), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict() if scaler.is_enabled() else {}, generator=gen.get_state(),
                 history=history, evals=evals, config=run_config,

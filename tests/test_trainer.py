@@ -166,3 +166,16 @@ def test_bad_input_is_rejected_before_training(bad, match):
     sampler, lora, cfg = _configs(**{k: v for k, v in bad.items() if k != "prompts"})
     with pytest.raises(ValueError, match=match):
         train(backend, make_reward("color_target"), bad.get("prompts", PROMPTS), EVAL, sampler, lora, cfg)
+
+
+def test_bf16_autocast_keeps_lora_in_fp32_and_trains():
+    backend, result = _run(steps=2, eval_every=0, mixed_precision="bf16")
+    params = [p for _, p in lora_parameters(backend.lora_target)]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
+    assert any(p.abs().sum() > 0 for n, p in lora_parameters(backend.lora_target) if "lora_B" in n)
+    assert all(math.isfinite(h["reward"]) for h in result.history)
+
+
+def test_fp16_on_cpu_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
+        _run(steps=1, mixed_precision="fp16")
