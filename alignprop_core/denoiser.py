@@ -40,6 +40,7 @@ class DiffusionBackend:
     lora_target: nn.Module  # the module LoRA is injected into (the UNet)
     device: torch.device  # where latents are created
     name: str = "model"  # recorded in LoRA metadata
+    arch: str | None = None  # "sd15" | "sdxl": picks the LoRA file's key naming (see lora_keys)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape of x_T for images of height x width; errors if the VAE factor does not divide them."""
@@ -87,4 +88,10 @@ def diffusers_backend(model, name: str = "model") -> DiffusionBackend:
         lora_target=model.unet,
         device=model.unet.device,
         name=name,
+        arch=diffusers_arch(model.unet.config),
     )
+
+
+def diffusers_arch(unet_config) -> str:
+    """'sdxl' for a UNet with SDXL's text-time embedding, else 'sd15' (the SD1.x layout family)."""
+    return "sdxl" if getattr(unet_config, "addition_embed_type", None) == "text_time" else "sd15"

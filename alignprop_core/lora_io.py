@@ -1,4 +1,4 @@
-"""LoRA files: every key conversion, atomic save, load, apply and the paper's adapter mixing.
+"""LoRA files: atomic save, load, apply and the paper's adapter mixing.
 
 Files are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads directly::
 
@@ -8,8 +8,11 @@ Files are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads di
 
 Replacing '.' by '_' loses information (``transformer_blocks`` vs ``transformer.blocks``), so the
 reverse mapping is never guessed from the string: it is looked up among the real module names of
-the target module. Run settings (steps, base model, ...) go in the safetensors metadata, never in
-the file name. ``save_lora`` writes a model's LoRA, ``save_lora_file`` a ``LoraFile`` (e.g. a mix).
+the target module. Given an ``arch``, ``save_lora`` writes the module naming that arch's files use
+(SD1.x: diffusers names, SDXL: LDM names) whichever UNet was trained, and loading renames a file
+of the other naming; every key and name conversion lives in ``alignprop_core.lora_keys``. Run
+settings (steps, base model, ...) go in the safetensors metadata, never in the file name.
+``save_lora`` writes a model's LoRA, ``save_lora_file`` a ``LoraFile`` (e.g. a mix).
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from torch import nn
 
 from .config import LoraConfig
 from .lora import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
+from .lora_keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
+                        check_arch, check_naming, convert_names, kohya_name, lora_metadata, naming_of,
+                        peft_to_kohya)
 
-PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIX_MODES = ("weights", "delta")
 TARGETS_KEY = "alignprop.lora_target_modules"
@@ -88,46 +92,6 @@ def _rank_alpha(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]
     return next(iter(pairs))
 
 
-def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
-    """The kohya module name of a diffusers module path.
-
-    Args:
-        module_path: dotted path, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``.
-        prefix: kohya prefix (``lora_unet`` for the denoiser).
-
-    Returns:
-        e.g. ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``.
-    """
-    return f"{prefix}_{module_path.replace('.', '_')}"
-
-
-def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float,
-                  prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
-    """Convert a peft-form LoRA state to kohya form.
-
-    Args:
-        state: ``{"<path>.lora_A.weight": (r, in), "<path>.lora_B.weight": (out, r), ...}``.
-        alpha: LoRA alpha, stored per module as a 0-dim float32 tensor.
-        prefix: kohya prefix.
-
-    Returns:
-        ``{"<prefix>_<path_>.lora_down.weight", ".lora_up.weight", ".alpha"}`` tensors (same objects for
-        the weights; callers clone or cast as needed).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for peft_suffix, kohya_suffix in PEFT_SUFFIXES.items():
-            if key.endswith("." + peft_suffix):
-                name = kohya_name(key[: -len(peft_suffix) - 1], prefix)
-                out[f"{name}.{kohya_suffix}"] = value
-                out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-                break
-        else:
-            raise ValueError(f"Unknown peft LoRA key {key!r}: expected '<module>.lora_A.weight' or "
-                             "'<module>.lora_B.weight' (bias, DoRA and embedding LoRA are not supported).")
-    return out
-
-
 def _name_map(module: nn.Module, prefix: str) -> dict[str, str | None]:
     """kohya name -> real module path; None marks names two different paths collapse to."""
     mapping: dict[str, str | None] = {}
@@ -142,6 +106,9 @@ def _name_map(module: nn.Module, prefix: str) -> dict[str, str | None]:
 def kohya_to_peft(state: dict[str, torch.Tensor], module: nn.Module,
                   prefix: str = "lora_unet") -> tuple[dict[str, torch.Tensor], int, float]:
     """Convert a kohya-form LoRA state to peft form, resolving names against ``module``.
+
+    A UNet file in the other module naming (an SD1.x file with diffusers names on a ComfyUI LDM
+    UNet, an SDXL file with LDM names on a diffusers UNet) is renamed first (``lora_keys``).
 
     Args:
         state: kohya-form tensors (``lora_down``/``lora_up``/``alpha`` per module).
@@ -158,6 +125,10 @@ def kohya_to_peft(state: dict[str, torch.Tensor], module: nn.Module,
     groups = _group_kohya(state, prefix)
     rank, alpha = _rank_alpha(groups)
     names = _name_map(module, prefix)
+    if prefix == "lora_unet" and any(n not in names for n in groups):
+        have, want = naming_of(groups), naming_of(path for path, _ in module.named_modules())
+        if have and want and have != want:
+            groups = _group_kohya(convert_names(state, have, want, module), prefix)
     missing = sorted(n for n in groups if n not in names)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -190,8 +161,8 @@ def _check_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _file_metadata(rank: int, alpha: float, targets: tuple[str, ...],
-                   metadata: dict[str, str] | None) -> dict[str, str]:
+def _file_metadata(rank: int, alpha: float, targets: tuple[str, ...], metadata: dict[str, str] | None,
+                   arch: str | None = None, naming: str | None = None) -> dict[str, str]:
     extra = dict(metadata or {})
     bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
@@ -199,8 +170,12 @@ def _file_metadata(rank: int, alpha: float, targets: tuple[str, ...],
     clash = [k for k in extra if k in RESERVED_METADATA]
     if clash:
         raise ValueError(f"Metadata keys {clash} are written by save_lora itself; rename yours.")
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-            "ss_network_alpha": str(alpha), TARGETS_KEY: json.dumps(list(targets)), **extra}
+    if arch is not None:
+        base = lora_metadata(arch, rank, alpha, naming=naming)
+    else:
+        base = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                "ss_network_alpha": str(alpha)}
+    return {**base, TARGETS_KEY: json.dumps(list(targets)), **extra}
 
 
 def _write_atomic(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str],
@@ -223,7 +198,8 @@ def _write_atomic(path: Path, state: dict[str, torch.Tensor], meta: dict[str, st
 
 
 def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
-              metadata: dict[str, str] | None = None, dtype: str | torch.dtype = "fp32") -> Path:
+              metadata: dict[str, str] | None = None, dtype: str | torch.dtype = "fp32",
+              arch: str | None = None, naming: str | None = None) -> Path:
     """Write the LoRA of ``module`` as a kohya-form safetensors file, atomically.
 
     The file is written to a temporary name in the same directory and renamed into place, so a
@@ -235,25 +211,41 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
         cfg: the LoRA config it was built with (rank/alpha are checked against the module).
         metadata: extra str -> str entries (step count, base model, settings).
         dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
+        arch: ``sd15`` or ``sdxl``: write that arch's module naming (sd15: diffusers, sdxl: LDM, as
+            kohya sd-scripts does, so A1111/Forge, ComfyUI and diffusers load every key) and its
+            ``ss_base_model_version``/``modelspec.*`` metadata. None keeps the module's own paths.
+        naming: ``ldm`` or ``diffusers`` to override the naming chosen by ``arch``.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: bad suffix, dtype, metadata, or cfg not matching the module's LoRA.
+        ValueError: bad suffix, dtype, metadata, arch, naming, or cfg not matching the module's LoRA.
     """
     path = _check_path(path)
     _resolve_dtype(dtype)
+    if arch is not None:
+        check_arch(arch)
+    if naming is not None:
+        check_naming(naming)
     rank, alpha = lora_rank_alpha(module)
     if rank != cfg.rank or not math.isclose(alpha, cfg.alpha):
         raise ValueError(f"cfg says rank={cfg.rank}, alpha={cfg.alpha} but the module's LoRA has "
                          f"rank={rank}, alpha={alpha}; pass the config the LoRA was built with.")
-    meta = _file_metadata(rank, alpha, tuple(cfg.target_modules), metadata)
-    return _write_atomic(path, peft_to_kohya(lora_state_dict(module), alpha), meta, dtype)
+    state = peft_to_kohya(lora_state_dict(module), alpha)
+    target = naming or (CANONICAL_NAMING[arch] if arch is not None else None)
+    if target is not None:
+        source = naming_of(n for n, _ in module.named_modules())
+        if source is None:
+            raise ValueError("arch/naming need a UNet with diffusers (down_blocks) or LDM (input_blocks) "
+                             "module names; pass the UNet itself or leave arch and naming unset.")
+        state = convert_names(state, source, target, module)
+    meta = _file_metadata(rank, alpha, tuple(cfg.target_modules), metadata, arch, target)
+    return _write_atomic(path, state, meta, dtype)
 
 
 def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, str] | None = None,
-                   dtype: str | torch.dtype = "fp32") -> Path:
+                   dtype: str | torch.dtype = "fp32", arch: str | None = None) -> Path:
     """Write a ``LoraFile`` (e.g. the result of ``mix_loras``) atomically, like ``save_lora``.
 
     Args:
@@ -261,15 +253,19 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
         lora: the LoRA to write; its own metadata is kept, ``metadata`` entries are added on top.
         metadata: extra str -> str entries.
         dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
+        arch: ``sd15`` or ``sdxl`` to add that arch's metadata (the keys are written as they are).
 
     Returns:
         The path written.
     """
     path = _check_path(path)
     _resolve_dtype(dtype)
-    _rank_alpha(_group_kohya(lora.state, "lora_unet"))  # refuse to write an inconsistent LoRA
+    groups = _group_kohya(lora.state, "lora_unet")
+    _rank_alpha(groups)  # refuse to write an inconsistent LoRA
+    naming = naming_of(groups) if arch is not None else None
     own = {k: v for k, v in lora.metadata.items() if k not in RESERVED_METADATA}
-    meta = _file_metadata(lora.rank, lora.alpha, lora.target_modules, {**own, **(metadata or {})})
+    meta = _file_metadata(lora.rank, lora.alpha, lora.target_modules, {**own, **(metadata or {})},
+                          check_arch(arch) if arch is not None else None, naming)
     return _write_atomic(path, lora.state, meta, dtype)
 
 

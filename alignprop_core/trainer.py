@@ -10,6 +10,7 @@ through the `on_step` and `should_stop` callbacks.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -184,8 +185,8 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
         if out is None:
             return None
         meta = {"alignprop.step": str(step), "alignprop.base_model": backend.name,
-                "alignprop.reward": train.reward, "alignprop.config": str(run_config)}
-        return save_lora(out / name, backend.lora_target, lora, metadata=meta)
+                "alignprop.reward": train.reward, "alignprop.config": json.dumps(run_config)}
+        return save_lora(out / name, backend.lora_target, lora, metadata=meta, arch=backend.arch)
 
     def run_eval() -> None:
         scores, _ = evaluate(backend, reward_fn, eval_prompts, sampler, train)
@@ -216,6 +217,13 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
     except KeyboardInterrupt:
         stopped = True
         warnings.warn(f"training interrupted at step {step}; saving the LoRA trained so far.")
+    except BaseException:
+        # e.g. a host's cancel raised from on_step: keep what was trained (the LoRA is only ever
+        # updated by a completed optimiser step), then let the caller see the original error
+        warnings.warn(f"training stopped by an error at step {step}; saving the LoRA trained so far.")
+        save(lora_name)
+        save_state()
+        raise
     path = save(lora_name)
     if stopped:
         save_state()

@@ -17,7 +17,7 @@ from alignprop_core.denoiser import unet_denoiser
 from alignprop_core.lora import add_lora, lora_parameters
 from alignprop_core.rewards import make_reward
 from alignprop_core.sampler import draw_truncation, sample_images, sample_latents
-from conftest import SD15_SCHEDULER, make_backend
+from tiny_models import SD15_SCHEDULER, make_backend
 
 PROMPTS = ["a cat", "a dog"]
 

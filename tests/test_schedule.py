@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from alignprop_core.schedule import NoiseSchedule, ddim_step
-from conftest import SD15_SCHEDULER
+from tiny_models import SD15_SCHEDULER
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

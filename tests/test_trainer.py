@@ -11,7 +11,7 @@ from alignprop_core.lora import lora_parameters, lora_state_dict
 from alignprop_core.lora_io import load_lora
 from alignprop_core.rewards import make_reward
 from alignprop_core.trainer import train
-from conftest import make_backend
+from tiny_models import make_backend
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow", "a fish", "a bird"]
 EVAL = ["a fox", "a lion", "a duck", "a goat"]
@@ -179,3 +179,18 @@ def test_bf16_autocast_keeps_lora_in_fp32_and_trains():
 def test_fp16_on_cpu_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
         _run(steps=1, mixed_precision="fp16")
+
+
+def test_an_error_from_on_step_still_saves_the_lora_then_propagates(tmp_path):
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_3(step, metrics):
+        if step == 3 and "eval_reward" not in metrics:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled), pytest.warns(UserWarning, match="stopped by an error at step 3"):
+        _run(tmp_path, steps=20, on_step=cancel_at_3)
+    lora = load_lora(tmp_path / "alignprop_lora.safetensors")
+    assert lora.metadata["alignprop.step"] == "3"
+    assert (tmp_path / "train_state.pt").exists()

@@ -1,0 +1,396 @@
+"""LoRA module names: kohya names of module paths, and LDM <-> diffusers UNet module paths.
+
+Key forms (one module, peft form left, kohya form right; ``lora_io.kohya_to_peft`` goes back)::
+
+    <module path>.lora_A.weight  (r, in)   <->  lora_unet_<module path, '.' -> '_'>.lora_down.weight
+    <module path>.lora_B.weight  (out, r)  <->  lora_unet_<module path, '.' -> '_'>.lora_up.weight
+                                                lora_unet_<...>.alpha  0-dim; update = up @ down * alpha / r
+
+Module paths come in two namings of the same UNet:
+
+* ``diffusers`` (``UNet2DConditionModel``): ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``
+* ``ldm`` (ComfyUI/sgm ``UNetModel``): ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``
+
+Files use the naming each ecosystem expects (kohya sd-scripts conventions, read by A1111/Forge,
+ComfyUI and diffusers alike): SD1.x files use diffusers names, SDXL files use LDM names. The LDM
+<-> diffusers correspondence follows the block layout: LDM numbers input blocks consecutively
+(conv_in, then per level its res blocks and one downsampler), the middle block is
+``[res, transformer, res]``, and output blocks run from the deepest level up with one extra block
+per level; diffusers numbers blocks per level.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ARCHS = ("sd15", "sdxl")
+NAMINGS = ("ldm", "diffusers")
+CANONICAL_NAMING = {"sd15": "diffusers", "sdxl": "ldm"}  # what kohya sd-scripts writes per arch
+PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+NETWORK_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha")
+_ARCH_METADATA = {  # ss_base_model_version, modelspec.architecture, modelspec.resolution
+    "sd15": ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
+}
+# modelspec.implementation names the code whose module names the file uses.
+_IMPLEMENTATION = {"ldm": "https://github.com/Stability-AI/generative-models", "diffusers": "diffusers"}
+_FULL_CONFIGS = {
+    "sd15": {"down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+             "layers_per_block": 2, "transformer_layers_per_block": 1},
+    "sdxl": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+             "layers_per_block": 2, "transformer_layers_per_block": (1, 2, 10)},
+}
+_LINEARS_PER_BLOCK = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2")
+                           for proj in ("to_q", "to_k", "to_v", "to_out.0")) + ("ff.net.0.proj", "ff.net.2")
+
+
+# ---- peft -> kohya key form ---------------------------------------------------------------------
+
+def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
+    """The kohya name of a module path: ``down_blocks.0.attn1`` -> ``lora_unet_down_blocks_0_attn1``."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float,
+                  prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """Convert a peft-form LoRA state to kohya form (same tensor objects; alpha as 0-dim float32).
+
+    Args:
+        state: ``{"<path>.lora_A.weight": (r, in), "<path>.lora_B.weight": (out, r), ...}``.
+        alpha: LoRA alpha, stored per module.
+        prefix: kohya prefix.
+
+    Returns:
+        ``{"<prefix>_<path_>.lora_down.weight" / ".lora_up.weight" / ".alpha": tensor}``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for peft_suffix, kohya_suffix in PEFT_SUFFIXES.items():
+            if key.endswith("." + peft_suffix):
+                name = kohya_name(key[: -len(peft_suffix) - 1], prefix)
+                out[f"{name}.{kohya_suffix}"] = value
+                out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+                break
+        else:
+            raise ValueError(f"Unknown peft LoRA key {key!r}: expected '<module>.lora_A.weight' or "
+                             "'<module>.lora_B.weight' (bias, DoRA and embedding LoRA are not supported).")
+    return out
+
+
+# ---- UNet layout and LDM <-> diffusers paths -----------------------------------------------------
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """Where the transformers sit; levels counted from full resolution (level 0) down."""
+
+    down: tuple[tuple[int, ...], ...]  # per level, transformer depth after each res block (0 = none)
+    up: tuple[tuple[int, ...], ...]  # per level, depth in each of its up blocks (res blocks + 1)
+    mid: int  # transformer depth of the middle block (0 = none)
+
+
+def _field(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+
+
+def _per_layer(value: Any, n: int) -> list[int]:
+    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+
+
+def _block_depths(kind: str, depth: Any, count: int) -> tuple[int, ...]:
+    """Transformer depth per layer of one diffusers block."""
+    if kind in ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"):
+        return tuple(_per_layer(depth, count))
+    if kind in ("DownBlock2D", "UpBlock2D"):
+        return (0,) * count
+    raise ValueError(f"UNet block type {kind!r} is not supported for LoRA key conversion; only the SD1.x/"
+                     "SDXL blocks (CrossAttnDownBlock2D, DownBlock2D, CrossAttnUpBlock2D, UpBlock2D) are.")
+
+
+def _layout_from_diffusers(cfg: Any) -> UNetLayout:
+    down_types, up_types = list(_field(cfg, "down_block_types")), list(_field(cfg, "up_block_types"))
+    n = len(down_types)
+    layers = _per_layer(_field(cfg, "layers_per_block", 2), n)
+    depth = _field(cfg, "transformer_layers_per_block", 1)
+    depth = [depth] * n if isinstance(depth, int) else list(depth)
+    up_depth = _field(cfg, "reverse_transformer_layers_per_block") or list(reversed(depth))
+    mid_type = _field(cfg, "mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None):
+        raise ValueError(f"UNet mid_block_type {mid_type!r} is not supported for LoRA key conversion.")
+    down = tuple(_block_depths(kind, depth[i], layers[i]) for i, kind in enumerate(down_types))
+    # up block u serves level n-1-u and has one layer more than that level's down block
+    up = tuple(_block_depths(up_types[n - 1 - lv], up_depth[n - 1 - lv], layers[lv] + 1) for lv in range(n))
+    mid = _per_layer(depth[-1], 1)[0] if mid_type == "UNetMidBlock2DCrossAttn" else 0
+    return UNetLayout(down=down, up=up, mid=mid)
+
+
+def _layout_from_comfy(cfg: Any) -> UNetLayout:
+    levels = len(_field(cfg, "channel_mult"))
+    res = _per_layer(_field(cfg, "num_res_blocks"), levels)
+    depth_in = list(_field(cfg, "transformer_depth"))
+    depth_out = list(_field(cfg, "transformer_depth_output"))
+    if len(depth_in) != sum(res) or len(depth_out) != sum(res) + levels:
+        raise ValueError(f"unet_config has {len(depth_in)} transformer_depth and {len(depth_out)} "
+                         f"transformer_depth_output entries but num_res_blocks {res} needs {sum(res)} and "
+                         f"{sum(res) + levels}; pass the model's own unet_config.")
+    down, up = [], []
+    for r in res:
+        down.append(tuple(depth_in[:r]))
+        del depth_in[:r]
+        up.append(tuple(reversed(depth_out[: r + 1])))  # listed deepest-last; built deepest-first
+        del depth_out[: r + 1]
+    mid = int(_field(cfg, "transformer_depth_middle", 0))  # -1: no middle transformer, -2: no middle block
+    return UNetLayout(down=tuple(down), up=tuple(up), mid=max(mid, 0))
+
+
+def _count(names: set[str], pattern: str) -> dict[tuple[int, ...], int]:
+    """Module names matching ``pattern``: leading groups -> 1 + the largest value of the last group."""
+    found: dict[tuple[int, ...], int] = {}
+    for name in names:
+        m = re.fullmatch(pattern, name)
+        if m:
+            *head, last = (int(g) for g in m.groups())
+            found[tuple(head)] = max(found.get(tuple(head), 0), last + 1)
+    return found
+
+
+def _layout_from_diffusers_modules(names: set[str]) -> UNetLayout:
+    res = _count(names, r"down_blocks\.(\d+)\.resnets\.(\d+)")
+    ups = _count(names, r"up_blocks\.(\d+)\.resnets\.(\d+)")
+    d_in = _count(names, r"down_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)")
+    d_out = _count(names, r"up_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)")
+    n = len(res)
+    down = tuple(tuple(d_in.get((lv, i), 0) for i in range(res[(lv,)])) for lv in range(n))
+    up = tuple(tuple(d_out.get((n - 1 - lv, i), 0) for i in range(ups[(n - 1 - lv,)])) for lv in range(n))
+    mid = _count(names, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)").get((), 0)
+    return UNetLayout(down=down, up=up, mid=mid)
+
+
+def _layout_from_ldm_modules(names: set[str]) -> UNetLayout:
+    last = max(j for (j,) in _count(names, r"input_blocks\.(\d+)\.(\d+)"))
+    depth_in = _count(names, r"input_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)")
+    depth_out = _count(names, r"output_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)")
+    levels: list[list[int]] = [[]]
+    for j in range(1, last + 1):  # input_blocks.0 is conv_in
+        if f"input_blocks.{j}.0.op" in names:  # a downsampler closes the level
+            levels.append([])
+        else:
+            levels[-1].append(depth_in.get((j,), 0))
+    if not levels[-1]:  # a downsampler after the last level (not in real UNets, but in some key maps)
+        levels.pop()
+    up: list[tuple[int, ...]] = [()] * len(levels)
+    n = 0
+    for level in reversed(range(len(levels))):
+        up[level] = tuple(depth_out.get((n + i,), 0) for i in range(len(levels[level]) + 1))
+        n += len(levels[level]) + 1
+    mid = _count(names, r"middle_block\.1\.transformer_blocks\.(\d+)").get((), 0)
+    return UNetLayout(down=tuple(tuple(lv) for lv in levels), up=tuple(up), mid=mid)
+
+
+def unet_layout(unet_config: Any = None, arch: str | None = None) -> UNetLayout:
+    """The transformer layout of a UNet, from whatever describes it.
+
+    Args:
+        unet_config: a diffusers UNet config (mapping or object with ``down_block_types``), a ComfyUI
+            ``unet_config`` dict (``num_res_blocks``, ``channel_mult``, ``transformer_depth``,
+            ``transformer_depth_output``, ``transformer_depth_middle``), a UNet module of either
+            naming (read off its module names), a ``UNetLayout``, or None for the full ``arch`` model.
+        arch: ``sd15`` or ``sdxl``; only used when ``unet_config`` is None.
+
+    Returns:
+        A ``UNetLayout``.
+    """
+    if isinstance(unet_config, UNetLayout):
+        return unet_config
+    if isinstance(unet_config, nn.Module):
+        names = {n for n, _ in unet_config.named_modules()}
+        naming = naming_of(names)
+        if naming is None:
+            raise ValueError("The module has neither diffusers (down_blocks) nor LDM (input_blocks) UNet "
+                             "module names; pass the UNet itself (e.g. model.model.diffusion_model).")
+        return (_layout_from_diffusers_modules if naming == "diffusers" else _layout_from_ldm_modules)(names)
+    if unet_config is None:
+        return _layout_from_diffusers(_FULL_CONFIGS[check_arch(arch)])
+    if _field(unet_config, "num_res_blocks") is not None and _field(unet_config, "channel_mult") is not None:
+        return _layout_from_comfy(unet_config)
+    if _field(unet_config, "down_block_types") is not None:
+        return _layout_from_diffusers(unet_config)
+    raise ValueError(f"Cannot read a UNet layout from {type(unet_config).__name__}; give a diffusers config "
+                     "(down_block_types, ...) or a ComfyUI unet_config (num_res_blocks, channel_mult, ...).")
+
+
+def _transformers(layout: UNetLayout) -> Iterator[tuple[str, str, int]]:
+    """(LDM prefix, diffusers prefix, depth) of every transformer, in LDM build order."""
+    n = 1  # input_blocks.0 is conv_in
+    for level, depths in enumerate(layout.down):
+        for i, depth in enumerate(depths):
+            if depth:
+                yield f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{i}", depth
+            n += 1
+        n += 1  # the downsampler block (after the last level nothing follows, so harmless)
+    if layout.mid:
+        yield "middle_block.1", "mid_block.attentions.0", layout.mid
+    n = 0
+    for u, depths in enumerate(reversed(layout.up)):
+        for i, depth in enumerate(depths):
+            if depth:
+                yield f"output_blocks.{n}.1", f"up_blocks.{u}.attentions.{i}", depth
+            n += 1
+
+
+def ldm_to_diffusers_paths(arch: str, unet_config: Any = None) -> dict[str, str]:
+    """LDM module path -> diffusers module path for every transformer linear of the UNet.
+
+    Covers ``proj_in``, ``proj_out`` and, per transformer block, ``attn1``/``attn2`` ``to_q``, ``to_k``,
+    ``to_v``, ``to_out.0`` and ``ff.net.0.proj``, ``ff.net.2`` (not resnets, conv_in/out, embeddings).
+
+    Args:
+        arch: ``sd15`` or ``sdxl``.
+        unet_config: the UNet's structure (see ``unet_layout``); None means the full ``arch`` model.
+
+    Returns:
+        e.g. ``{"input_blocks.1.1.transformer_blocks.0.attn1.to_q":
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", ...}``.
+    """
+    return _path_pairs(unet_layout(unet_config, check_arch(arch)))
+
+
+def _path_pairs(layout: UNetLayout) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ldm, diffusers, depth in _transformers(layout):
+        suffixes = ["proj_in", "proj_out"] + [f"transformer_blocks.{t}.{s}" for t in range(depth)
+                                              for s in _LINEARS_PER_BLOCK]
+        out.update({f"{ldm}.{s}": f"{diffusers}.{s}" for s in suffixes})
+    return out
+
+
+# ---- renaming LoRA states ------------------------------------------------------------------------
+
+def check_arch(arch: str | None) -> str:
+    """``arch`` itself if it is ``sd15`` or ``sdxl``; otherwise a ValueError listing both."""
+    if arch not in ARCHS:
+        raise ValueError(f"Unknown arch {arch!r}; use one of {', '.join(ARCHS)}.")
+    return arch
+
+
+def check_naming(naming: str | None) -> str:
+    """``naming`` itself if it is ``ldm`` or ``diffusers``; otherwise a ValueError listing both."""
+    if naming not in NAMINGS:
+        raise ValueError(f"Unknown naming {naming!r}; use one of {', '.join(NAMINGS)}.")
+    return naming
+
+
+def naming_of(names: Iterable[str]) -> str | None:
+    """``ldm``, ``diffusers`` or None (neither) for module paths or kohya names of a UNet."""
+    found = set()
+    for name in names:
+        name = name[len("lora_unet_"):] if name.startswith("lora_unet_") else name
+        if re.match(r"(input_blocks|middle_block|output_blocks)[._]", name):
+            found.add("ldm")
+        elif re.match(r"(down_blocks|mid_block|up_blocks)[._]", name):
+            found.add("diffusers")
+    if len(found) > 1:
+        raise ValueError("The names mix LDM (input_blocks...) and diffusers (down_blocks...) UNet naming; "
+                         "a LoRA must use one of them.")
+    return found.pop() if found else None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    for suffix in PEFT_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    module, _, suffix = key.partition(".")
+    if not module.startswith("lora_unet_") or suffix not in KOHYA_SUFFIXES:
+        raise ValueError(f"Unknown LoRA key {key!r}: expected peft '<path>.lora_A.weight' or kohya "
+                         "'lora_unet_<name>.lora_down.weight' form.")
+    return module, suffix
+
+
+def convert_names(state: dict[str, Any], source: str, target: str, unet_config: Any) -> dict[str, Any]:
+    """Rename a LoRA state (peft or kohya form, kept) from ``source`` to ``target`` UNet naming.
+
+    Args:
+        state: peft-form (``<path>.lora_A.weight``) or kohya-form (``lora_unet_<name>.lora_down.weight``).
+        source, target: ``ldm`` or ``diffusers``.
+        unet_config: the UNet's structure (see ``unet_layout``).
+
+    Returns:
+        A new dict with the same values under the renamed keys.
+
+    Raises:
+        ValueError: a module with no counterpart (only transformer linears are mapped).
+    """
+    check_naming(source)
+    check_naming(target)
+    if source == target:
+        return dict(state)
+    paths = _path_pairs(unet_layout(unet_config))
+    if source == "diffusers":
+        paths = {d: ldm for ldm, d in paths.items()}
+    names = {kohya_name(s): kohya_name(t) for s, t in paths.items()}
+    assert len(set(names.values())) == len(names), "kohya names of the path map collide"
+    out, unknown = {}, set()
+    for key, value in state.items():
+        module, suffix = _split_key(key)
+        new = (names if module.startswith("lora_unet_") else paths).get(module)
+        if new is None:
+            unknown.add(module)
+        out[f"{new}.{suffix}"] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} LoRA module(s) have no {target} counterpart in this UNet: {shown}. "
+                         "Only transformer linears (attn, ff, proj_in/out) are mapped, and the UNet layout "
+                         "must be the one the LoRA was made for.")
+    return out
+
+
+def export_names(state: dict[str, Any], source: str, arch: str, unet_config: Any = None,
+                 naming: str | None = None) -> dict[str, Any]:
+    """Rename a LoRA state to the naming files of ``arch`` use (sd15: diffusers, sdxl: LDM).
+
+    Args:
+        state: peft or kohya form, in ``source`` naming.
+        source: ``ldm`` or ``diffusers``.
+        arch: ``sd15`` or ``sdxl``.
+        unet_config: the UNet's structure (see ``unet_layout``); None means the full ``arch`` model.
+        naming: override the target naming (``ldm`` / ``diffusers``); also used to load a file into a
+            module with the other naming.
+
+    Returns:
+        The renamed state.
+    """
+    target = naming or CANONICAL_NAMING[check_arch(arch)]
+    return convert_names(state, source, target, unet_layout(unet_config, check_arch(arch)))
+
+
+def lora_metadata(arch: str, rank: int, alpha: float, extra: dict[str, str] | None = None,
+                  naming: str | None = None) -> dict[str, str]:
+    """safetensors metadata that kohya tools, A1111/Forge and ComfyUI read for a UNet LoRA.
+
+    Args:
+        arch: ``sd15`` or ``sdxl``.
+        rank, alpha: the LoRA's shared rank and alpha.
+        extra: caller entries (str -> str); they override the defaults (e.g. ``modelspec.title``)
+            but not the ``ss_network_*`` entries.
+        naming: the file's module naming (default: the canonical one for ``arch``).
+
+    Returns:
+        ``ss_network_module/dim/alpha``, ``ss_base_model_version``, ``modelspec.*`` plus ``extra``.
+    """
+    base_version, architecture, resolution = _ARCH_METADATA[check_arch(arch)]
+    extra = dict(extra or {})
+    clash = [k for k in NETWORK_METADATA if k in extra]
+    if clash:
+        raise ValueError(f"Metadata keys {clash} follow from the LoRA itself; remove them from extra.")
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+            "ss_network_alpha": str(float(alpha)), "ss_base_model_version": base_version,
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
+            "modelspec.implementation": _IMPLEMENTATION[check_naming(naming or CANONICAL_NAMING[arch])],
+            "modelspec.title": "AlignProp LoRA", "modelspec.resolution": resolution, **extra}

@@ -1,0 +1,63 @@
+"""Node inputs generated from the core's config dataclasses, so node, CLI and config stay one to one.
+
+Every field becomes an input named after it, with the field's help text as tooltip; choices come
+from the core's tuples of allowed values. `build` turns the node's keyword arguments back into the
+dataclass (whose validation then names any bad field).
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from comfy_api.latest import io
+
+from alignprop_core.config import LOSS_SHAPES, MIXED_PRECISION, TRUNCATION_STRATEGIES
+
+CHOICES = {"truncation": TRUNCATION_STRATEGIES, "loss": LOSS_SHAPES, "mixed_precision": MIXED_PRECISION}
+BIG = 2 ** 31 - 1
+
+
+def config_inputs(cls: type, skip: tuple[str, ...] = (), prefix: str = "",
+                  limits: dict[str, tuple[float, float, float]] | None = None) -> list:
+    """One node input per dataclass field (except `skip`), defaults taken from `cls()`.
+
+    `limits` gives (min, max, step) for numeric fields; other numbers are only bounded below by 0.
+    """
+    limits = limits or {}
+    defaults = cls()
+    inputs = []
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        name, default, tip = prefix + f.name, getattr(defaults, f.name), f.metadata.get("help", "")
+        if f.name in CHOICES:
+            inputs.append(io.Combo.Input(name, options=list(CHOICES[f.name]), default=default, tooltip=tip))
+        elif isinstance(default, bool):
+            inputs.append(io.Boolean.Input(name, default=default, tooltip=tip))
+        elif isinstance(default, int):
+            lo, hi, step = limits.get(f.name, (0, BIG, 1))
+            inputs.append(io.Int.Input(name, default=default, min=int(lo), max=int(hi), step=int(step), tooltip=tip))
+        elif isinstance(default, float):
+            lo, hi, step = limits.get(f.name, (0.0, 1e9, 0.001))
+            inputs.append(io.Float.Input(name, default=default, min=lo, max=hi, step=step, round=False,
+                                         tooltip=tip))
+        elif isinstance(default, str):
+            inputs.append(io.String.Input(name, default=default, tooltip=tip))
+        elif isinstance(default, tuple):
+            inputs.append(io.String.Input(name, default=", ".join(default), tooltip=tip + " (comma separated)"))
+        else:
+            raise TypeError(f"no node input type for {cls.__name__}.{f.name}")
+    return inputs
+
+
+def build(cls: type, kwargs: dict[str, Any], prefix: str = "", **fixed: Any) -> Any:
+    """The dataclass from node keyword arguments (fields not given keep their defaults)."""
+    values = dict(fixed)
+    defaults = cls()
+    for f in fields(cls):
+        if prefix + f.name in kwargs and f.name not in values:
+            value = kwargs[prefix + f.name]
+            if isinstance(getattr(defaults, f.name), tuple) and isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            values[f.name] = value
+    return cls(**values)

@@ -1,0 +1,82 @@
+"""Model folders and safe file names: where reward weights are found and LoRAs are written.
+
+A file name typed into a node never escapes its ComfyUI folder: absolute paths, drive letters and
+`..` are refused before anything is opened or written.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+REWARD_FOLDER = "reward_models"
+WEIGHT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin"}
+
+
+def register_reward_folder() -> None:
+    """Add models/reward_models without clobbering an entry from extra_model_paths.yaml."""
+    default = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
+    if REWARD_FOLDER in folder_paths.folder_names_and_paths:
+        paths, _ = folder_paths.folder_names_and_paths[REWARD_FOLDER]
+        if default not in paths:
+            paths.append(default)
+    else:
+        folder_paths.folder_names_and_paths[REWARD_FOLDER] = ([default], set(WEIGHT_EXTENSIONS))
+    os.makedirs(default, exist_ok=True)
+
+
+def weight_files(folder: str = REWARD_FOLDER) -> list[str]:
+    """Weight files of a model folder, for a dropdown."""
+    return [f for f in folder_paths.get_filename_list(folder) if Path(f).suffix in WEIGHT_EXTENSIONS]
+
+
+def model_dirs(folder: str = REWARD_FOLDER) -> list[str]:
+    """Sub-folders holding a transformers model (config.json), for a dropdown."""
+    found = []
+    for root in folder_paths.get_folder_paths(folder):
+        if os.path.isdir(root):
+            for entry in sorted(os.listdir(root)):
+                if os.path.isfile(os.path.join(root, entry, "config.json")):
+                    found.append(entry)
+    return found
+
+
+def existing_path(folder: str, name: str) -> str:
+    """Full path of a file or model folder chosen in a dropdown; FileNotFoundError naming the folder."""
+    _check_relative(name)
+    for root in folder_paths.get_folder_paths(folder):
+        candidate = _inside(root, name)
+        if os.path.exists(candidate):
+            return candidate
+    roots = ", ".join(folder_paths.get_folder_paths(folder))
+    raise FileNotFoundError(f"{name!r} was not found in the {folder} folder ({roots}); put the file there "
+                            "and refresh the page.")
+
+
+def output_path(folder: str, name: str, suffix: str = ".safetensors") -> str:
+    """Where to write `name` inside the first path of `folder`; refuses names that leave it."""
+    _check_relative(name)
+    if not name.endswith(suffix):
+        name += suffix
+    root = folder_paths.get_folder_paths(folder)[0]
+    path = _inside(root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def _check_relative(name: str) -> None:
+    if not name or not name.strip():
+        raise ValueError("the file name is empty; give a name such as alignprop/my_lora.")
+    parts = Path(name.replace("\\", "/")).parts
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in name or ".." in parts:
+        raise ValueError(f"file name {name!r} must be relative to the ComfyUI model folder, without '..' "
+                         "or a drive; give a plain name such as alignprop/my_lora.")
+
+
+def _inside(root: str, name: str) -> str:
+    root_real = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root_real, name))
+    if os.path.commonpath([root_real, path]) != root_real:
+        raise ValueError(f"file name {name!r} resolves outside {root}; give a plain relative name.")
+    return path

@@ -1,0 +1,216 @@
+"""Reward nodes: one loader per reward of the core, a mixer, and Score Images.
+
+Each loader resolves file names in models/reward_models (or models/clip_vision), calls one core
+factory and outputs an ALIGNPROP_REWARD: a dict {"name", "fn"} whose fn maps images (B,3,H,W) in
+[0,1] and prompts to scores (B,).
+"""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from alignprop_core.rewards import make_reward
+from alignprop_core.rewards.mixture import make_mixture
+
+from .paths import REWARD_FOLDER, existing_path, model_dirs, weight_files
+
+Reward = io.Custom("ALIGNPROP_REWARD")
+CATEGORY = "AlignProp/rewards"
+
+
+def _device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def _make(name: str, **kwargs):
+    """The core reward, built outside ComfyUI's inference mode: weights created inside it are
+    inference tensors, which the trainer cannot backpropagate through."""
+    with torch.inference_mode(False):
+        return make_reward(name, **kwargs)
+
+
+def _socket(name: str, fn) -> dict:
+    return {"name": name, "fn": fn}
+
+
+def _file_input(name: str, folder: str, tooltip: str) -> io.Combo.Input:
+    return io.Combo.Input(name, options=weight_files(folder), tooltip=tooltip)
+
+
+class AestheticReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_AestheticReward", display_name="AlignProp Aesthetic Reward (LAION)",
+            category=CATEGORY,
+            inputs=[
+                _file_input("head", REWARD_FOLDER, "LAION aesthetic MLP head, sac+logos+ava1-l14-linearMSE.pth "
+                            "(3.7 MB), in models/reward_models"),
+                io.Combo.Input("clip_vision", options=weight_files("clip_vision"),
+                               tooltip="CLIP ViT-L/14 image tower in models/clip_vision "
+                                       "(e.g. clip-vit-large-patch14 .safetensors)"),
+            ],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, head, clip_vision):
+        fn = _make("aesthetic", head_path=existing_path(REWARD_FOLDER, head),
+                   clip_vision_path=existing_path("clip_vision", clip_vision), device=_device())
+        return io.NodeOutput(_socket("aesthetic", fn))
+
+
+class HPSReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_HPSReward", display_name="AlignProp HPSv2 Reward", category=CATEGORY,
+            inputs=[_file_input("checkpoint", REWARD_FOLDER, "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt "
+                                "(open_clip ViT-H-14 with HPS weights) in models/reward_models")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, checkpoint):
+        fn = _make("hps", checkpoint=existing_path(REWARD_FOLDER, checkpoint), device=_device())
+        return io.NodeOutput(_socket("hps", fn))
+
+
+class PickScoreReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_PickScoreReward", display_name="AlignProp PickScore Reward", category=CATEGORY,
+            inputs=[io.Combo.Input("model_dir", options=model_dirs(),
+                                   tooltip="folder in models/reward_models holding PickScore_v1 "
+                                           "(transformers CLIPModel with its tokenizer and processor)")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, model_dir):
+        fn = _make("pickscore", model_dir=existing_path(REWARD_FOLDER, model_dir), device=_device())
+        return io.NodeOutput(_socket("pickscore", fn))
+
+
+class CLIPScoreReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_CLIPScoreReward", display_name="AlignProp CLIP Score Reward", category=CATEGORY,
+            inputs=[io.String.Input("arch", default="ViT-L-14", tooltip="open_clip architecture name"),
+                    _file_input("checkpoint", REWARD_FOLDER, "open_clip checkpoint of that architecture")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, arch, checkpoint):
+        fn = _make("clip_score", arch=arch, checkpoint=existing_path(REWARD_FOLDER, checkpoint),
+                   device=_device())
+        return io.NodeOutput(_socket("clip_score", fn))
+
+
+class CompressibilityReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_CompressibilityReward", display_name="AlignProp JPEG Compressibility Reward",
+            category=CATEGORY,
+            inputs=[io.Int.Input("quality", default=95, min=1, max=100, tooltip="JPEG quality of the size model"),
+                    io.Combo.Input("direction", options=["compressible", "incompressible"],
+                                   tooltip="reward small files (compressible) or large ones")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, quality, direction):
+        name = "jpeg_compressibility" if direction == "compressible" else "jpeg_incompressibility"
+        return io.NodeOutput(_socket(name, _make(name, quality=quality)))
+
+
+class ObjectCountReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_ObjectCountReward", display_name="AlignProp Object Count Reward",
+            category=CATEGORY,
+            inputs=[io.Combo.Input("model_dir", options=model_dirs(),
+                                   tooltip="OWL-ViT or OWLv2 folder (transformers layout) in models/reward_models"),
+                    io.String.Input("object_name", default="", tooltip="object to count; empty: each prompt's last word"),
+                    io.Float.Input("target", default=3.0, min=0.0, max=100.0, tooltip="wanted count")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, model_dir, object_name, target):
+        fn = _make("object_count", model_dir=existing_path(REWARD_FOLDER, model_dir),
+                   object_name=object_name.strip() or None, target=target, device=_device())
+        return io.NodeOutput(_socket("object_count", fn))
+
+
+class SimpleReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_SimpleReward", display_name="AlignProp Weight-free Reward", category=CATEGORY,
+            inputs=[io.Combo.Input("kind", options=["smoothness", "color_target"],
+                                   tooltip="smoothness: negative total variation; color_target: mean colour "
+                                           "close to (red, green, blue)"),
+                    io.Float.Input("red", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="color_target red"),
+                    io.Float.Input("green", default=0.55, min=0.0, max=1.0, step=0.01, tooltip="color_target green"),
+                    io.Float.Input("blue", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="color_target blue")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, kind, red, green, blue):
+        kwargs = {"target": (red, green, blue)} if kind == "color_target" else {}
+        return io.NodeOutput(_socket(kind, _make(kind, **kwargs)))
+
+
+class RewardMixer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_RewardMixer", display_name="AlignProp Reward Mixer", category=CATEGORY,
+            inputs=[Reward.Input("reward_1", tooltip="first reward"),
+                    io.Float.Input("weight_1", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="its weight"),
+                    Reward.Input("reward_2", tooltip="second reward"),
+                    io.Float.Input("weight_2", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="its weight"),
+                    Reward.Input("reward_3", optional=True, tooltip="optional third reward"),
+                    io.Float.Input("weight_3", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="its weight"),
+                    io.Boolean.Input("standardize", default=True,
+                                     tooltip="standardise each reward by its running mean/std before weighting")],
+            outputs=[Reward.Output(display_name="reward")])
+
+    @classmethod
+    def execute(cls, reward_1, weight_1, reward_2, weight_2, standardize, reward_3=None, weight_3=1.0):
+        parts = [(reward_1, weight_1), (reward_2, weight_2)] + ([(reward_3, weight_3)] if reward_3 else [])
+        fn = make_mixture([(r["fn"], w) for r, w in parts], standardize=standardize)
+        name = " + ".join(f"{w:g}*{r['name']}" for r, w in parts)
+        return io.NodeOutput(_socket(name, fn))
+
+
+class ScoreImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_ScoreImages", display_name="AlignProp Score Images", category=CATEGORY,
+            is_output_node=True,
+            inputs=[io.Image.Input("images", tooltip="images from any sampler (IMAGE batch)"),
+                    Reward.Input("reward", tooltip="the reward to score with"),
+                    io.String.Input("prompts", multiline=True, default="",
+                                    tooltip="one prompt for all images, or one per line for each image")],
+            outputs=[io.Float.Output(display_name="scores", is_output_list=True)])
+
+    @classmethod
+    def execute(cls, images, reward, prompts):
+        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        n = images.shape[0]
+        if len(lines) not in (0, 1, n):
+            raise ValueError(f"got {n} images but {len(lines)} prompt lines; give one prompt or one per image.")
+        texts = lines if len(lines) == n else [(lines or [""])[0]] * n
+        with torch.inference_mode(False), torch.no_grad():
+            pixels = images.clone().permute(0, 3, 1, 2).float()  # IMAGE is (B, H, W, 3)
+            scores = reward["fn"](pixels, texts).float().cpu().tolist()
+        text = "\n".join(f"{i}: {s:.4f}" for i, s in enumerate(scores))
+        return io.NodeOutput(scores, ui=ui.PreviewText(f"{reward['name']}\n{text}"))
+
+
+NODES = [AestheticReward, HPSReward, PickScoreReward, CLIPScoreReward, CompressibilityReward,
+         ObjectCountReward, SimpleReward, RewardMixer, ScoreImages]

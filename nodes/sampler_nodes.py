@@ -1,0 +1,65 @@
+"""Sampler nodes: the differentiable sampler's settings as a socket, and a preview that samples
+with exactly those settings, so users see what training sees."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from alignprop_core.config import SamplerConfig
+from alignprop_core.sampler import sample_images
+
+from .comfy_model import comfy_backend, training_session
+from .config_inputs import build, config_inputs
+
+Sampler = io.Custom("ALIGNPROP_SAMPLER")
+CATEGORY = "AlignProp/sampling"
+SAMPLER_LIMITS = {"steps": (1, 1000, 1), "k": (1, 1000, 1), "k_min": (1, 1000, 1), "k_max": (1, 1000, 1),
+                  "eta": (0.0, 1.0, 0.01), "guidance_scale": (0.0, 30.0, 0.1), "k_mean": (1.0, 1000.0, 0.1),
+                  "k_std": (0.0, 1000.0, 0.1)}
+
+
+class SamplerSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_SamplerSettings", display_name="AlignProp Sampler Settings", category=CATEGORY,
+            inputs=config_inputs(SamplerConfig, limits=SAMPLER_LIMITS),
+            outputs=[Sampler.Output(display_name="sampler")])
+
+    @classmethod
+    def execute(cls, **kwargs):
+        return io.NodeOutput(build(SamplerConfig, kwargs))
+
+
+class PreviewSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_PreviewSampler", display_name="AlignProp Preview Sampler", category=CATEGORY,
+            inputs=[io.Model.Input("model", tooltip="SD1.x or SDXL model (LoRA patches apply)"),
+                    io.Clip.Input("clip", tooltip="the checkpoint's CLIP"),
+                    io.Vae.Input("vae", tooltip="the checkpoint's VAE"),
+                    Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps)"),
+                    io.String.Input("prompt", multiline=True, default="a photo of a cat", tooltip="one prompt per line"),
+                    io.String.Input("negative_prompt", default="", tooltip="unconditional branch prompt"),
+                    io.Int.Input("width", default=512, min=8, max=4096, step=8, tooltip="image width (multiple of 8)"),
+                    io.Int.Input("height", default=512, min=8, max=4096, step=8, tooltip="image height (multiple of 8)"),
+                    io.Int.Input("seed", default=0, min=0, max=2 ** 63 - 1, tooltip="seed of the initial noise")],
+            outputs=[io.Image.Output(display_name="images")])
+
+    @classmethod
+    def execute(cls, model, clip, vae, prompt, negative_prompt, width, height, seed, sampler=None):
+        prompts = [p.strip() for p in prompt.splitlines() if p.strip()]
+        if not prompts:
+            raise ValueError("the prompt is empty; write at least one prompt (one per line).")
+        cfg = sampler or SamplerConfig()
+        with training_session(model, vae):
+            backend = comfy_backend(model, clip, vae, width, height)
+            gen = torch.Generator().manual_seed(seed)
+            x_T = torch.randn(backend.latent_shape(len(prompts), height, width), generator=gen).to(backend.device)
+            with torch.no_grad():
+                images = sample_images(backend, prompts, cfg, x_T, negative_prompt, 0, gen)
+        return io.NodeOutput(images.permute(0, 2, 3, 1).cpu().float())  # IMAGE is (B, H, W, 3)
+
+
+NODES = [SamplerSettings, PreviewSampler]

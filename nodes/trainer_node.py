@@ -1,0 +1,126 @@
+"""The AlignProp Trainer node: trains LoRA directly on the ComfyUI MODEL with a reward.
+
+ComfyUI objects in, one `alignprop_core.trainer.train` call, ComfyUI objects out: the MODEL with the
+LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE and the file path.
+Progress goes to the node's bar and text; Cancel stops at the next step boundary and the LoRA trained
+so far is still written.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
+from alignprop_core.lora import remove_lora
+from alignprop_core.lora_io import load_lora
+from alignprop_core.plots import plot_reward_curve
+from alignprop_core.prompts import parse_prompts
+from alignprop_core.trainer import train
+
+from .comfy_model import comfy_backend, model_family, training_session
+from .config_inputs import build, config_inputs
+from .lora_nodes import Lora, apply_to_model
+from .paths import output_path
+from .reward_nodes import Reward
+from .sampler_nodes import Sampler
+
+TRAIN_LIMITS = {"steps": (1, 100000, 1), "batch_size": (1, 64, 1), "grad_accum": (1, 1024, 1),
+                "lr": (1e-7, 1.0, 1e-7), "width": (8, 4096, 8), "height": (8, 4096, 8),
+                "eval_batch_size": (1, 64, 1), "max_grad_norm": (0.0, 1000.0, 0.01),
+                "weight_decay": (0.0, 1.0, 1e-5), "adam_eps": (1e-12, 1e-3, 1e-12),
+                "adam_beta1": (0.0, 0.9999, 0.001), "adam_beta2": (0.0, 0.9999, 0.0001),
+                "reward_target": (-1e6, 1e6, 0.01), "seed": (0, 2 ** 63 - 1, 1),
+                "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1)}
+LORA_LIMITS = {"rank": (1, 256, 1), "alpha": (0.01, 1024.0, 0.01)}
+
+
+def _curve_image(history, evals, title: str) -> torch.Tensor:
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_reward_curve(history, evals, os.path.join(tmp, "curve.png"), title=title)
+        rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb)[None]  # (1, H, W, 3)
+
+
+class AlignPropTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_Trainer", display_name="AlignProp Trainer", category="AlignProp/training",
+            is_output_node=True, hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x or SDXL MODEL from Load Checkpoint"),
+                io.Clip.Input("clip", tooltip="the checkpoint's CLIP (frozen)"),
+                io.Vae.Input("vae", tooltip="the checkpoint's VAE (frozen; the reward's gradient flows through it)"),
+                Reward.Input("reward", tooltip="what to maximise (an AlignProp reward node)"),
+                io.String.Input("prompts", multiline=True, default="cat\ndog\nhorse",
+                                tooltip="training prompts, one per line (# starts a comment)"),
+                io.String.Input("lora_name", default="alignprop/alignprop_lora",
+                                tooltip="file name under models/loras (.safetensors is added)"),
+                Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps, K=1)"),
+                Lora.Input("init_lora", optional=True, tooltip="continue training this LoRA (Load AlignProp LoRA)"),
+                io.String.Input("eval_prompts", multiline=True, default="", optional=True,
+                                tooltip="held-out prompts for the reward curve (empty: the training prompts)"),
+                *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS),
+                *config_inputs(LoraConfig, skip=("target_modules",), prefix="lora_", limits=LORA_LIMITS),
+            ],
+            outputs=[io.Model.Output(display_name="model"), Lora.Output(display_name="lora"),
+                     io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path")])
+
+    @classmethod
+    def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, init_lora=None,
+                eval_prompts="", **kwargs):
+        import comfy.model_management as mm
+        import comfy.utils
+        import folder_paths
+        from server import PromptServer
+
+        # 1. everything that can be wrong is checked before any model work
+        family = model_family(model)
+        train_prompts = parse_prompts(prompts, source="the prompts input")
+        held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
+        cfg = build(TrainConfig, kwargs, reward=reward["name"])
+        lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha) if init_lora is not None
+                    else build(LoraConfig, kwargs, prefix="lora_"))
+        path = output_path("loras", lora_name)
+        sampler = sampler or SamplerConfig()
+
+        node_id = cls.hidden.unique_id
+        bar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
+
+        def on_step(step, metrics):
+            if "eval_reward" in metrics:
+                text = f"step {step}: held-out reward {metrics['eval_reward']:.4f}"
+            else:
+                bar.update_absolute(step)
+                text = f"step {step}/{cfg.steps}: reward {metrics['reward']:.4f}, K={metrics['k']}"
+            logging.info("AlignProp %s", text)
+            if node_id:
+                PromptServer.instance.send_progress_text(text, node_id)
+
+        # 2. train on the model itself; LoRA layers are removed again whatever happens
+        with training_session(model, vae):
+            backend = comfy_backend(model, clip, vae, cfg.width, cfg.height, name=f"comfyui-{family}")
+            state_dir = os.path.join(folder_paths.get_temp_directory(), "alignprop_state")
+            try:
+                result = train(backend, reward["fn"], train_prompts, held_out, sampler, lora_cfg, cfg,
+                               out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
+                               on_step=on_step, should_stop=mm.processing_interrupted,
+                               init_lora=init_lora, state_dir=state_dir)
+            finally:
+                remove_lora(backend.lora_target)
+
+        # 3. back to ComfyUI objects; an interrupted run has saved its LoRA and now reports the cancel
+        lora = load_lora(result.lora_path)
+        mm.throw_exception_if_processing_interrupted()
+        curve = _curve_image(result.history, result.evals, f"AlignProp: {reward['name']}")
+        return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path))
+
+
+NODES = [AlignPropTrainer]

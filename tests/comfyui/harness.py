@@ -1,0 +1,406 @@
+"""Run a real ComfyUI server for the integration tests, and write tiny random checkpoints for it.
+
+`start_server` launches ComfyUI's own ``main.py`` as a subprocess bound to 127.0.0.1, with every
+writable folder (models, input, output, user, temp, custom_nodes, its database) in a fresh base
+directory, and this repository linked in as the custom-node pack ``ComfyUI-AlignProp``. The `Server`
+it returns talks to ComfyUI's HTTP API (``/object_info``, ``/prompt``, ``/history``, ``/interrupt``)
+with the standard library only, so this module imports even before ComfyUI is set up.
+
+`make_random_checkpoint` writes an SD1.5 or SDXL checkpoint whose keys and shapes are the ones
+ComfyUI itself saves, so its ``model_detection`` recognises it, but with a reduced UNet. ComfyUI
+builds the text encoders (CLIP-L, OpenCLIP-G) and the VAE at full size from fixed configs and leaves
+weights missing from a checkpoint uninitialised, so every weight must be present. To keep the file
+small anyway it is a torch ``.ckpt``: each weight is a strided view whose rows are shifted windows of
+one short random vector, and ``torch.save`` stores only that vector (safetensors cannot share bytes).
+The builder imports ComfyUI in a subprocess (``python harness.py make-checkpoint ...``) so the test
+process never imports ComfyUI.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_NAME = "ComfyUI-AlignProp"  # the pack's folder name under custom_nodes/
+DEFAULT_COMFY_DIR = REPO_ROOT / ".cache" / "comfyui" / "ComfyUI"
+MODEL_FOLDERS = ("checkpoints", "loras", "clip_vision", "reward_models")
+HOST = "127.0.0.1"
+
+# Configs in the form comfy.model_detection.detect_unet_config returns them. SD15 matches on
+# model_channels=320, context_dim=768, no linear proj_in, no adm; SDXL additionally on
+# transformer_depth=[0, 0, 2, 2, 10, 10], context_dim=2048 and adm_in_channels=2816. Depth and
+# channel_mult are not matched, so those are reduced.
+_UNET_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+UNET_CONFIGS = {
+    "sd15": {
+        **_UNET_COMMON, "adm_in_channels": None, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+        "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+    },
+    "sdxl": {
+        **_UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816,
+        "num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1],
+        "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
+    },
+}
+# comfy/sd.py builds the SD1.x/SDXL VAE with exactly this config whatever the weights' shapes.
+SD_VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+ROW_STEP = 3  # elements between consecutive rows of a compact random weight
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def prepare_base_dir(base_dir: Path) -> Path:
+    """Create ComfyUI's writable folders under base_dir and link this repository in as the pack."""
+    base_dir = Path(base_dir).resolve()
+    for name in MODEL_FOLDERS:
+        (base_dir / "models" / name).mkdir(parents=True, exist_ok=True)
+    for name in ("input", "output", "user", "temp", "custom_nodes"):
+        (base_dir / name).mkdir(parents=True, exist_ok=True)
+    link = base_dir / "custom_nodes" / PACK_NAME
+    if link.is_symlink() and link.resolve() != REPO_ROOT:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    return base_dir
+
+
+@dataclass
+class Server:
+    """A running ComfyUI subprocess and a small client for its HTTP API."""
+
+    process: subprocess.Popen
+    port: int
+    base_dir: Path
+    comfy_dir: Path
+    log_path: Path
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base_dir / "output"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.base_dir / "models"
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def _request(self, path: str, payload: dict | None = None, timeout: float = 30.0):
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def object_info(self) -> dict:
+        """Every registered node type with its inputs and outputs (``GET /object_info``)."""
+        return self._request("/object_info", timeout=60.0)
+
+    def queue(self, prompt: dict, client_id: str = "alignprop-tests") -> str:
+        """Queue an API-format graph; return its prompt id or raise with ComfyUI's validation errors."""
+        try:
+            reply = self._request("/prompt", {"prompt": prompt, "client_id": client_id})
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            raise RuntimeError(f"ComfyUI rejected the prompt (HTTP {error.code}): {detail}") from None
+        return reply["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.25) -> dict:
+        """Poll ``/history/<id>`` until the prompt finishes; return its history entry.
+
+        Raises RuntimeError with ComfyUI's status messages and the log tail if execution failed or
+        the server died, and TimeoutError (after interrupting the prompt) if it did not finish.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} while running "
+                                   f"prompt {prompt_id}\n{self.log_tail()}")
+            entry = (self._request(f"/history/{prompt_id}") or {}).get(prompt_id)
+            status = (entry or {}).get("status") or {}
+            if status.get("status_str") == "error":
+                messages = json.dumps(status.get("messages", []), indent=1)[-6000:]
+                raise RuntimeError(f"prompt {prompt_id} failed:\n{messages}\n{self.log_tail()}")
+            if status.get("completed"):
+                return entry
+            time.sleep(poll)
+        self.interrupt()
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Queue a graph and wait for it; return the history entry."""
+        return self.wait(self.queue(prompt), timeout=timeout)
+
+    def interrupt(self) -> None:
+        """Ask ComfyUI to stop the prompt that is executing now."""
+        self._request("/interrupt", {})
+
+    def output_images(self, entry: dict) -> list[Path]:
+        """Files that a history entry's nodes wrote to the output folder."""
+        paths = []
+        for node_output in entry.get("outputs", {}).values():
+            for image in node_output.get("images", []):
+                if image.get("type") == "output":
+                    paths.append(self.output_dir / image.get("subfolder", "") / image["filename"])
+        return paths
+
+    # -- process ------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        """Everything ComfyUI printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        tail = "\n".join(self.log_text().splitlines()[-lines:])
+        return f"--- last {lines} lines of {self.log_path} ---\n{tail}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate the server, then kill it if it has not exited within timeout seconds."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def server_command(comfy_dir: Path, base_dir: Path, port: int) -> list[str]:
+    """The ComfyUI command line: CPU only, 127.0.0.1 only, every writable path under base_dir."""
+    return [
+        sys.executable, str(Path(comfy_dir) / "main.py"),
+        "--cpu", "--listen", HOST, "--port", str(port), "--disable-auto-launch",
+        "--base-directory", str(base_dir),  # models/, custom_nodes/, input/, output/, temp/, user/
+        "--output-directory", str(base_dir / "output"),
+        "--input-directory", str(base_dir / "input"),
+        "--user-directory", str(base_dir / "user"),
+        "--database-url", f"sqlite:///{base_dir / 'user' / 'comfyui.db'}",  # default is inside ComfyUI/
+        "--disable-api-nodes",  # paid cloud nodes: not needed, and they slow the start
+    ]
+
+
+def start_server(comfy_dir: Path, base_dir: Path, port: int | None = None, timeout: float = 180.0,
+                 extra_args: tuple[str, ...] = ()) -> Server:
+    """Start ComfyUI and wait until ``GET /object_info`` answers.
+
+    Args:
+        comfy_dir: the ComfyUI directory (holding ``main.py``), e.g. from setup_comfyui.ensure_comfyui.
+        base_dir: fresh directory for models, input, output, user, temp and custom_nodes.
+        port: TCP port on 127.0.0.1; a free one when None.
+        timeout: seconds to wait for the server to answer.
+        extra_args: further ComfyUI command-line options.
+
+    Returns:
+        The running Server; call ``stop()`` when done. Raises RuntimeError with the log tail if the
+        server exits or does not answer in time.
+    """
+    comfy_dir = Path(comfy_dir).resolve()
+    if not (comfy_dir / "main.py").is_file():
+        raise FileNotFoundError(f"no main.py in {comfy_dir}; run tests/comfyui/setup_comfyui.py first")
+    base_dir = prepare_base_dir(base_dir)
+    port = port or free_port()
+    log_path = base_dir / "comfyui.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)  # this repo's nodes/ package must not shadow ComfyUI's nodes.py
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen([*server_command(comfy_dir, base_dir, port), *extra_args], cwd=comfy_dir,
+                               env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = Server(process=process, port=port, base_dir=base_dir, comfy_dir=comfy_dir,
+                    log_path=log_path, _log_file=log_file)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"ComfyUI exited with code {process.returncode} during start\n{server.log_tail()}")
+        try:
+            server.object_info()
+            return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"ComfyUI did not answer on port {port} within {timeout:.0f} s\n"
+                               f"{server.log_tail()}")
+        time.sleep(0.5)
+
+
+# -- random checkpoints --------------------------------------------------------------------------
+def make_random_checkpoint(kind: str, path: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, seed: int = 0,
+                           timeout: float = 600.0) -> Path:
+    """Write a random-weight SD1.5 or SDXL checkpoint that ComfyUI detects as that model.
+
+    Args:
+        kind: "sd15" or "sdxl".
+        path: destination; must end in ".ckpt" (see the module docstring for why not .safetensors).
+        comfy_dir: the ComfyUI directory whose model classes define the key layout.
+        seed: seed of the random weights.
+        timeout: seconds the builder subprocess may take.
+
+    Returns:
+        path. The file holds {"state_dict": {...}} with fp16 weights.
+    """
+    if kind not in UNET_CONFIGS:
+        raise ValueError(f"kind must be one of {sorted(UNET_CONFIGS)}, got {kind!r}")
+    path = Path(path).resolve()
+    if path.suffix != ".ckpt":
+        raise ValueError(f"path must end in .ckpt (a torch checkpoint with shared storage), got {path.name}")
+    if not (Path(comfy_dir) / "comfy" / "model_detection.py").is_file():
+        raise FileNotFoundError(f"no ComfyUI in {comfy_dir}; run tests/comfyui/setup_comfyui.py first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "make-checkpoint", kind, str(path),
+           "--comfy-dir", str(Path(comfy_dir).resolve()), "--seed", str(seed)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"building the {kind} checkpoint failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return path
+
+
+def cached_random_checkpoint(kind: str, cache_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR,
+                             seed: int = 0) -> Path:
+    """make_random_checkpoint, reusing the file in cache_dir while the recipe is unchanged.
+
+    The file name carries a hash of the configs and of the builder's source, so any change to how
+    checkpoints are made produces a new file.
+    """
+    recipe = json.dumps([UNET_CONFIGS.get(kind), SD_VAE_DDCONFIG, ROW_STEP, seed, str(Path(comfy_dir).resolve())])
+    for function in (_compact_random, _materialize, _build_checkpoint):
+        recipe += inspect.getsource(function)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"random_{kind}_{digest}.ckpt"
+    if not path.is_file():
+        make_random_checkpoint(kind, path, comfy_dir=comfy_dir, seed=seed)
+    return path
+
+
+def _compact_random(shape, std: float, generator, dtype):
+    """A (d0, ...) tensor whose row i is the window [i*ROW_STEP, i*ROW_STEP + row_size) of one
+    random vector: full-rank-looking weights that torch.save stores in a few KB."""
+    import torch
+
+    row_size = math.prod(shape[1:])
+    step = min(ROW_STEP, row_size)
+    vector = (torch.randn((shape[0] - 1) * step + row_size, generator=generator) * std).to(dtype)
+    inner = [math.prod(shape[i + 1:]) for i in range(1, len(shape))]
+    return vector.as_strided(tuple(shape), (step, *inner))
+
+
+def _materialize(name: str, tensor, generator, dtype):
+    """Replace a meta tensor by real weights: norms 1, biases 0, matrices N(0, 1/fan_in)."""
+    import torch
+
+    if tensor.device.type != "meta":
+        return tensor if not tensor.is_floating_point() else tensor.to(dtype)
+    if not tensor.is_floating_point():
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)
+    if tensor.ndim == 0:
+        value = math.log(100.0) if name.endswith("logit_scale") else 0.0
+        return torch.tensor(value, dtype=dtype)
+    if tensor.ndim == 1:  # every 1-D weight in these models is a norm scale
+        fill = 1.0 if name.endswith("weight") else 0.0
+        return torch.full((1,), fill, dtype=dtype).expand(tensor.shape)
+    return _compact_random(tensor.shape, 1.0 / math.sqrt(math.prod(tensor.shape[1:])), generator, dtype)
+
+
+def _build_checkpoint(kind: str, path: Path, comfy_dir: Path, seed: int) -> None:
+    """Runs in a subprocess with ComfyUI importable: build, verify detection, save."""
+    sys.path.insert(0, str(comfy_dir))
+    import torch
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True  # before comfy.model_management is imported: no CUDA probing
+    import comfy.model_detection
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    expected = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[kind]
+    unet_config = dict(UNET_CONFIGS[kind])
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
+    if type(model_config) is not expected:
+        raise RuntimeError(f"ComfyUI matches {type(model_config).__name__}, not {expected.__name__}, "
+                           f"for {unet_config}")
+
+    with torch.device("meta"):  # shapes only; weights are filled in below
+        model = model_config.get_model({}, device="meta")
+        clip = model_config.clip_target().clip(device="meta", dtype=torch.float16)
+        vae = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
+    # the same call ComfyUI's CheckpointSave node uses, so the key layout is ComfyUI's own
+    layout = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {name: _materialize(name, tensor, generator, torch.float16)
+                  for name, tensor in sorted(layout.items())}
+
+    detected = comfy.model_detection.detect_unet_config(state_dict, "model.diffusion_model.")
+    detected_config = comfy.model_detection.model_config_from_unet_config(detected, state_dict)
+    if type(detected_config) is not expected or detected != unet_config:
+        raise RuntimeError(f"the written weights detect as {type(detected_config).__name__} with "
+                           f"{detected}, expected {expected.__name__} with {unet_config}")
+
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": state_dict}, tmp)
+    tmp.replace(path)
+    n_params = sum(t.numel() for t in state_dict.values())
+    print(f"{kind}: {len(state_dict)} tensors, {n_params / 1e6:.0f}M parameters, "
+          f"{path.stat().st_size / 1e6:.1f} MB -> {path}")
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Test helpers that need ComfyUI importable.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make-checkpoint", help="write a random SD1.5/SDXL checkpoint")
+    make.add_argument("kind", choices=sorted(UNET_CONFIGS))
+    make.add_argument("path", type=Path)
+    make.add_argument("--comfy-dir", type=Path, default=DEFAULT_COMFY_DIR)
+    make.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "make-checkpoint":
+        _build_checkpoint(args.kind, args.path.resolve(), args.comfy_dir.resolve(), args.seed)
+    else:
+        raise ValueError(f"unknown command {args.command!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

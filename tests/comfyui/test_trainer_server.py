@@ -1,0 +1,146 @@
+"""The AlignProp Trainer node on a real ComfyUI server, on checkpoints ComfyUI detects as SD1.5/SDXL.
+
+A trained LoRA lands in models/loras, the standard LoraLoader loads it with no "lora key not loaded"
+line, and KSampler output changes with it; bad file names cannot escape models/loras; an interrupt
+mid-training leaves a loadable partial LoRA and a server that keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignprop_core.lora_io import load_lora
+
+pytestmark = pytest.mark.slow
+
+SAMPLER = {"steps": 3, "eta": 0.0, "guidance_scale": 5.0, "use_cfg": True, "truncation": "fixed", "k": 1,
+           "k_min": 1, "k_max": 1, "k_mean": 1.0, "k_std": 0.0, "checkpoint_unet": True, "checkpoint_vae": True}
+TRAIN = {"loss": "maximize", "reward_target": 10.0, "steps": 2, "batch_size": 1, "grad_accum": 1, "lr": 1e-3,
+         "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0,
+         "width": 64, "height": 64, "negative_prompt": "", "mixed_precision": "no", "seed": 0, "eval_every": 0,
+         "eval_seed": 1234, "eval_batch_size": 2, "save_every": 0, "lora_rank": 4, "lora_alpha": 4.0,
+         "lora_init_seed": 0}
+
+
+def trainer_graph(ckpt: str, lora_name: str, **overrides) -> dict:
+    inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0], "sampler": ["3", 0],
+              "prompts": "cat\ndog", "lora_name": lora_name, **TRAIN}
+    inputs.update(overrides)
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "AlignProp_SimpleReward",
+              "inputs": {"kind": "smoothness", "red": 1.0, "green": 0.5, "blue": 0.1}},
+        "3": {"class_type": "AlignProp_SamplerSettings", "inputs": dict(SAMPLER)},
+        "4": {"class_type": "AlignProp_Trainer", "inputs": inputs},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
+    }
+
+
+def ksampler_graph(ckpt: str, prefix: str, lora_name: str | None) -> dict:
+    model, clip = ["1", 0], ["1", 1]
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
+    if lora_name:
+        graph["8"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora_name,
+                                                             "strength_model": 1.0, "strength_clip": 1.0}}
+        model, clip = ["8", 0], ["8", 1]
+    graph.update({
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 0, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    })
+    return graph
+
+
+def _image(server, entry) -> np.ndarray:
+    (path,) = server.output_images(entry)
+    return np.asarray(Image.open(path), dtype=np.float32)
+
+
+def _wait_any(server, prompt_id: str, timeout: float = 600.0) -> dict:
+    """History entry of a finished prompt, whether it succeeded, failed or was interrupted."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = (server._request(f"/history/{prompt_id}") or {}).get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+            return entry
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} did not finish\n{server.log_tail()}")
+
+
+def _messages(entry: dict) -> str:
+    return json.dumps(entry["status"].get("messages", []))
+
+
+def test_node_list_and_inputs(server):
+    info = server.object_info()
+    ours = {k: v for k, v in info.items() if k.startswith("AlignProp_")}
+    assert {"AlignProp_Trainer", "AlignProp_SamplerSettings", "AlignProp_PreviewSampler", "AlignProp_ScoreImages",
+            "AlignProp_RewardMixer", "AlignProp_SaveLora", "AlignProp_LoadLora", "AlignProp_MixLoras",
+            "AlignProp_AestheticReward", "AlignProp_HPSReward", "AlignProp_PickScoreReward",
+            "AlignProp_CLIPScoreReward", "AlignProp_CompressibilityReward", "AlignProp_ObjectCountReward"} <= set(ours)
+    trainer = ours["AlignProp_Trainer"]["input"]
+    assert {"model", "clip", "vae", "reward", "prompts", "lora_name"} <= set(trainer["required"])
+    for name, node in ours.items():
+        assert node["category"].startswith("AlignProp/"), name
+        for spec in {**node["input"].get("required", {}), **node["input"].get("optional", {})}.values():
+            assert spec[1].get("tooltip") if len(spec) > 1 else False, (name, spec)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_trained_lora_loads_in_loraloader_and_changes_ksampler(server, kind, request):
+    ckpt = request.getfixturevalue(f"{kind}_checkpoint")
+    started = time.monotonic()
+    server.run(trainer_graph(ckpt, f"alignprop_test/{kind}"), timeout=1200)
+    print(f"\n[comfyui] {kind} trainer run: {time.monotonic() - started:.1f} s")
+    path = server.models_dir / "loras" / "alignprop_test" / f"{kind}.safetensors"
+    lora = load_lora(path)
+    assert lora.metadata["alignprop.step"] == "2" and lora.rank == 4
+
+    log_before = server.log_text()
+    plain = _image(server, server.run(ksampler_graph(ckpt, f"{kind}_plain", None), timeout=900))
+    patched = _image(server, server.run(ksampler_graph(ckpt, f"{kind}_lora", f"alignprop_test/{kind}.safetensors"),
+                                        timeout=900))
+    new_log = server.log_text()[len(log_before):]
+    assert "lora key not loaded" not in new_log, new_log[-3000:]
+    assert np.abs(plain - patched).mean() > 0.01
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped_abs", "a/../../escaped"])
+def test_lora_name_cannot_escape_models_loras(server, sd15_checkpoint, name):
+    entry = _wait_any(server, server.queue(trainer_graph(sd15_checkpoint, name, steps=1)))
+    assert entry["status"]["status_str"] == "error"
+    assert "must be relative" in _messages(entry) or "resolves outside" in _messages(entry)
+    assert not list(server.base_dir.glob("**/escaped*")) and not list(server.base_dir.parent.glob("escaped*"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"prompts": "\n# nothing\n"}, "holds no prompts"),
+    ({"width": 60}, "multiples of the VAE factor 8"),
+])
+def test_bad_input_is_reported_and_server_keeps_serving(server, sd15_checkpoint, overrides, message):
+    entry = _wait_any(server, server.queue(trainer_graph(sd15_checkpoint, "alignprop_test/bad", **overrides)))
+    assert entry["status"]["status_str"] == "error" and message in _messages(entry), _messages(entry)
+    assert server.object_info()  # still serving
+
+
+def test_interrupt_saves_a_partial_lora_and_server_keeps_serving(server, sd15_checkpoint):
+    prompt_id = server.queue(trainer_graph(sd15_checkpoint, "alignprop_test/interrupted", steps=500))
+    deadline = time.monotonic() + 600
+    while "AlignProp step 1/500" not in server.log_text():
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.5)
+    server.interrupt()
+    entry = _wait_any(server, prompt_id)
+    assert "execution_interrupted" in _messages(entry), _messages(entry)
+    lora = load_lora(server.models_dir / "loras" / "alignprop_test" / "interrupted.safetensors")
+    assert 1 <= int(lora.metadata["alignprop.step"]) < 500
+    server.run(ksampler_graph(sd15_checkpoint, "after_interrupt", "alignprop_test/interrupted.safetensors"))
