@@ -113,6 +113,12 @@ class AlignPropTrainer(io.ComfyNode):
                                out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
                                on_step=on_step, should_stop=mm.processing_interrupted,
                                init_lora=init_lora, state_dir=state_dir)
+            except torch.OutOfMemoryError as err:
+                raise RuntimeError(
+                    f"out of memory training at batch_size={cfg.batch_size}, {cfg.width}x{cfg.height}: lower "
+                    "batch_size (grad_accum keeps the effective batch), the resolution or the sampler's K. "
+                    "The LoRA trained so far "
+                    f"was saved to {path}.") from err
             finally:
                 remove_lora(backend.lora_target)
 

@@ -22,3 +22,13 @@ def backend64() -> DiffusionBackend:
 @pytest.fixture
 def backend32() -> DiffusionBackend:
     return make_backend(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models: on a shared 2-core machine OpenMP's thread
+    barriers made their matmuls many times slower with 2 threads. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

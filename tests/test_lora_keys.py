@@ -26,6 +26,8 @@ from alignprop_core.lora_io import apply_lora_file, load_lora, save_lora
 from alignprop_core.lora_keys import (UNetLayout, convert_names, export_names, kohya_name,
                                       ldm_to_diffusers_paths, lora_metadata, naming_of, unet_layout)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 TARGETS = {"sd15": ATTN, "sdxl": ATTN + ("proj_in", "proj_out")}  # SD1.x proj_in/out are 1x1 convs
 TEXT_WIDTH, POOLED_WIDTH, TIME_EMBED = 16, 16, 8
@@ -137,14 +139,6 @@ def make_pipeline(arch: str, unet, tokenizer):
                                          scheduler=scheduler)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: on shared CPUs extra intra-op threads oversubscribe the cores and make a 0.1 s
-    # UNet call take seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import torch
 
 from alignprop_core.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 open_clip = pytest.importorskip("open_clip")
 PIL = pytest.importorskip("PIL.Image")
 tvF = pytest.importorskip("torchvision.transforms.functional")
@@ -75,14 +77,6 @@ def _assert_reward_ok(reward, images: torch.Tensor, prompts) -> torch.Tensor:
     return scores.detach()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These matmuls are tiny; on a shared 2-core machine OpenMP's thread barriers made them ~30x
-    # slower with 2 threads than with 1. Restored afterwards for the other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

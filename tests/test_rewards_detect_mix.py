@@ -306,3 +306,13 @@ def test_parse_mixture_parses_and_validates():
     mix = mixture_from_spec("aesthetic:1.0[toward=10], jpeg_compressibility:0.5", FACTORIES)
     expected = -(10 - _mean(images, None)).abs() + 0.5 * _mean_sq(images, None)
     torch.testing.assert_close(mix(images, ["p", "p"]), expected, rtol=0, atol=1e-7)
+
+
+def test_standardized_mixture_with_a_first_batch_of_one_stays_finite_and_small():
+    from alignprop_core.rewards.mixture import make_mixture
+
+    mix = make_mixture([(_mean, 1.0), (_mean_sq, 1.0)], standardize=True)
+    first = mix(torch.full((1, 3, 4, 4), 0.3), ["a"])
+    assert torch.isfinite(first).all() and first.abs().max() < 1e-3  # centred, not divided by 0
+    second = mix(torch.full((1, 3, 4, 4), 0.6), ["a"])
+    assert torch.isfinite(second).all() and second.abs().max() < 100

@@ -10,14 +10,9 @@ from alignprop_core.rewards.jpeg import (
     CHROMA_QTABLE, LUMA_QTABLE, dct_matrix, estimate_jpeg_size_kb, jpeg_size_kb, make_jpeg_compressibility,
     make_jpeg_incompressibility, scaled_qtable)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny; on a shared 2-core machine extra intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

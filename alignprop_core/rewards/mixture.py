@@ -73,7 +73,8 @@ class MixtureReward:
             elif self.stats.batches == 0:
                 raise RuntimeError("standardized mixture called with update_stats=False before any "
                                    "statistics exist; score one training batch first or load a state.")
-            parts = [(p - m) / (math.sqrt(v) + self.eps)
+            # no spread seen yet (a first batch of one image): centre only, rather than divide by ~0
+            parts = [(p - m) / ((math.sqrt(v) if v > 0 else 1.0) + self.eps)
                      for p, m, v in zip(parts, self.stats.mean, self.stats.var)]
         total = sum(w * p for w, p in zip(self.weights, parts))
         return total.to(images.device, torch.float32)

@@ -1,0 +1,43 @@
+"""Parts of the ComfyUI adapter that need no ComfyUI: model-family checks and context batching.
+
+nodes/comfy_model.py is loaded from its file, because importing the `nodes` package needs ComfyUI.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("alignprop_comfy_model", ROOT / "nodes" / "comfy_model.py")
+comfy_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(comfy_model)
+
+
+def _fake_model(config_class_name: str):
+    config_cls = type(config_class_name, (), {})
+    inner = type("BaseModel", (), {"model_config": config_cls()})()
+    return type("ModelPatcher", (), {"model": inner})()
+
+
+@pytest.mark.parametrize("name", ["SD15", "SDXL"])
+def test_supported_families_are_recognised(name):
+    assert comfy_model.model_family(_fake_model(name)) == name
+
+
+@pytest.mark.parametrize("name", ["Flux", "SD3", "SDXLRefiner", "SD15_instructpix2pix", "WAN21_T2V"])
+def test_other_families_are_refused_by_name(name):
+    with pytest.raises(ValueError) as err:
+        comfy_model.model_family(_fake_model(name))
+    message = str(err.value)
+    assert name in message and "SD1.x (SD15) and SDXL" in message
+
+
+def test_long_prompts_are_batched_like_comfyui():
+    short, long = torch.randn(1, 77, 8), torch.randn(1, 154, 8)
+    out = comfy_model._lcm_repeat([short, long])
+    assert out.shape == (2, 154, 8)
+    assert torch.equal(out[0, :77], short[0]) and torch.equal(out[0, 77:], short[0])
+    assert torch.equal(out[1], long[0])
