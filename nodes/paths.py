@@ -80,3 +80,34 @@ def _inside(root: str, name: str) -> str:
     if os.path.commonpath([root_real, path]) != root_real:
         raise ValueError(f"file name {name!r} resolves outside {root}; give a plain relative name.")
     return path
+
+
+NO_FILE = "(none)"
+SHIPPED = "shipped/"
+
+
+def prompt_files() -> list[str]:
+    """Prompt-list choices: none, the lists shipped with the core, and .txt files in ComfyUI's input folder."""
+    from importlib import resources
+
+    shipped = sorted(SHIPPED + p.name for p in resources.files("alignprop_core.data").iterdir()
+                     if p.name.endswith(".txt"))
+    root = folder_paths.get_input_directory()
+    own = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                 for f in files if f.endswith(".txt")) if os.path.isdir(root) else []
+    return [NO_FILE, *shipped, *own]
+
+
+def read_prompt_file(name: str) -> str:
+    """Text of a prompt-list choice from `prompt_files`."""
+    from alignprop_core.prompts import shipped_prompts
+
+    if name.startswith(SHIPPED):
+        return "\n".join(shipped_prompts(Path(name[len(SHIPPED):]).stem))
+    _check_relative(name)
+    path = _inside(folder_paths.get_input_directory(), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {name!r} is not in ComfyUI's input folder; put it there "
+                                "(one prompt per line) and refresh the page.")
+    with open(path, encoding="utf-8") as f:
+        return f.read()

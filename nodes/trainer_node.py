@@ -25,7 +25,7 @@ from alignprop_core.trainer import train
 from .comfy_model import comfy_backend, model_family, training_session
 from .config_inputs import build, config_inputs
 from .lora_nodes import Lora, apply_to_model
-from .paths import output_path
+from .paths import NO_FILE, output_path, prompt_files, read_prompt_file
 from .reward_nodes import Reward
 from .sampler_nodes import Sampler
 
@@ -65,6 +65,9 @@ class AlignPropTrainer(io.ComfyNode):
                                 tooltip="file name under models/loras (.safetensors is added)"),
                 Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps, K=1)"),
                 Lora.Input("init_lora", optional=True, tooltip="continue training this LoRA (Load AlignProp LoRA)"),
+                io.Combo.Input("prompt_file", options=prompt_files(), default=NO_FILE, optional=True,
+                               tooltip="a prompt list (one per line) from ComfyUI's input folder or shipped "
+                                       "with AlignProp; when chosen it replaces the prompts text"),
                 io.String.Input("eval_prompts", multiline=True, default="", optional=True,
                                 tooltip="held-out prompts for the reward curve (empty: the training prompts)"),
                 *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS),
@@ -75,7 +78,7 @@ class AlignPropTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, init_lora=None,
-                eval_prompts="", **kwargs):
+                prompt_file=NO_FILE, eval_prompts="", **kwargs):
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
@@ -83,7 +86,10 @@ class AlignPropTrainer(io.ComfyNode):
 
         # 1. everything that can be wrong is checked before any model work
         family = model_family(model)
-        train_prompts = parse_prompts(prompts, source="the prompts input")
+        if prompt_file and prompt_file != NO_FILE:
+            train_prompts = parse_prompts(read_prompt_file(prompt_file), source=f"prompt file {prompt_file}")
+        else:
+            train_prompts = parse_prompts(prompts, source="the prompts input")
         held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
         cfg = build(TrainConfig, kwargs, reward=reward["name"])
         lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha) if init_lora is not None

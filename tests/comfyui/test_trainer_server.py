@@ -144,3 +144,20 @@ def test_interrupt_saves_a_partial_lora_and_server_keeps_serving(server, sd15_ch
     lora = load_lora(server.models_dir / "loras" / "alignprop_test" / "interrupted.safetensors")
     assert 1 <= int(lora.metadata["alignprop.step"]) < 500
     server.run(ksampler_graph(sd15_checkpoint, "after_interrupt", "alignprop_test/interrupted.safetensors"))
+
+
+def test_prompt_list_file_replaces_the_prompts_text(server, sd15_checkpoint):
+    prompt_dir = server.base_dir / "input" / "prompt_lists"
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    (prompt_dir / "birds.txt").write_text("# birds\nswan\nowl\n")
+    spec = server.object_info()["AlignProp_Trainer"]["input"]["optional"]["prompt_file"]
+    options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]  # the v3 and the legacy form
+    assert "shipped/animals.txt" in options and "prompt_lists/birds.txt" in options
+    server.run(trainer_graph(sd15_checkpoint, "alignprop_test/from_file", steps=1,
+                             prompts="", prompt_file="prompt_lists/birds.txt"), timeout=600)
+    lora = load_lora(server.models_dir / "loras" / "alignprop_test" / "from_file.safetensors")
+    assert lora.metadata["alignprop.step"] == "1"
+    # a name that leaves the input folder is refused before anything is read
+    entry = _wait_any(server, server.queue(trainer_graph(sd15_checkpoint, "alignprop_test/x",
+                                                         prompt_file="../../../etc/passwd")))
+    assert entry["status"]["status_str"] == "error" and "must be relative" in _messages(entry)
