@@ -14,6 +14,6 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 if importlib.util.find_spec("comfy_api") is not None:
-    from .nodes import comfy_entrypoint  # noqa: E402
+    from .nodes import comfy_entrypoint  # noqa: E402,F401 (what ComfyUI looks for)
 # else: imported outside ComfyUI (pytest collects the repo root as a package): there are no nodes
 

@@ -11,13 +11,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from .config import LoraConfig, SamplerConfig, TrainConfig
 from .prompts import read_prompts, shipped_prompts
 from .rewards import REWARDS, make_reward
 

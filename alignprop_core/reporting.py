@@ -22,10 +22,10 @@ from .trainer import evaluate, train as train_lora
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _progress(total: int, start: int):
+def _progress(total: int):
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc="AlignProp", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, desc="AlignProp", unit="step", dynamic_ncols=True)
     latest: dict[str, float] = {}
 
     def on_step(step: int, metrics: dict[str, Any]) -> None:
@@ -51,7 +51,7 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
     grid_prompts = list(eval_prompts)[:8]
     before_scores, before = evaluate(backend, reward_fn, grid_prompts, sampler, train, return_images=True)
 
-    bar, on_step = _progress(train.steps, 0)
+    bar, on_step = _progress(train.steps)
     try:
         result = train_lora(backend, reward_fn, prompts, eval_prompts, sampler, lora, train,
                             out_dir=out_dir, lora_name=lora_name, resume_from=resume_from,

@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import subprocess
