@@ -4,7 +4,10 @@ AlignProp trains only low-rank adapters on the attention projections of the deno
 base weight stays frozen and bit-identical. peft does the layer surgery
 (``peft.inject_adapter_in_model``); this module adds what training needs around it:
 
-* deterministic initialisation from ``LoraConfig.init_seed`` that leaves the global RNG untouched,
+* deterministic initialisation from ``LoraConfig.init_seed`` that leaves the global RNG untouched and
+  does not depend on module order, naming or device: each ``lora_A`` is drawn on the CPU from its own
+  generator keyed by the seed and the module's diffusers path, so an LDM UNet (ComfyUI) and its
+  diffusers twin start from the same adapter,
 * adapter weights in float32 even on a half-precision base (float64 bases keep float64, so finite
   difference tests stay exact),
 * a stable, name-sorted parameter order (optimiser state and checkpoints line up across runs),
@@ -15,6 +18,9 @@ file format (kohya keys) lives in ``alignprop_core.lora_io``.
 """
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 from torch import nn
 
@@ -23,6 +29,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .config import LoraConfig
+from .lora_keys import ldm_to_diffusers_paths, naming_of
 
 # peft's default adapter slot; AlignProp only ever trains one adapter per module.
 ADAPTER = "default"
@@ -52,6 +59,41 @@ def has_lora(module: nn.Module) -> bool:
 
 def _rng_devices(module: nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+
+
+def _canonical_paths(module: nn.Module) -> dict[str, str]:
+    """Module path -> the name its LoRA init is keyed by: the diffusers path where one exists."""
+    names = [n for n, _ in module.named_modules()]
+    if naming_of(names) != "ldm":
+        return {}
+    try:
+        return ldm_to_diffusers_paths("sd15", module)  # layout read off the module names; arch unused
+    except ValueError:
+        return {}
+
+
+def _module_seed(init_seed: int, path: str) -> int:
+    digest = hashlib.sha256(f"{init_seed}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def _seed_lora_a(module: nn.Module, init_seed: int) -> None:
+    """Redraw every ``lora_A`` as peft's default (Kaiming-uniform, a=sqrt(5)) from its own generator.
+
+    The generator of a layer is seeded by ``init_seed`` and the layer's diffusers path, and the draw
+    happens in float32 on the CPU, so the initial adapter is the same whatever the module naming (LDM
+    or diffusers), registration order, device or dtype.
+    """
+    canonical = _canonical_paths(module)
+    for name, layer in _lora_layers(module):
+        if ADAPTER not in layer.lora_A:
+            continue
+        weight = layer.lora_A[ADAPTER].weight
+        generator = torch.Generator().manual_seed(_module_seed(init_seed, canonical.get(name, name)))
+        draw = torch.empty(weight.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(draw, a=math.sqrt(5), generator=generator)
+        weight.copy_(draw)
 
 
 def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
@@ -85,12 +127,9 @@ def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
     module.requires_grad_(False)
     peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(targets),
                                init_lora_weights=True)
-    devices = _rng_devices(module)
-    with torch.random.fork_rng(devices=devices):
-        # Seed only the generators fork_rng restores, so no other device's stream is disturbed.
-        torch.random.default_generator.manual_seed(cfg.init_seed)
-        for index in devices:
-            torch.cuda.default_generators[index].manual_seed(cfg.init_seed)
+    # peft draws lora_A from the global RNG in registration order; fork_rng keeps the caller's stream
+    # untouched, and _seed_lora_a then redraws every lora_A from a per-module generator.
+    with torch.random.fork_rng(devices=_rng_devices(module)):
         try:
             peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
         except Exception as err:
@@ -110,6 +149,7 @@ def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
         dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         for adapters in (layer.lora_A, layer.lora_B):
             adapters[ADAPTER].to(dtype=dtype)
+    _seed_lora_a(module, cfg.init_seed)
     params = lora_parameters(module)
     for _, p in params:
         p.requires_grad_(True)

@@ -102,6 +102,56 @@ def test_init_is_noop_deterministic_and_keeps_global_rng(unet, inputs):
     assert all(not v.any() for k, v in s0.items() if k.endswith("lora_B.weight"))
 
 
+def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
+    """The transformer linears of a diffusers UNet re-registered under LDM (ComfyUI) paths, in LDM order."""
+    from alignprop_core.lora_keys import ldm_to_diffusers_paths, unet_layout
+
+    view = torch.nn.Module()
+
+    def put(path: str, module: torch.nn.Module) -> None:
+        parent = view
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+
+    levels = unet_layout(unet).down  # LDM input_blocks: conv_in, then resnet(+attn) blocks and downsamplers
+    j = 1
+    for level, depths in enumerate(levels):
+        for _ in depths:
+            put(f"input_blocks.{j}.0", torch.nn.Identity())
+            j += 1
+        if level < len(levels) - 1:
+            put(f"input_blocks.{j}.0.op", torch.nn.Identity())
+            j += 1
+    for ldm, diffusers in ldm_to_diffusers_paths("sd15", unet).items():
+        put(ldm, unet.get_submodule(diffusers))
+    return view
+
+
+def test_init_does_not_depend_on_naming_or_registration_order():
+    from alignprop_core.lora_keys import ldm_to_diffusers_paths
+
+    cfg = LoraConfig(init_seed=11)
+    diffusers_unet, ldm_unet = make_unet(), make_unet()
+    pairs = ldm_to_diffusers_paths("sd15", ldm_unet)
+    view = _ldm_view(ldm_unet)
+    assert [n for n in pairs][:1] != [n for n in pairs.values()][:1]  # the view really is LDM-named
+    add_lora(diffusers_unet, cfg)
+    add_lora(view, cfg)
+    d_state, l_state = lora_state_dict(diffusers_unet), lora_state_dict(view)
+    a_keys = [k for k in l_state if k.endswith("lora_A.weight")]
+    assert len(a_keys) == 32
+    for key in a_keys:
+        module = key[: -len(".lora_A.weight")]
+        assert torch.equal(l_state[key], d_state[f"{pairs[module]}.lora_A.weight"]), module
+    # different modules get different draws, not one shared tensor
+    firsts = {d_state[k][0, 0].item() for k in d_state if k.endswith("lora_A.weight")}
+    assert len(firsts) == 32
+
+
 def test_lora_dtype_follows_base_float64_else_float32():
     assert all(p.dtype == torch.float64 for p in add_lora(make_unet(torch.float64), LoraConfig()))
     half = make_unet(torch.float16)
