@@ -1,8 +1,9 @@
 """Reward nodes: one loader per reward of the core, a mixer, and Score Images.
 
-Each loader resolves file names in models/reward_models (or models/clip_vision), calls one core
-factory and outputs an ALIGNPROP_REWARD: a dict {"name", "fn"} whose fn maps images (B,3,H,W) in
-[0,1] and prompts to scores (B,).
+Each loader resolves file names in models/reward_models (or models/clip_vision), or takes a model
+that a standard ComfyUI loader loaded (the aesthetic reward's CLIP_VISION), calls one core factory
+and outputs an ALIGNPROP_REWARD: a dict {"name", "fn"} whose fn maps images (B,3,H,W) in [0,1] and
+prompts to scores (B,).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from comfy_api.latest import io, ui
 from alignprop_core.rewards import make_reward
 from alignprop_core.rewards.mixture import make_mixture
 
-from .paths import REWARD_FOLDER, existing_path, model_dirs, weight_files
+from .paths import NO_FILE, REWARD_FOLDER, existing_path, model_dirs, weight_files
 
 Reward = io.Custom("ALIGNPROP_REWARD")
 CATEGORY = "AlignProp/rewards"
@@ -48,16 +49,34 @@ class AestheticReward(io.ComfyNode):
             inputs=[
                 _file_input("head", REWARD_FOLDER, "LAION aesthetic MLP head, sac+logos+ava1-l14-linearMSE.pth "
                             "(3.7 MB), in models/reward_models"),
-                io.Combo.Input("clip_vision", options=weight_files("clip_vision"),
-                               tooltip="CLIP ViT-L/14 image tower in models/clip_vision "
-                                       "(e.g. clip-vit-large-patch14 .safetensors)"),
+                io.Combo.Input("clip_vision_file", options=[NO_FILE, *weight_files("clip_vision")], default=NO_FILE,
+                               tooltip="CLIP ViT-L/14 image tower in models/clip_vision (e.g. "
+                                       "clip-vit-large-patch14 .safetensors); leave at (none) when a Load "
+                                       "CLIP Vision node is connected to clip_vision"),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="CLIP ViT-L/14 from the standard Load CLIP Vision node, instead of "
+                                            "clip_vision_file"),
             ],
             outputs=[Reward.Output(display_name="reward")])
 
     @classmethod
-    def execute(cls, head, clip_vision):
-        fn = _make("aesthetic", head_path=existing_path(REWARD_FOLDER, head),
-                   clip_vision_path=existing_path("clip_vision", clip_vision), device=_device())
+    def execute(cls, head, clip_vision_file, clip_vision=None):
+        chosen = bool(clip_vision_file) and clip_vision_file != NO_FILE
+        if chosen == (clip_vision is not None):
+            raise ValueError("the aesthetic reward needs one CLIP ViT-L/14 image tower: connect a Load CLIP "
+                             "Vision node to clip_vision, or choose a file in clip_vision_file (models/"
+                             "clip_vision), not both." if chosen else
+                             "the aesthetic reward needs a CLIP ViT-L/14 image tower: connect a Load CLIP "
+                             "Vision node to clip_vision, or choose a file in clip_vision_file (put "
+                             "clip-vit-large-patch14.safetensors into models/clip_vision and refresh the page).")
+        head_path = existing_path(REWARD_FOLDER, head)
+        if chosen:
+            fn = _make("aesthetic", head_path=head_path, device=_device(),
+                       clip_vision_path=existing_path("clip_vision", clip_vision_file))
+        else:
+            # the weights of the model CLIPVisionLoader loaded; the core copies them into its own tower
+            fn = _make("aesthetic", head_path=head_path, device=_device(),
+                       clip_vision_state_dict=clip_vision.get_sd())
         return io.NodeOutput(_socket("aesthetic", fn))
 
 

@@ -2,11 +2,13 @@
 
 ComfyUI objects in, one `alignprop_core.trainer.train` call, ComfyUI objects out: the MODEL with the
 LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE and the file path.
-Progress goes to the node's bar and text; Cancel stops at the next step boundary and the LoRA trained
-so far is still written.
+Progress goes to the node's bar and text, with a preview image every `preview_every` steps (the first
+held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is); Cancel stops at the
+next step boundary and the LoRA trained so far is still written.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -20,7 +22,7 @@ from alignprop_core.lora import remove_lora
 from alignprop_core.lora_io import load_lora
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.prompts import parse_prompts
-from alignprop_core.trainer import train
+from alignprop_core.trainer import evaluate, train
 
 from .comfy_model import comfy_backend, model_family, training_session
 from .config_inputs import build, config_inputs
@@ -48,6 +50,28 @@ def _curve_image(history, evals, title: str) -> torch.Tensor:
     return torch.from_numpy(rgb)[None]  # (1, H, W, 3)
 
 
+def _out_of_memory_message(err: BaseException, trained: dict, cfg: TrainConfig, sampler: SamplerConfig,
+                           path: str) -> str:
+    """What ran out of memory, what to change, and what was kept."""
+    k = {"fixed": f"K={sampler.k}", "uniform": f"K in [{sampler.k_min}, {sampler.k_max}]",
+         "gaussian": f"K ~ {sampler.k_mean:g}"}.get(sampler.truncation, sampler.truncation)
+    off = [name for name in ("checkpoint_unet", "checkpoint_vae") if not getattr(sampler, name)]
+    steps = trained["steps"]
+    phase = (f"training, after {steps} completed step{'s' * (steps != 1)}" if trained["started"] else
+             "the step-0 evaluation of the held-out prompts, before any training")
+    kept = (f"The LoRA after {steps} completed step{'s' * (steps != 1)} was saved to {path}; continue from "
+            "it with Load AlignProp LoRA -> init_lora." if steps else
+            "No training step had finished, so no trained LoRA was kept.")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"AlignProp Trainer ran out of memory during {phase} ({first}) at {cfg.width}x{cfg.height}, "
+            f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}, {sampler.steps} sampler "
+            f"steps with {k}. To fit: lower batch_size (raise grad_accum to keep the effective batch), "
+            "eval_batch_size, width/height or the sampler's K"
+            + (f", turn on {' and '.join(off)} in AlignProp Sampler Settings" if off else "")
+            + ", or on a GPU set mixed_precision to bf16/fp16; close other programs using the memory. "
+            + kept)
+
+
 class AlignPropTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -70,6 +94,10 @@ class AlignPropTrainer(io.ComfyNode):
                                        "with AlignProp; when chosen it replaces the prompts text"),
                 io.String.Input("eval_prompts", multiline=True, default="", optional=True,
                                 tooltip="held-out prompts for the reward curve (empty: the training prompts)"),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="show a preview image on the node every N training steps: the first "
+                                     "held-out prompt from its fixed evaluation latent, sampled with the "
+                                     "current LoRA (costs one sampling run each time); 0 turns it off"),
                 *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS),
                 *config_inputs(LoraConfig, skip=("target_modules",), prefix="lora_", limits=LORA_LIMITS),
             ],
@@ -78,7 +106,7 @@ class AlignPropTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, init_lora=None,
-                prompt_file=NO_FILE, eval_prompts="", **kwargs):
+                prompt_file=NO_FILE, eval_prompts="", preview_every=0, **kwargs):
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
@@ -99,13 +127,33 @@ class AlignPropTrainer(io.ComfyNode):
 
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
+        preview_cfg = dataclasses.replace(cfg, eval_batch_size=1)
+
+        def preview() -> tuple[tuple, float]:
+            """ComfyUI's preview tuple for the first held-out prompt, and its reward."""
+            from comfy.cli_args import args
+            from PIL import Image
+
+            with torch.no_grad():
+                scores, images = evaluate(backend, reward["fn"], held_out[:1], sampler, preview_cfg,
+                                          return_images=True)
+            pixels = (images[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            return ("JPEG", Image.fromarray(pixels), args.preview_size), scores[0]
+
+        trained = {"steps": 0, "started": False}  # for the out-of-memory message
 
         def on_step(step, metrics):
+            trained["started"] = True
             if "eval_reward" in metrics:
                 text = f"step {step}: held-out reward {metrics['eval_reward']:.4f}"
             else:
-                bar.update_absolute(step)
+                trained["steps"] = step
                 text = f"step {step}/{cfg.steps}: reward {metrics['reward']:.4f}, K={metrics['k']}"
+                image = None
+                if preview_every and step % preview_every == 0:
+                    image, score = preview()
+                    text += f"; preview {held_out[0]!r}: reward {score:.4f}"
+                bar.update_absolute(step, cfg.steps, image)
             logging.info("AlignProp %s", text)
             if node_id:
                 PromptServer.instance.send_progress_text(text, node_id)
@@ -120,11 +168,7 @@ class AlignPropTrainer(io.ComfyNode):
                                on_step=on_step, should_stop=mm.processing_interrupted,
                                init_lora=init_lora, state_dir=state_dir)
             except torch.OutOfMemoryError as err:
-                raise RuntimeError(
-                    f"out of memory training at batch_size={cfg.batch_size}, {cfg.width}x{cfg.height}: lower "
-                    "batch_size (grad_accum keeps the effective batch), the resolution or the sampler's K. "
-                    "The LoRA trained so far "
-                    f"was saved to {path}.") from err
+                raise RuntimeError(_out_of_memory_message(err, trained, cfg, sampler, path)) from err
             finally:
                 remove_lora(backend.lora_target)
 

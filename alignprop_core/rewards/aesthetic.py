@@ -6,8 +6,9 @@ ViT-L/14 image embedding, L2-normalised, goes through an MLP 768 -> 1024 -> 128 
 so the score is on the 1-10 rating scale. The head file ``sac+logos+ava1-l14-linearMSE.pth`` holds
 the state dict ``layers.{0,2,4,6,7}.{weight,bias}``.
 
-The CLIP tower comes from a local open_clip checkpoint (`clip_checkpoint`) or a ComfyUI clip_vision
-file (`clip_vision_path`). OpenAI's ViT-L/14 uses QuickGELU, hence the default open_clip arch
+The CLIP tower comes from a local open_clip checkpoint (`clip_checkpoint`), a ComfyUI clip_vision
+file (`clip_vision_path`) or the weights of a clip_vision model already loaded, e.g. by ComfyUI's
+CLIPVisionLoader (`clip_vision_state_dict`). OpenAI's ViT-L/14 uses QuickGELU, hence the default open_clip arch
 "ViT-L-14-quickgelu"; plain "ViT-L-14" (exact GELU) is for LAION-trained towers.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from .base import RewardFn, check_images
-from .clip_loading import (ImageEncoder, freeze, load_comfy_clip_vision, load_open_clip,
-                           open_clip_image_encoder, read_state_dict, require_file)
+from .clip_loading import (ImageEncoder, clip_vision_from_state_dict, freeze, load_comfy_clip_vision,
+                           load_open_clip, open_clip_image_encoder, read_state_dict, require_file)
 from .preprocess import clip_preprocess
 
 AESTHETIC_HEAD_MD5 = "b1047fd767a00134b8fd6529bf19521a"  # sac+logos+ava1-l14-linearMSE.pth
@@ -89,7 +90,8 @@ def load_aesthetic_head(head_path: str | Path, device: str | torch.device = "cpu
 
 def make_aesthetic(head_path: str | Path, clip_checkpoint: str | Path | None = None,
                    clip_vision_path: str | Path | None = None, clip_arch: str = "ViT-L-14-quickgelu",
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> RewardFn:
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   clip_vision_state_dict: dict[str, torch.Tensor] | None = None) -> RewardFn:
     """LAION aesthetic score of each image (about 1-10, higher is more aesthetic); prompts are ignored.
 
     Args:
@@ -100,20 +102,27 @@ def make_aesthetic(head_path: str | Path, clip_checkpoint: str | Path | None = N
         clip_arch: open_clip arch of `clip_checkpoint`.
         device: where CLIP and the head live.
         dtype: dtype of their weights.
+        clip_vision_state_dict: the weights of a clip_vision ViT-L/14 in that file's key layout
+            (``vision_model.*``, ``visual_projection.weight``), instead of a file; they are copied.
 
     Returns:
         ``fn(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images' device.
     """
-    if (clip_checkpoint is None) == (clip_vision_path is None):
+    sources = [s for s in (clip_checkpoint, clip_vision_path, clip_vision_state_dict) if s is not None]
+    if len(sources) != 1:
         raise ValueError("give exactly one CLIP source for the aesthetic reward: clip_checkpoint (open_clip "
-                         "ViT-L/14 file) or clip_vision_path (ComfyUI clip_vision ViT-L/14 file).")
+                         "ViT-L/14 file), clip_vision_path (ComfyUI clip_vision ViT-L/14 file) or "
+                         f"clip_vision_state_dict (its weights); got {len(sources)}.")
     # The small head first: a missing or wrong head fails before gigabytes of CLIP are read.
     head = load_aesthetic_head(head_path, device, dtype)
     encoder: ImageEncoder
     if clip_checkpoint is not None:
         encoder = open_clip_image_encoder(load_open_clip(clip_arch, clip_checkpoint, device, dtype)[0])
-    else:
+    elif clip_vision_path is not None:
         encoder = load_comfy_clip_vision(clip_vision_path, device, dtype)
+    else:
+        encoder = clip_vision_from_state_dict(clip_vision_state_dict, device, dtype,
+                                              source="the CLIP_VISION model")
     if encoder.embed_dim != head.layers[0].in_features:
         raise ValueError(f"the CLIP tower gives {encoder.embed_dim}-d embeddings but the aesthetic head "
                          f"takes {head.layers[0].in_features}; the published head needs CLIP ViT-L/14.")

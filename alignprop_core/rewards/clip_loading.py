@@ -8,7 +8,8 @@ Weights are read with safetensors or ``torch.load(weights_only=True)``, never un
   state dict strictly (HPSv2 checkpoints wrap it in ``{"state_dict": ...}`` with ``module.`` prefixes).
 * `load_comfy_clip_vision` reads the layout ComfyUI's CLIPVisionLoader reads (``comfy/clip_vision.py``):
   transformers ``CLIPVisionModelWithProjection`` keys, ``vision_model.encoder.layers.N...`` and
-  ``visual_projection.weight``, and returns its ``image_embeds`` (post-LayerNorm CLS token, projected).
+  ``visual_projection.weight``, and returns its ``image_embeds`` (post-LayerNorm CLS token, projected);
+  `clip_vision_from_state_dict` does the same from weights in memory (e.g. a loaded CLIP_VISION's).
 """
 from __future__ import annotations
 
@@ -290,13 +291,27 @@ def load_comfy_clip_vision(path: str | Path, device: str | torch.device = "cpu",
         FileNotFoundError: `path` does not exist.
         ValueError: the file is not in this layout (e.g. an open_clip checkpoint).
     """
-    from transformers import CLIPVisionModelWithProjection
-
     p = require_file(path, "ComfyUI clip_vision ViT-L/14 model", "clip-vit-large-patch14.safetensors "
                      "(model.safetensors of openai/clip-vit-large-patch14)",
                      "1.2 GB vision-only, 1.7 GB full",
                      "huggingface.co/openai/clip-vit-large-patch14 into ComfyUI/models/clip_vision")
-    sd = read_state_dict(p)
+    return clip_vision_from_state_dict(read_state_dict(p), device, dtype, hidden_act, num_attention_heads,
+                                       source=str(p))
+
+
+def clip_vision_from_state_dict(sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                                dtype: torch.dtype = torch.float32, hidden_act: str | None = None,
+                                num_attention_heads: int | None = None,
+                                source: str = "the clip_vision state dict") -> ImageEncoder:
+    """`load_comfy_clip_vision` for weights already in memory, in the same key layout: e.g. the
+    state dict of the model ComfyUI's CLIPVisionLoader loaded (``ClipVisionModel.get_sd()``).
+
+    The weights are copied into a new transformers model (ComfyUI's inference-mode tensors are fine
+    as a source). `source` names the weights in error messages.
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    p = source
     if "vision_model.embeddings.patch_embedding.weight" not in sd or "visual_projection.weight" not in sd:
         hint = (" It has open_clip keys (visual.conv1.weight): pass it as clip_checkpoint with its arch."
                 if "visual.conv1.weight" in sd else "")

@@ -13,7 +13,8 @@ weights missing from a checkpoint uninitialised, so every weight must be present
 small anyway it is a torch ``.ckpt``: each weight is a strided view whose rows are shifted windows of
 one short random vector, and ``torch.save`` stores only that vector (safetensors cannot share bytes).
 The builder imports ComfyUI in a subprocess (``python harness.py make-checkpoint ...``) so the test
-process never imports ComfyUI.
+process never imports ComfyUI. `make_random_clip_vision` writes a full-size random CLIP ViT-L/14 vision
+tower the same compact way, for ComfyUI's CLIPVisionLoader (which refuses anything smaller).
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ UNET_CONFIGS = {
         **_UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816,
         "num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1],
         "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
-        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
+        # 10 as in SDXL: diffusers' UNet2DConditionModel gives its mid block the depth of the last down
+        # block, so only this depth has a diffusers twin (test_equivalence_sdxl.py)
+        "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
     },
 }
 # comfy/sd.py builds the SD1.x/SDXL VAE with exactly this config whatever the weights' shapes.
@@ -382,6 +385,58 @@ def _build_checkpoint(kind: str, path: Path, comfy_dir: Path, seed: int) -> None
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"{kind}: {len(state_dict)} tensors, {n_params / 1e6:.0f}M parameters, "
           f"{path.stat().st_size / 1e6:.1f} MB -> {path}")
+
+
+# -- random CLIP vision tower ----------------------------------------------------------------------
+CLIP_VISION_CONFIG = "clip_vision_config_vitl.json"  # what ComfyUI picks for an OpenAI ViT-L/14 file
+
+
+def make_random_clip_vision(path: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, seed: int = 0) -> Path:
+    """Write a random-weight CLIP ViT-L/14 vision tower that ComfyUI's CLIPVisionLoader accepts.
+
+    CLIPVisionLoader only takes full-size ViT-L/H/G files (it builds the model from a fixed config and
+    leaves missing weights uninitialised), so every tensor has its full shape: the keys and shapes
+    of transformers' CLIPVisionModelWithProjection built from ComfyUI's own ViT-L/14 config, the
+    layout of openai/clip-vit-large-patch14 that ComfyUI reads. The values are compact random fp16
+    weights as in the checkpoints (a torch ``.ckpt`` of a few MB instead of 0.6 GB of safetensors).
+
+    Returns:
+        path, which must end in ".ckpt".
+    """
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    path = Path(path).resolve()
+    if path.suffix != ".ckpt":
+        raise ValueError(f"path must end in .ckpt (a torch checkpoint with shared storage), got {path.name}")
+    config_path = Path(comfy_dir) / "comfy" / CLIP_VISION_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {config_path}; run tests/comfyui/setup_comfyui.py first")
+    config = CLIPVisionConfig(**json.loads(config_path.read_text()))
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(config)
+    layout = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {name: _materialize(name, tensor, generator, torch.float16)
+                  for name, tensor in sorted(layout.items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state_dict, tmp)
+    tmp.replace(path)
+    return path
+
+
+def cached_random_clip_vision(cache_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, seed: int = 0) -> Path:
+    """make_random_clip_vision, reusing the file in cache_dir while the recipe is unchanged."""
+    config = (Path(comfy_dir) / "comfy" / CLIP_VISION_CONFIG).read_text()
+    recipe = json.dumps([config, ROW_STEP, seed])
+    for function in (_compact_random, _materialize, make_random_clip_vision):
+        recipe += inspect.getsource(function)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"random_clip_vision_vitl14_{digest}.ckpt"
+    if not path.is_file():
+        make_random_clip_vision(path, comfy_dir=comfy_dir, seed=seed)
+    return path
 
 
 def _main(argv: list[str]) -> int:
