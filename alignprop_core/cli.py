@@ -3,7 +3,8 @@
 Every field of SamplerConfig, LoraConfig and TrainConfig is a flag (`--sampler-steps`, `--lora-rank`,
 `--lr`, ...), generated from the dataclasses so the CLI, the nodes and the docs cannot drift apart.
 A run writes the LoRA (.safetensors), metrics.csv / metrics.json, reward_curve.png and
-before_after.png into --out.
+before_after.png into --out. `demo` trains on the shipped toy world (a shapes model pretrained by
+`alignprop_core.toy.pretrain`) toward the toy_count reward: draw as many shapes as the prompt asks.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from .rewards import REWARDS, make_reward
 
 # (flag prefix, dataclass): TrainConfig fields have no prefix
 CONFIGS: tuple[tuple[str, type], ...] = (("sampler-", SamplerConfig), ("lora-", LoraConfig), ("", TrainConfig))
-DEMO_MODEL_DIR = Path(".cache") / "alignprop" / "tiny-model"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
@@ -66,11 +66,13 @@ def _reward_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def demo_preset() -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
-    """Settings of the embedded demo: the tiny model, a weight-free reward, CPU-friendly sizes."""
-    return (SamplerConfig(steps=10, guidance_scale=4.0, truncation="uniform", k_min=1, k_max=3),
+    """Settings of the embedded demo: the toy world model, its count reward, CPU-friendly sizes."""
+    # K from 3 to 6 of 10 steps: the last one or two steps barely move the shapes (the count's
+    # gradient is ~100x smaller with K = 1)
+    return (SamplerConfig(steps=10, guidance_scale=4.0, truncation="uniform", k_min=3, k_max=6),
             LoraConfig(rank=8, alpha=8.0),
-            TrainConfig(reward="smoothness", steps=40, batch_size=4, lr=1e-2, width=32, height=32,
-                        eval_every=5, eval_batch_size=8))
+            TrainConfig(reward="toy_count", steps=50, batch_size=4, lr=3e-3, width=32, height=32,
+                        eval_every=25, eval_batch_size=18))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,17 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="local diffusers-format model folder (model_index.json, unet/, vae/, ...)")
             p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
         else:
-            p.add_argument("--model", type=Path, default=DEMO_MODEL_DIR,
-                           help="where the embedded tiny model is built (once) and loaded from")
-            p.add_argument("--prompts", type=Path, default=None, help="default: shipped animal list")
+            p.add_argument("--model", type=Path, default=None,
+                           help="diffusers-format model folder (default: the shipped toy world model)")
+            p.add_argument("--prompts", type=Path, default=None,
+                           help="default: the shipped toy-world training prompts (toy_train)")
         p.add_argument("--eval-prompts", type=Path, default=None,
-                       help="held-out prompts (default: the shipped held-out animal list)")
+                       help="held-out prompts (default: the shipped held-out list, animals_eval for "
+                            "train, toy_eval for demo)")
         p.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword argument of the reward factory (JSON value), repeatable")
         p.add_argument("--out", type=Path, default=Path("outputs") / name, help="output folder")
         p.add_argument("--lora-name", default="alignprop_lora.safetensors", help="LoRA file name in --out")
         p.add_argument("--resume", type=Path, default=None, help="train_state.pt to resume from")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--threads", type=int, default=1 if name == "demo" else 0,
+                       help="torch CPU threads (0 = torch's default); small models run fastest on one "
+                            f"(default: {1 if name == 'demo' else 0})")
         for prefix, cls in CONFIGS:
             _add_config_flags(p, prefix, cls, defaults[[c for _, c in CONFIGS].index(cls)])
     return parser
@@ -106,15 +113,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .reporting import run_and_report  # torch-heavy imports only once the arguments are valid
 
     sampler, lora, train = _configs_from_args(args)
-    prompts = read_prompts(args.prompts) if args.prompts else shipped_prompts("animals")
-    eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else shipped_prompts("animals_eval")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    demo = args.command == "demo"
+    prompts = read_prompts(args.prompts) if args.prompts else shipped_prompts("toy_train")
+    eval_prompts = (read_prompts(args.eval_prompts) if args.eval_prompts
+                    else shipped_prompts("toy_eval" if demo else "animals_eval"))
     reward_fn = make_reward(train.reward, **_reward_kwargs(args.reward_arg))
-    if args.command == "demo":
-        from .tiny_model import ensure_tiny_model_dir
+    if args.model is None:
+        from .toy import toy_model_dir
 
-        ensure_tiny_model_dir(args.model, vocab_words=sorted({w for p in prompts + eval_prompts
-                                                             for w in p.split()}))
-    elif not args.model.is_dir():
+        args.model = toy_model_dir()
+    if not args.model.is_dir():
         raise FileNotFoundError(f"--model {args.model} does not exist; give a local diffusers-format "
                                 "model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
                                 "scheduler/).")
@@ -132,7 +142,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alignprop: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - started, 1)}, indent=1))
+    print(_headline(args.reward, summary), file=sys.stderr)
     return 0
+
+
+def _headline(reward: str, summary: dict[str, Any]) -> str:
+    """One human line: the held-out reward (and the reward's own report) before -> after."""
+    start, end = summary.get("held_out_reward_start"), summary.get("held_out_reward_end")
+    if start is None or end is None:
+        return "alignprop: no held-out evaluation was run."
+    line = f"held-out {reward}: {start:.3f} -> {end:.3f}"
+    before, after = summary.get("held_out_report_start", {}), summary.get("held_out_report_end", {})
+    for key in before:
+        line += f"; {key.replace('_', ' ')} {before[key]:.2f} -> {after[key]:.2f}"
+    return line
 
 
 if __name__ == "__main__":

@@ -48,8 +48,12 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
     model = load_t2i_model(model_dir, device=device, dtype=WEIGHT_DTYPES[train.mixed_precision])
     backend = diffusers_backend(model, name=Path(model_dir).name)
-    grid_prompts = list(eval_prompts)[:8]
-    before_scores, before = evaluate(backend, reward_fn, grid_prompts, sampler, train, return_images=True)
+    # A reward with a `report(images, prompts) -> dict` (e.g. toy_count's accuracy) is reported on
+    # every held-out prompt; otherwise only the grid's prompts are sampled again.
+    report = getattr(reward_fn, "report", None)
+    shown = list(eval_prompts) if report is not None else list(eval_prompts)[:8]
+    grid_prompts = shown[:8]
+    before_scores, before = evaluate(backend, reward_fn, shown, sampler, train, return_images=True)
 
     bar, on_step = _progress(train.steps)
     try:
@@ -60,16 +64,19 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
         bar.close()
 
     set_lora_scale(backend.lora_target, 1.0)
-    after_scores, after = evaluate(backend, reward_fn, grid_prompts, sampler, train, return_images=True)
+    after_scores, after = evaluate(backend, reward_fn, shown, sampler, train, return_images=True)
     config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(train),
               "model": str(model_dir)}
     csv_path, json_path = write_metrics(out_dir, result.history, result.evals, config)
     curve = plot_reward_curve(result.history, result.evals, Path(out_dir) / "reward_curve.png",
                               title=f"AlignProp: {train.reward}")
-    grid = save_before_after_grid(before, after, grid_prompts, before_scores, after_scores,
-                                  Path(out_dir) / "before_after.png")
+    n = len(grid_prompts)
+    grid = save_before_after_grid(before[:n], after[:n], grid_prompts, before_scores[:n],
+                                  after_scores[:n], Path(out_dir) / "before_after.png")
     evals = result.evals
-    return {
+    extra = {} if report is None else {"held_out_report_start": report(before, shown),
+                                       "held_out_report_end": report(after, shown)}
+    return {**extra,
         "lora": str(result.lora_path), "metrics_csv": str(csv_path), "metrics_json": str(json_path),
         "reward_curve": str(curve), "before_after": str(grid),
         "held_out_reward_start": evals[0]["eval_reward"] if evals else None,

@@ -25,6 +25,8 @@ def factory_kwargs(clip_files, aesthetic_head, pickscore_dir, detector_dirs):  #
         "object_count": dict(model_dir=detector_dirs["owlvit"], object_name="cat", target=2),
         "color_target": {},
         "smoothness": {},
+        "colourfulness": {},
+        "toy_count": dict(attributes=["count", "colour"]),  # the committed toy classifier
         "mixture": dict(spec="smoothness:1, jpeg_compressibility:0.5[toward=-1]", standardize=True),
     }
 
@@ -37,7 +39,10 @@ def test_every_registered_reward_builds_and_scores(factory_kwargs):
             warnings.simplefilter("ignore")  # the test-made aesthetic head fails the md5 check
             reward = make_reward(name, **factory_kwargs[name])
         images = torch.rand(2, 3, 64, 64, generator=g).requires_grad_(True)
-        scores = reward(images, ["a photo of a cat", "a dog on grass"])
+        # toy_count reads the toy world's captions; every other reward takes any text
+        prompts = (["two red circles on a black background", "one blue square"] if name == "toy_count"
+                   else ["a photo of a cat", "a dog on grass"])
+        scores = reward(images, prompts)
         assert scores.shape == (2,) and torch.isfinite(scores).all(), name
         scores.sum().backward()
         assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0, name

@@ -13,12 +13,14 @@ from .aesthetic import make_aesthetic
 from .base import RewardFn, check_images
 from .clip_score import make_clip_score
 from .color import make_color_target
+from .colourfulness import make_colourfulness
 from .hps import make_hps
 from .jpeg import make_jpeg_compressibility, make_jpeg_incompressibility
 from .mixture import MixtureReward, make_mixture, mixture_from_spec
 from .object_count import make_object_count
 from .pickscore import make_pickscore
 from .smoothness import make_smoothness
+from .toy_count import make_toy_count
 
 
 def make_mixture_reward(spec: str, standardize: bool = False, momentum: float = 0.99) -> MixtureReward:
@@ -37,6 +39,8 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "object_count": make_object_count,
     "color_target": make_color_target,
     "smoothness": make_smoothness,
+    "colourfulness": make_colourfulness,
+    "toy_count": make_toy_count,
     "mixture": make_mixture_reward,
 }
 
