@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.alignprop-installed
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# benchmarks (not tests): writes bench/results/RESULTS.md, results.json and plots; see bench/README.md
+BENCH_ARGS ?=
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m bench run --out bench/results $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m bench run --quick --out outputs/bench-quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,119 @@
+"""Command line: `python -m bench run --out bench/results [--quick] [--model tiny] [--reward ...]`.
+
+Runs the five benchmarks of issue 5 (or those named with --only), writes results.json, RESULTS.md and
+the PNG plots into --out. `--quick` shrinks repeats, sweeps and budgets to finish in a few minutes.
+The sample-efficiency model and reward are options, so the pretrained toy world is one flag away:
+`--efficiency-model alignprop_core/data/toy_world --efficiency-reward toy_count`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import efficiency, memory, overhead, plots, reference, scaling
+from bench.machine import describe, load_average
+from bench.report import render
+
+ITEMS = ("overhead", "memory", "reference", "efficiency", "scaling")
+
+
+@dataclass
+class Plan:
+    """Sizes of every benchmark for one mode."""
+
+    repeats: int
+    memory_repeats: int
+    overhead_models: list[str]
+    resolutions: list[int]
+    step_counts: list[int]
+    sd15_px: list[int]
+    sd15_steps: int
+    reference_models: list[str]
+    alignprop_queries: int
+    ddpo_queries: int
+    ddpo_eval_every: int
+    efficiency_steps: int
+    memory_ks: tuple[int, ...] = memory.KS
+
+
+FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
+            step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
+            alignprop_queries=64, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10)
+QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
+             step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
+             alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10,
+             memory_ks=(1, 20))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the benchmarks and write RESULTS.md, results.json and plots")
+    r.add_argument("--out", default="bench/results", help="output folder")
+    r.add_argument("--quick", action="store_true", help="small sweeps and budgets (a few minutes)")
+    r.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS), help="benchmarks to run")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    r.add_argument("--reward", default="smoothness", help="reward of items 1, 2, 3 and 5")
+    r.add_argument("--memory-model", default="tiny", help="model of item 2 (tiny | small | folder)")
+    r.add_argument("--scaling-model", default="tiny", help="model of the item 5 sweeps")
+    r.add_argument("--efficiency-model", default="tiny",
+                   help="model of item 4: tiny | small | a diffusers folder (e.g. the toy world)")
+    r.add_argument("--efficiency-reward", default="color_target", help="reward of item 4 (e.g. toy_count)")
+    r.add_argument("--efficiency-prompts", default="auto", help="shipped prompt lists: animals | toy | auto")
+    r.add_argument("--official-repo", default=None,
+                   help="the official AlignProp repository (checkout, bare git dir or its sd_pipeline.py); "
+                        "without it the official implementation is skipped")
+    r.add_argument("--cache", default="bench/.cache", help="where model folders are written")
+    g = sub.add_parser("render", help="rewrite RESULTS.md from the results.json of an earlier run")
+    g.add_argument("--out", default="bench/results", help="folder holding results.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.command == "render":
+        out = Path(args.out)
+        results = json.loads((out / "results.json").read_text())
+        (out / "RESULTS.md").write_text(render(results), encoding="utf-8")
+        print(f"wrote {out / 'RESULTS.md'}")
+        return 0
+    plan = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    out, cache = Path(args.out), Path(args.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: dict = {"machine": describe("cpu", args.threads).as_dict(), "quick": args.quick,
+                     "args": vars(args)}
+    if "overhead" in args.only:
+        results["overhead"] = overhead.run(plan.overhead_models, plan.repeats, args.threads, args.reward)
+    if "memory" in args.only:
+        results["memory"] = memory.run(args.memory_model, args.reward, plan.memory_repeats, args.threads,
+                                       plan.memory_ks)
+        plots.memory_vs_k(results["memory"], out)
+    if "reference" in args.only:
+        results["reference"] = reference.run(plan.reference_models, args.reward, min(plan.repeats, 3),
+                                             args.threads, cache, args.official_repo)
+    if "efficiency" in args.only:
+        spec = efficiency.EfficiencySpec(
+            model=args.efficiency_model, reward=args.efficiency_reward, prompts=args.efficiency_prompts,
+            steps=plan.efficiency_steps, alignprop_queries=plan.alignprop_queries,
+            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every)
+        results["efficiency"] = efficiency.run(spec)
+        plots.efficiency(results["efficiency"], out)
+    if "scaling" in args.only:
+        results["scaling"] = scaling.run(args.scaling_model, args.reward, plan.resolutions, plan.step_counts,
+                                         plan.memory_repeats + 1, args.threads, plan.sd15_px, plan.sd15_steps)
+        plots.scaling(results["scaling"], out)
+    results["load_end"] = load_average()
+    results["minutes"] = (time.perf_counter() - t0) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "RESULTS.md").write_text(render(results), encoding="utf-8")
+    print(f"wrote {out / 'RESULTS.md'} in {results['minutes']:.1f} min")
+    return 0

@@ -1,0 +1,66 @@
+"""PNG plots of the benchmark results (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MIB = 2 ** 20
+
+
+def memory_vs_k(mem: dict, out: Path) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ckpt, style in ((True, "o-"), (False, "s--")):
+        rows = [r for r in mem["rows"] if r["checkpoint"] == ckpt]
+        label = "checkpointed" if ckpt else "no checkpointing"
+        a.plot([r["K"] for r in rows], [r["saved_bytes"] / MIB for r in rows], style, label=label)
+        b.plot([r["K"] for r in rows], [r["rss_growth"] / MIB for r in rows], style, label=label)
+    a.set(xlabel="K (differentiable steps)", ylabel="saved for backward (MiB)", yscale="log")
+    b.set(xlabel="K (differentiable steps)", ylabel="peak RSS growth (MiB)")
+    a.legend()
+    fig.suptitle(f"Memory vs K ({mem['model']}, {mem['px']} px, T={mem['T']}, reward {mem['reward']})")
+    fig.tight_layout()
+    path = out / "memory_vs_k.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def efficiency(eff: dict, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ap, dd = eff["alignprop"], eff["ddpo"]
+    ax.plot([max(c["queries"], 1) for c in ap], [c["reward"] for c in ap], "o-", label="AlignProp (ours)")
+    ax.plot([max(c["queries"], 1) for c in dd], [c["reward"] for c in dd], "s-", label="DDPO")
+    ax.axhline(eff["ddpo_final"], color="gray", lw=0.8, ls=":",
+               label=f"DDPO at {dd[-1]['queries']} queries")
+    ax.set(xscale="log", xlabel="reward queries (images scored; 0 plotted at 1)",
+           ylabel="held-out reward", title=f"Sample efficiency ({eff['spec']['model']}, {eff['spec']['reward']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "sample_efficiency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scaling(sc: dict, out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, rows, key, label in ((axes[0], sc["by_resolution"], "px", "resolution (px)"),
+                                 (axes[1], sc["by_steps"], "T", "sampling steps T")):
+        xs = [r[key] for r in rows]
+        ax.plot(xs, [r["step_s"] for r in rows], "o-", label="training step (s)")
+        ax.plot(xs, [r["sample_s"] for r in rows], "s--", label="no-grad sampling (s)")
+        ax.set(xlabel=label, ylabel="seconds")
+        twin = ax.twinx()
+        twin.plot(xs, [r["rss_growth"] / MIB for r in rows], "^:", color="tab:red")
+        twin.set_ylabel("peak RSS growth (MiB)", color="tab:red")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Scaling ({sc['model']}, K=1, CFG, checkpointing)")
+    fig.tight_layout()
+    path = out / "scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""RESULTS.md from the measured results dict (every number in it is read from the measurements)."""
+from __future__ import annotations
+
+MIB = 2 ** 20
+
+
+def _mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def _size(b: float) -> str:
+    """Bytes as MiB, or KiB below 0.1 MiB."""
+    return f"{b / MIB:.1f} MiB" if b >= 0.1 * MIB else f"{b / 1024:.1f} KiB"
+
+
+def machine_section(m: dict, load_end: tuple, quick: bool, minutes: float) -> list[str]:
+    busy = max(m["load_start"][0], load_end[0]) > 0.5 * m["cores"]
+    lines = ["## Machine", "",
+             f"- CPU: {m['cpu']} ({m['cores']} cores), device `{m['device']}`, torch {m['torch']}, "
+             f"Python {m['python']}, {m['threads']} torch thread(s) per measurement",
+             f"- load average (1/5/15 min) at start {tuple(m['load_start'])}, at end {tuple(load_end)}"
+             + (" — **other jobs were running on these cores**: absolute times are noisy; the ratios "
+                "were measured in the same process, interleaved, and are the numbers to read." if busy else ""),
+             f"- mode: {'quick' if quick else 'full'}; total bench time {minutes:.1f} min", ""]
+    return lines
+
+
+def overhead_section(rows: list[dict]) -> list[str]:
+    out = ["## 1. Training overhead (one AlignProp step ÷ no-grad sampling of the same T steps)", "",
+           "| model | px | T | K | batch | no-grad sample (s) | AlignProp step (s) | ratio | floor (T+3)/T | target ≤ 1.25 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['px']} | {r['T']} | {r['K']} | {r['batch']} | {r['sample_s']:.2f} | "
+                   f"{r['step_s']:.2f} | **{r['ratio']:.3f}** | {r['floor']:.2f} | {_mark(r['met'])} |")
+    out += ["", f"Medians of {rows[0]['repeats']} interleaved rounds; ratio = median of per-round ratios. "
+            "The step is `alignprop_core.trainer._optimizer_step` (sample with the last K steps "
+            "differentiable and checkpointed, checkpointed decode, reward, backward, clip, AdamW); "
+            "the baseline is `alignprop_core.sampler.sample_images` under `no_grad`.", ""]
+    return out
+
+
+def memory_section(mem: dict) -> list[str]:
+    out = [f"## 2. Memory versus K ({mem['model']}, {mem['px']} px, T={mem['T']}, reward `{mem['reward']}`)", "",
+           "| checkpointing | K | saved for backward | peak RSS growth (MiB) | step (s) |", "|---|---|---|---|---|"]
+    for r in mem["rows"]:
+        out.append(f"| {'yes' if r['checkpoint'] else 'no'} | {r['K']} | {_size(r['saved_bytes'])} | {r['rss_growth'] / MIB:.1f} | {r['step_s']:.2f} |")
+    lat = mem["rows"][0]["latent_bytes"]
+    out += ["", f"- checkpointed, saved-for-backward K={mem['k_hi']} ÷ K={mem['k_lo']}: "
+            f"**{mem['saved_ratio']:.2f}×** (target ≤ 1.2×: {_mark(mem['saved_met'])}). Each extra "
+            f"differentiable step saves exactly one latent ({_size(lat)}); "
+            "the K=1 base is the decoder input, the first window latent and what the reward saves.",
+            f"- checkpointed, peak RSS growth K={mem['k_hi']} ÷ K={mem['k_lo']}: **{mem['rss_ratio']:.2f}×** "
+            f"(target ≤ 1.5×: {_mark(mem['rss_met'])}).",
+            "- saved bytes are counted with `torch.autograd.graph.saved_tensors_hooks` over one training "
+            "forward, once per storage, model weights excluded; peak RSS growth is VmHWM (reset via "
+            "/proc/self/clear_refs after a warm-up step and `malloc_trim`) minus the RSS before the timed "
+            "steps, each configuration in a fresh process.", ""]
+    return out
+
+
+def reference_section(ref: dict) -> list[str]:
+    out = ["## 3. Against the reference implementations (same diffusers folder, prompts, reward, T=20, K=1, CFG 7.5)", ""]
+    if not ref["trl_available"]:
+        out += ["TRL venv `bench/.venv-trl` not found: only ours was measured (see bench/README.md).", ""]
+    out += ["| model | px | impl | step (s) | peak RSS growth (MiB) | ours ÷ it: time | ours ÷ it: memory |",
+            "|---|---|---|---|---|---|---|"]
+    for r in ref["rows"]:
+        for name, v in r["impls"].items():
+            t = r.get(f"time_vs_{name}")
+            m = r.get(f"mem_vs_{name}")
+            out.append(f"| {r['model']} | {r['px']} | {name} | {v['step_s']:.2f} | {v['rss_growth'] / MIB:.1f} | "
+                       f"{'' if t is None else f'**{t:.2f}** ({_mark(t <= 0.8)})'} | "
+                       f"{'' if m is None else f'**{m:.2f}** ({_mark(m <= 0.9)})'} |")
+    out += ["", "- `trl`: TRL 0.23.1 `AlignPropTrainer.step` on `DefaultDDPOStableDiffusionPipeline` "
+            "(fixed truncation), in the separate venv. `official`: the official repository's "
+            "`sd_pipeline.pipeline_step_with_grad` (imported from its file"
+            + (f", `{ref['official_src']}`" if ref.get("official_src") else ", not given: skipped")
+            + ") driven by *our transcription of the official trainer step*.",
+            "- What limits the comparison: CPU only, fp32 (the references default to fp16 on GPU); the "
+            "reward is weight-free, so the reward network's share of time and memory (large for "
+            "aesthetic/HPS) is absent; each implementation runs in its own process one after the "
+            "other, so background load can differ between them; peak RSS growth includes allocator "
+            "behaviour of each process.", ""]
+    return out
+
+
+def efficiency_section(eff: dict) -> list[str]:
+    s = eff["spec"]
+    ap, dd = eff["alignprop"], eff["ddpo"]
+    out = [f"## 4. Sample efficiency against RL ({s['model']}, reward `{s['reward']}`, T={s['steps']}, CFG {s['guidance']})", "",
+           "| method | reward queries | held-out reward |", "|---|---|---|"]
+    out += [f"| AlignProp | {c['queries']} | {c['reward']:.4f} |" for c in ap]
+    out += [f"| DDPO | {c['queries']} | {c['reward']:.4f} |" for c in dd]
+    need = eff["alignprop_queries_needed"]
+    reached = need if need is not None else f"> {ap[-1]['queries']}"
+    out += ["", f"- DDPO's held-out reward at {dd[-1]['queries']} queries: {eff['ddpo_final']:.4f} "
+            f"(start {dd[0]['reward']:.4f}{'' if eff['ddpo_improved'] else '; DDPO did not improve'}).",
+            f"- AlignProp reaches it at **{reached} queries**"
+            + (f", {eff['factor']:.0f}× fewer" if eff["factor"] else "")
+            + f" (target ≥ {eff['target_factor']}× fewer: {_mark(eff['met'])}).",
+            f"- wall clock: AlignProp {ap[-1]['wall_s']:.0f} s for {ap[-1]['queries']} queries, DDPO "
+            f"{dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included).",
+            "- AlignProp is `alignprop_core.trainer.train` (batch "
+            f"{s['alignprop_batch']}, lr {s['alignprop_lr']}); DDPO is `bench/ddpo.py`, a DDPO_IS implementation "
+            "following TRL 0.23's DDPOTrainer (eta 1, PPO clip 1e-4, advantage clip 5, lr 3e-4). Both are "
+            "evaluated by `trainer.evaluate` (DDIM eta 0, fixed latents, held-out prompts).", ""]
+    return out
+
+
+def scaling_section(sc: dict) -> list[str]:
+    out = [f"## 5. Scaling (K=1, CFG, checkpointing)", "",
+           "| model | px | T | batch | AlignProp step (s) | no-grad sample (s) | ratio | peak RSS growth (MiB) | saved for backward |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in sc["by_resolution"] + sc["by_steps"] + sc["sd15"]:
+        sample = "" if r["sample_s"] is None else f"{r['sample_s']:.2f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        out.append(f"| {r['model']} | {r['px']} | {r['T']} | {r['batch']} | {r['step_s']:.2f} | {sample} | {ratio} | "
+                   f"{r['rss_growth'] / MIB:.1f} | {_size(r['saved_bytes'])} |")
+    if sc["sd15"]:
+        out += ["", "`sd15` rows: the full SD1.5 architecture (UNet 860M, CLIP ViT-L/14 text encoder, VAE f=8) "
+                "with random weights, built from its standard config; single measurement after a warm-up. "
+                "Time per extra sampling step ≈ (sample time) / T."]
+    out.append("")
+    return out
+
+
+def render(results: dict) -> str:
+    lines = ["# AlignProp benchmarks", "",
+             "Generated by `python -m bench run` (`bench/`); every number below is measured in this run.", ""]
+    lines += machine_section(results["machine"], results["load_end"], results["quick"], results["minutes"])
+    if "overhead" in results:
+        lines += overhead_section(results["overhead"])
+    if "memory" in results:
+        lines += memory_section(results["memory"])
+        lines += ["![memory vs K](memory_vs_k.png)", ""]
+    if "reference" in results:
+        lines += reference_section(results["reference"])
+    if "efficiency" in results:
+        lines += efficiency_section(results["efficiency"])
+        lines += ["![sample efficiency](sample_efficiency.png)", ""]
+    if "scaling" in results:
+        lines += scaling_section(results["scaling"])
+        lines += ["![scaling](scaling.png)", ""]
+    return "\n".join(lines)
