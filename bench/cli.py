@@ -62,9 +62,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--reward", default="smoothness", help="reward of items 1, 2, 3 and 5")
     r.add_argument("--memory-model", default="tiny", help="model of item 2 (tiny | small | folder)")
     r.add_argument("--scaling-model", default="tiny", help="model of the item 5 sweeps")
-    r.add_argument("--efficiency-model", default="tiny",
+    r.add_argument("--efficiency-model", default="alignprop_core/data/toy_world",
                    help="model of item 4: tiny | small | a diffusers folder (e.g. the toy world)")
-    r.add_argument("--efficiency-reward", default="color_target", help="reward of item 4 (e.g. toy_count)")
+    r.add_argument("--efficiency-reward", default="toy_count",
+                   help="reward of item 4 (default: the toy world's count reward)")
     r.add_argument("--efficiency-prompts", default="auto", help="shipped prompt lists: animals | toy | auto")
     r.add_argument("--official-repo", default=None,
                    help="the official AlignProp repository (checkout, bare git dir or its sd_pipeline.py); "
