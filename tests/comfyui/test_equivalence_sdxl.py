@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_equivalence import SCHEDULER_CONFIG, VAE_CONFIG, _rel
+from test_equivalence import SCHEDULER_CONFIG, VAE_CONFIG, _Records, _rel
 from test_trainer_server import trainer_graph
 
 pytestmark = pytest.mark.slow
@@ -231,16 +231,6 @@ def node_lora_sdxl(server, sdxl_checkpoint) -> Path:
     server.run(trainer_graph(sdxl_checkpoint, "alignprop_equiv/sdxl_node"), timeout=1500)
     print(f"\n[equivalence-sdxl] node training run: {time.monotonic() - started:.1f} s")
     return server.models_dir / "loras" / "alignprop_equiv" / "sdxl_node.safetensors"
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            self.lines.append(f"{record.name}: {record.getMessage()}")
 
 
 def _eps(unet, seed: int = 0) -> torch.Tensor:
