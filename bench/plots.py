@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 MIB = 2 ** 20
 
 
-def memory_vs_k(mem: dict, out: Path) -> Path:
+def memory_vs_k(mem: dict, out: Path, name: str = "memory_vs_k.png") -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     for ckpt, style in ((True, "o-"), (False, "s--")):
         rows = [r for r in mem["rows"] if r["checkpoint"] == ckpt]
@@ -23,7 +23,7 @@ def memory_vs_k(mem: dict, out: Path) -> Path:
     a.legend()
     fig.suptitle(f"Memory vs K ({mem['model']}, {mem['px']} px, T={mem['T']}, reward {mem['reward']})")
     fig.tight_layout()
-    path = out / "memory_vs_k.png"
+    path = out / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -39,8 +39,8 @@ def overhead_section(rows: list[dict]) -> list[str]:
     return out
 
 
-def memory_section(mem: dict) -> list[str]:
-    out = [f"## 2. Memory versus K ({mem['model']}, {mem['px']} px, T={mem['T']}, reward `{mem['reward']}`)", "",
+def memory_section(mem: dict, title: str = "## 2. Memory versus K") -> list[str]:
+    out = [f"{title} ({mem['model']}, {mem['px']} px, T={mem['T']}, reward `{mem['reward']}`)", "",
            "| checkpointing | K | saved for backward | peak RSS growth (MiB) | step (s) |", "|---|---|---|---|---|"]
     for r in mem["rows"]:
         out.append(f"| {'yes' if r['checkpoint'] else 'no'} | {r['K']} | {_size(r['saved_bytes'])} | {r['rss_growth'] / MIB:.1f} | {r['step_s']:.2f} |")
@@ -135,6 +135,12 @@ def render(results: dict) -> str:
     if "memory" in results:
         lines += memory_section(results["memory"])
         lines += ["![memory vs K](memory_vs_k.png)", ""]
+    if "memory_worst_case" in results:
+        lines += memory_section(results["memory_worst_case"], "### 2b. Worst case: a weight-free reward")
+        lines += ["With nothing but latents and a tiny decoder to save, the fixed one-latent-per-step "
+                  "cost of checkpointing is a large share of the total, so this ratio is the upper bound "
+                  "of what checkpointing costs in K; any reward network (the row above) dilutes it.", "",
+                  "![memory vs K, weight-free reward](memory_vs_k_worst_case.png)", ""]
     if "reference" in results:
         lines += reference_section(results["reference"])
     if "efficiency" in results:

@@ -80,8 +80,19 @@ def sampler_config(spec: RigSpec) -> SamplerConfig:
                          eta=spec.eta, checkpoint_unet=spec.checkpoint, checkpoint_vae=spec.checkpoint)
 
 
-def build_rig(spec: RigSpec, model=None, prompts: Sequence[str] = PROMPTS) -> Rig:
-    """A rig for `spec`; pass `model` (a T2IModel) to reuse one already built (LoRA is added to it)."""
+def default_prompts(reward: str) -> list[str]:
+    """The toy world's training prompts for its rewards (toy_*), which need its captions; PROMPTS otherwise."""
+    if reward.startswith("toy"):
+        from alignprop_core.prompts import shipped_prompts
+
+        return shipped_prompts("toy_train")
+    return list(PROMPTS)
+
+
+def build_rig(spec: RigSpec, model=None, prompts: Sequence[str] | None = None) -> Rig:
+    """A rig for `spec`; pass `model` (a T2IModel) to reuse one already built (LoRA is added to it).
+    `prompts` default to `default_prompts(spec.reward)`."""
+    prompts = default_prompts(spec.reward) if prompts is None else prompts
     torch.manual_seed(spec.seed)
     model = model if model is not None else build_model(spec.model, spec.seed)
     backend = diffusers_backend(model, name=spec.model)

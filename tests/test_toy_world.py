@@ -17,6 +17,7 @@ from alignprop_core.sampler import sample_images
 from alignprop_core.t2i_model import load_t2i_model
 from alignprop_core.toy import toy_model_dir
 from alignprop_core.toy.classifier import HEADS, accuracy, load_classifier
+from alignprop_core.toy.counting import count_shapes, foreground_mask, label_components
 from alignprop_core.toy.networks import build_tokenizer
 from alignprop_core.toy.pretrain import INFO_FILE, PretrainConfig, run
 from alignprop_core.toy.shapes import (BACKGROUNDS, COLOURS, COUNT_WORDS, VOCABULARY, caption_for,
@@ -185,3 +186,31 @@ def test_pretraining_is_reproducible(tmp_path):
                  "text_encoder/model.safetensors", "classifier.safetensors"):
         a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_shape_counter_counts_fresh_drawings_exactly_and_agrees_with_scipy():
+    images, scenes = generate(300, seed=2468)
+    counts = count_shapes(images)
+    assert counts.tolist() == [s.count for s in scenes]
+    for image in images[:40]:  # the blob labelling itself equals scipy's 8-connected labelling
+        mask = foreground_mask(image[None])[0]
+        _, n = ndimage.label(mask.numpy(), structure=[[1, 1, 1]] * 3)
+        assert label_components(mask[None])[0].unique().numel() - 1 == n
+
+
+def test_shape_counter_sees_merged_shapes_and_ignores_specks():
+    images, scenes = generate(40, seed=1357)
+    i = next(k for k, s in enumerate(scenes) if s.count == 2)
+    image = images[i].clone()
+    (x0, y0), (x1, y1) = scenes[i].centres
+    colour = torch.tensor(scenes[i].colour_rgb).view(3, 1)
+    for t in torch.linspace(0, 1, 200):  # paint a thick bridge between the two shapes: one blob
+        x, y = int(x0 + t * (x1 - x0)), int(y0 + t * (y1 - y0))
+        image[:, y - 1:y + 2, x - 1:x + 2] = colour.view(3, 1, 1)
+    assert int(count_shapes(image[None])) == 1
+    speck = images[i].clone()
+    corner = (speck[:, 1:3, 1:3] * 0 + colour.view(3, 1, 1))  # 4 px of shape colour in a corner
+    speck[:, 1:3, 1:3] = corner
+    assert int(count_shapes(speck[None])) == 2
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        count_shapes(images[0])

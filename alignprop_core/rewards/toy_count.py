@@ -61,6 +61,7 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
     if kind not in KINDS:
         raise ValueError(f"toy_count kind={kind!r} is not known; use one of {', '.join(KINDS)}.")
     from alignprop_core.toy.classifier import load_classifier
+    from alignprop_core.toy.counting import count_shapes
 
     classifier = load_classifier(Path(weights_path) if weights_path else None)
 
@@ -75,13 +76,16 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
 
     @torch.no_grad()
     def report(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-        """Share of images whose predicted count / colour / shape is the one the prompt asks for."""
+        """Share of images whose predicted count / colour / shape is the one the prompt asks for, and
+        share whose separate blobs, counted by `toy.counting.count_shapes`, number as requested."""
         targets = _targets(check_prompts(prompts, "toy_count"), ("count", "colour", "shape"))
         classifier.to(images.device)
         logits = classifier(images.float())
         out = {f"{a}_accuracy": float((logits[a].argmax(1).cpu() == targets[:, j]).float().mean())
                for j, a in enumerate(("count", "colour", "shape"))}
         out["count_probability"] = float(logits["count"].softmax(1).cpu().gather(1, targets[:, :1]).mean())  # T = 1
+        # the weight-free referee: separate blobs counted in the pixels (cannot be fooled like the CNN)
+        out["counted_blobs_accuracy"] = float((count_shapes(images).cpu() == targets[:, 0] + 1).float().mean())
         return out
 
     reward.classifier = classifier
