@@ -71,7 +71,7 @@ def demo_preset() -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
     # gradient is ~100x smaller with K = 1)
     return (SamplerConfig(steps=10, guidance_scale=4.0, truncation="uniform", k_min=3, k_max=6),
             LoraConfig(rank=8, alpha=8.0),
-            TrainConfig(reward="toy_count", steps=50, batch_size=4, lr=3e-3, width=32, height=32,
+            TrainConfig(reward="toy_count", steps=50, batch_size=4, lr=1.5e-3, width=32, height=32,
                         eval_every=25, eval_batch_size=18))
 
 

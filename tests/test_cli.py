@@ -82,4 +82,6 @@ def test_demo_raises_the_held_out_reward(tmp_path, capsys):
     assert summary["held_out_reward_end"] > summary["held_out_reward_start"] + 0.1
     report_start, report_end = summary["held_out_report_start"], summary["held_out_report_end"]
     assert report_end["count_accuracy"] > report_start["count_accuracy"]
+    # the weight-free referee agrees: more images show as many separate blobs as requested
+    assert report_end["counted_blobs_accuracy"] > report_start["counted_blobs_accuracy"]
     assert (tmp_path / "demo" / "before_after.png").exists()

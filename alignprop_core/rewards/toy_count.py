@@ -5,9 +5,11 @@ number of shapes the prompt asks for ("three red circles ..." -> 3); `attributes
 colour and the shape the prompt names. A known shortcut of the log-probability: confidently wrong
 images dominate its mean, so turning every image into an ambiguous one (p = 1/4 per count) also
 raises it; watch the reported accuracies (the demo prints them), and prefer kind="prob" with a
-temperature for long runs. The demo's short run (50 steps) raises the accuracy too. The classifier is trained by `alignprop_core.toy.pretrain`
-on the same shape generator as the toy diffusion model and ships with the package, so the reward
-needs no download. It is differentiable with respect to the pixels.
+temperature for long runs; `report` also counts separate blobs with no learned weights
+(`toy.counting`), which a fooled classifier cannot move. The classifier is trained by
+`alignprop_core.toy.pretrain` on the same shape generator as the toy diffusion model (including
+shapes that touch, labelled by the blobs a person would count) and ships with the package, so the
+reward needs no download. It is differentiable with respect to the pixels.
 """
 from __future__ import annotations
 

@@ -106,9 +106,10 @@ def _jitter(rgb: tuple[float, float, float], gen: torch.Generator) -> tuple[floa
     return tuple(min(max(c + _uniform(gen, -COLOUR_JITTER, COLOUR_JITTER), 0.0), 1.0) for c in rgb)
 
 
-def _place(gen: torch.Generator, count: int, shape: str, size: int
+def _place(gen: torch.Generator, count: int, shape: str, size: int, gap: float = GAP_PX
            ) -> tuple[tuple[tuple[float, float], ...], tuple[float, ...]]:
-    """Centres and radii of `count` shapes whose bounding circles keep GAP_PX apart and inside."""
+    """Centres and radii of `count` shapes whose bounding circles keep `gap` px apart (a negative
+    gap lets them overlap by up to that much) and stay inside."""
     lo, hi = RADIUS_RANGE
     for attempt in range(200):
         shrink = 1.0 - 0.3 * min(attempt / 100, 1.0)  # crowded draws retry with smaller shapes
@@ -119,7 +120,7 @@ def _place(gen: torch.Generator, count: int, shape: str, size: int
             reach = r * _BOUNDING[shape]
             for _ in range(50):
                 x, y = _uniform(gen, reach + 1, size - reach - 1), _uniform(gen, reach + 1, size - reach - 1)
-                if all(math.hypot(x - cx, y - cy) >= reach + cr * _BOUNDING[shape] + GAP_PX
+                if all(math.hypot(x - cx, y - cy) >= reach + cr * _BOUNDING[shape] + gap
                        for (cx, cy), cr in zip(centres, radii)):
                     centres.append((x, y))
                     radii.append(r)
@@ -133,13 +134,14 @@ def _place(gen: torch.Generator, count: int, shape: str, size: int
 
 def random_scene(gen: torch.Generator, size: int = 32, count: int | None = None,
                  colour: str | None = None, shape: str | None = None,
-                 background: str | None = None) -> Scene:
-    """Draw a scene; any attribute given is kept, the others are drawn from `gen`."""
+                 background: str | None = None, gap: float = GAP_PX) -> Scene:
+    """Draw a scene; any attribute given is kept, the others are drawn from `gen`. With `gap` below
+    GAP_PX shapes may touch or overlap, so `count` is no longer the number of separate blobs."""
     count = count if count is not None else 1 + _choice(gen, MAX_COUNT)
     colour = colour if colour is not None else COLOUR_NAMES[_choice(gen, len(COLOURS))]
     shape = shape if shape is not None else SHAPES[_choice(gen, len(SHAPES))]
     background = background if background is not None else BACKGROUND_NAMES[_choice(gen, len(BACKGROUNDS))]
-    centres, radii = _place(gen, count, shape, size)
+    centres, radii = _place(gen, count, shape, size, gap)
     return Scene(count, colour, shape, background, centres, radii,
                  _jitter(COLOURS[colour], gen), _jitter(BACKGROUNDS[background], gen))
 
