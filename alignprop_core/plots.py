@@ -41,24 +41,42 @@ def plot_reward_curve(history: Sequence[dict[str, Any]], evals: Sequence[dict[st
     return path
 
 
+def _two_lines(text: str, width: int = 22) -> str:
+    """A prompt wrapped into at most two lines of `width` characters (ellipsis if longer)."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width) or [""]
+    if len(lines) > 2:
+        lines = [lines[0], lines[1][:width - 1] + "…"]
+    return "\n".join(lines)
+
+
 def save_before_after_grid(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str],
                            before_scores: Sequence[float], after_scores: Sequence[float],
-                           path: str | Path) -> Path:
-    """Two rows (before, after) of images (N,3,H,W) in [0,1], one column per prompt, with rewards."""
+                           path: str | Path, columns: int = 8) -> Path:
+    """Images (N,3,H,W) in [0,1] before and after training, one column per prompt with its reward;
+    at most `columns` prompts per line, each line a pair of rows (before above after)."""
     if before.shape != after.shape or before.shape[0] != len(prompts):
         raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must match "
                          f"and hold one image per prompt ({len(prompts)}).")
     plt = _pyplot()
     n = len(prompts)
-    fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4.2), dpi=110, squeeze=False)
-    for row, (images, scores, label) in enumerate(((before, before_scores, "before"),
-                                                   (after, after_scores, "after"))):
-        for col in range(n):
-            ax = axes[row][col]
-            ax.imshow(images[col].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    cols = max(1, min(columns, n))
+    lines = -(-n // cols)
+    fig, axes = plt.subplots(2 * lines, cols, figsize=(1.8 * cols, 2.3 * 2 * lines), dpi=110,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        line, col = divmod(i, cols)
+        for row, (images, scores, label) in enumerate(((before, before_scores, "before"),
+                                                       (after, after_scores, "after"))):
+            ax = axes[2 * line + row][col]
+            ax.axis("on")
+            ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{prompts[col][:14]}\n{scores[col]:.3f}", fontsize=7)
+            ax.set_title(f"{_two_lines(prompts[i])}\n{scores[i]:.3f}", fontsize=7)
             if col == 0:
                 ax.set_ylabel(label)
     fig.tight_layout()

@@ -52,7 +52,7 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
     # every held-out prompt; otherwise only the grid's prompts are sampled again.
     report = getattr(reward_fn, "report", None)
     shown = list(eval_prompts) if report is not None else list(eval_prompts)[:8]
-    grid_prompts = shown[:8]
+    grid_prompts = shown[:24]  # two lines of 12 (toy world: every count six times)
     before_scores, before = evaluate(backend, reward_fn, shown, sampler, train, return_images=True)
 
     bar, on_step = _progress(train.steps)
@@ -72,7 +72,7 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
                               title=f"AlignProp: {train.reward}")
     n = len(grid_prompts)
     grid = save_before_after_grid(before[:n], after[:n], grid_prompts, before_scores[:n],
-                                  after_scores[:n], Path(out_dir) / "before_after.png")
+                                  after_scores[:n], Path(out_dir) / "before_after.png", columns=12)
     evals = result.evals
     extra = {} if report is None else {"held_out_report_start": report(before, shown),
                                        "held_out_report_end": report(after, shown)}
