@@ -43,7 +43,7 @@ class Plan:
 
 FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
             step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
-            alignprop_queries=64, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10)
+            alignprop_queries=128, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10)
 QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
              alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10,
@@ -72,6 +72,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="model of item 4: tiny | small | a diffusers folder (e.g. the toy world)")
     r.add_argument("--efficiency-reward", default="toy_count",
                    help="reward of item 4 (default: the toy world's count reward)")
+    r.add_argument("--ddpo-lr", type=float, default=3e-3,
+                   help="DDPO learning rate of item 4 (TRL's default 3e-4 left the toy world's held-out "
+                        "reward flat over 1,024 queries; 3e-3 moves it, a stronger baseline)")
     r.add_argument("--efficiency-prompts", default="auto", help="shipped prompt lists: animals | toy | auto")
     r.add_argument("--official-repo", default=None,
                    help="the official AlignProp repository (checkout, bare git dir or its sd_pipeline.py); "
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = efficiency.EfficiencySpec(
             model=args.efficiency_model, reward=args.efficiency_reward, prompts=args.efficiency_prompts,
             steps=plan.efficiency_steps, alignprop_queries=plan.alignprop_queries,
-            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every)
+            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every, ddpo_lr=args.ddpo_lr)
         results["efficiency"] = efficiency.run(spec)
         plots.efficiency(results["efficiency"], out)
     if "scaling" in args.only:

@@ -39,6 +39,7 @@ class EfficiencySpec:
     alignprop_lr: float = 1e-3
     alignprop_eval_every: int = 2  # optimiser steps
     ddpo_queries: int = 1024
+    ddpo_lr: float = 3e-4  # TRL's DDPOConfig default
     ddpo_eval_every: int = 128  # queries
     eval_prompts: int = 8
 
@@ -80,7 +81,7 @@ def run_alignprop(spec: EfficiencySpec) -> list[dict]:
 
 def run_ddpo(spec: EfficiencySpec, cfg: DDPOConfig | None = None) -> list[dict]:
     torch.manual_seed(spec.seed)
-    cfg = cfg or DDPOConfig(steps=spec.steps, guidance=spec.guidance)
+    cfg = cfg or DDPOConfig(steps=spec.steps, guidance=spec.guidance, lr=spec.ddpo_lr)
     train_p, eval_p = prompt_lists(spec)
     backend = diffusers_backend(build_model(spec.model, spec.seed), name=spec.model)
     reward_fn = make_reward(spec.reward)

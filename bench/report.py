@@ -102,7 +102,8 @@ def efficiency_section(eff: dict) -> list[str]:
             f"{dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included).",
             "- AlignProp is `alignprop_core.trainer.train` (batch "
             f"{s['alignprop_batch']}, lr {s['alignprop_lr']}); DDPO is `bench/ddpo.py`, a DDPO_IS implementation "
-            "following TRL 0.23's DDPOTrainer (eta 1, PPO clip 1e-4, advantage clip 5, lr 3e-4). Both are "
+            "following TRL 0.23's DDPOTrainer (eta 1, PPO clip 1e-4, advantage clip 5, "
+            f"lr {s.get('ddpo_lr', 3e-4):g}; TRL's default is 3e-4). Both are "
             "evaluated by `trainer.evaluate` (DDIM eta 0, fixed latents, held-out prompts).", ""]
     return out
 
