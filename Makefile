@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 # benchmarks (not tests): writes bench/results/RESULTS.md, results.json and plots; see bench/README.md
 BENCH_ARGS ?=
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m bench run --out bench/results $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m bench run --out bench/results --readme README.md $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench run --quick --out outputs/bench-quick $(BENCH_ARGS)

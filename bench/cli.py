@@ -17,7 +17,7 @@ import torch
 
 from bench import efficiency, memory, overhead, plots, reference, scaling
 from bench.machine import describe, load_average
-from bench.report import render
+from bench.report import render, write_readme_summary
 
 ITEMS = ("overhead", "memory", "reference", "efficiency", "scaling")
 
@@ -80,8 +80,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the official AlignProp repository (checkout, bare git dir or its sd_pipeline.py); "
                         "without it the official implementation is skipped")
     r.add_argument("--cache", default="bench/.cache", help="where model folders are written")
+    r.add_argument("--readme", default=None, help="also rewrite the summary table between the bench "
+                   "markers of this file (make bench: README.md)")
     g = sub.add_parser("render", help="rewrite RESULTS.md from the results.json of an earlier run")
     g.add_argument("--out", default="bench/results", help="folder holding results.json")
+    g.add_argument("--readme", default=None, help="also rewrite the summary table in this file")
     return p.parse_args(argv)
 
 
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
         (out / "RESULTS.md").write_text(render(results), encoding="utf-8")
         print(f"wrote {out / 'RESULTS.md'}")
+        if args.readme:
+            write_readme_summary(Path(args.readme), results)
+            print(f"wrote the summary table into {args.readme}")
         return 0
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
@@ -129,5 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     results["minutes"] = (time.perf_counter() - t0) / 60
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "RESULTS.md").write_text(render(results), encoding="utf-8")
+    if args.readme:
+        write_readme_summary(Path(args.readme), results)
     print(f"wrote {out / 'RESULTS.md'} in {results['minutes']:.1f} min")
     return 0

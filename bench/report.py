@@ -1,6 +1,8 @@
 """RESULTS.md from the measured results dict (every number in it is read from the measurements)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 MIB = 2 ** 20
 
 
@@ -151,3 +153,62 @@ def render(results: dict) -> str:
         lines += scaling_section(results["scaling"])
         lines += ["![scaling](scaling.png)", ""]
     return "\n".join(lines)
+
+
+README_START = "<!-- bench-summary:start (written by `python -m bench run/render --readme README.md`) -->"
+README_END = "<!-- bench-summary:end -->"
+
+
+def summary_table(results: dict) -> list[str]:
+    """The README's one-table summary of a results dict: one row per target, measured vs target."""
+    rows = ["| what | measured | target | |", "| --- | --- | --- | --- |"]
+    if "overhead" in results:
+        o = results["overhead"]
+        rows.append("| one AlignProp step (T=20, K=1, CFG) / no-grad sampling of the same steps | "
+                    + ", ".join(f"{r['model']} ({r['px']} px) {r['ratio']:.3f}" for r in o)
+                    + f" | <= 1.25 | {_mark(all(r['met'] for r in o))} |")
+    for key, label in (("memory", ""), ("memory_worst_case", "; worst case: weight-free reward")):
+        if key in results:
+            m = results[key]
+            lo = next(r for r in m["rows"] if r["checkpoint"] and r["K"] == m["k_lo"])
+            hi = next(r for r in m["rows"] if r["checkpoint"] and r["K"] == m["k_hi"])
+            where = f"{Path(m['model']).name}, `{m['reward']}`{label}"
+            rows.append(f"| saved for backward, checkpointed, K={m['k_hi']} / K={m['k_lo']} ({where}) | "
+                        f"{m['saved_ratio']:.2f} ({_size(lo['saved_bytes'])} -> {_size(hi['saved_bytes'])}) | "
+                        f"<= 1.2 | {_mark(m['saved_met'])} |")
+            rows.append(f"| peak RSS growth, checkpointed, K={m['k_hi']} / K={m['k_lo']} ({where}) | "
+                        f"{m['rss_ratio']:.2f} ({lo['rss_growth'] / MIB:.1f} -> {hi['rss_growth'] / MIB:.1f} MiB) | "
+                        f"<= 1.5 | {_mark(m['rss_met'])} |")
+    if "reference" in results:
+        for kind, target, what in (("time", 0.8, "step time"), ("mem", 0.9, "peak RSS growth")):
+            cells = [(r["model"], name, r[f"{kind}_vs_{name}"]) for r in results["reference"]["rows"]
+                     for name in r["impls"] if r.get(f"{kind}_vs_{name}") is not None]
+            if cells:
+                rows.append(f"| {what}, ours / reference (T=20, K=1) | "
+                            + ", ".join(f"{model} vs {name} {v:.2f}" for model, name, v in cells)
+                            + f" | <= {target} | {_mark(all(v <= target for *_, v in cells))} |")
+    if "efficiency" in results:
+        e = results["efficiency"]
+        need = e["alignprop_queries_needed"]
+        got = (f"{need} ({e['factor']:.1f}x fewer)" if need else f"> {e['alignprop'][-1]['queries']}")
+        rows.append(f"| reward queries for AlignProp to reach DDPO's held-out reward at {e['ddpo'][-1]['queries']} "
+                    f"queries ({Path(e['spec']['model']).name}, `{e['spec']['reward']}`) | {got}"
+                    + ("" if e["ddpo_improved"] else "; DDPO did not improve")
+                    + f" | <= 1/{e['target_factor']} | {_mark(e['met'])} |")
+    if "scaling" in results and results["scaling"]["sd15"]:
+        rows.append("| full SD1.5 architecture (random weights), one AlignProp step, T="
+                    f"{results['scaling']['sd15'][0]['T']} | "
+                    + ", ".join(f"{r['px']} px {r['step_s']:.1f} s" for r in results["scaling"]["sd15"])
+                    + " | measured | |")
+    return rows
+
+
+def write_readme_summary(readme: Path, results: dict) -> None:
+    """Replace the text between README_START and README_END in `readme` with `summary_table`."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no bench summary markers; put the two lines\n{README_START}\n"
+                         f"{README_END}\nwhere the table belongs.")
+    table = "\n".join(summary_table(results))
+    readme.write_text(text[:start] + README_START + "\n" + table + "\n" + text[end:], encoding="utf-8")

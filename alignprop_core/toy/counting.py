@@ -4,8 +4,8 @@ This is the toy world's independent referee. The `toy_count` reward is a neural 
 gradient ascent on a classifier can fool it (pixels change imperceptibly, the prediction flips).
 The generator keeps shapes at least two pixels apart, so on a clean image the number of shapes is
 the number of 8-connected groups of pixels whose colour differs clearly from the background. That
-count cannot be fooled by small perturbations, so the demo and the benchmarks report it beside the
-reward. It is not differentiable and is never trained on.
+count cannot be fooled by small perturbations, so the demo (through `toy_count`'s report) shows
+it beside the reward. It is not differentiable and is never trained on.
 """
 from __future__ import annotations
 
