@@ -154,10 +154,6 @@ def _labels(scenes: list) -> torch.Tensor:
     return torch.tensor([s.labels for s in scenes], dtype=torch.long)
 
 
-def _classifier_loss(logits: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    return sum(F.cross_entropy(logits[h], y[:, j]) for j, h in enumerate(HEADS))
-
-
 def train_classifier(cfg: PretrainConfig, images: torch.Tensor, labels: torch.Tensor, vae,
                      crowded: tuple[torch.Tensor, torch.Tensor] | None = None) -> ShapeClassifier:
     """The four-head classifier; a `cfg.classifier_crowded` share of each batch comes from
@@ -183,7 +179,7 @@ def train_classifier(cfg: PretrainConfig, images: torch.Tensor, labels: torch.Te
         sigma = 0.08 * torch.rand(len(x), 1, 1, 1, generator=gen)
         x = (x + sigma * torch.randn(x.shape, generator=gen)).clamp(0, 1)
         logits = model(x)
-        loss = _classifier_loss(logits, y)
+        loss = sum(F.cross_entropy(logits[h], y[:, j]) for j, h in enumerate(HEADS))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -58,9 +58,9 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon", "timestep_spacing": "leading",
 }
 
-# Runs in a subprocess with ComfyUI importable: load the checkpoint as ComfyUI does and write the
-# UNet output, the CLIP context of each prompt and a VAE decode for the inputs in probe.pt.
-_COMFY_PROBE = r"""
+# The start of every ComfyUI probe script: load the checkpoint as ComfyUI does (CPU) and probe.pt.
+# A probe runs in a subprocess with ComfyUI importable, so this process never imports ComfyUI.
+PROBE_PREAMBLE = r"""
 import sys, torch
 comfy_dir, ckpt, probe_path, out_path = sys.argv[1:5]
 sys.path.insert(0, comfy_dir)
@@ -69,6 +69,9 @@ args.cpu = True
 import comfy.sd
 probe = torch.load(probe_path, weights_only=True)
 model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:4]
+"""
+# ... then write the UNet output, the CLIP context of each prompt and a VAE decode for probe.pt.
+_COMFY_PROBE = PROBE_PREAMBLE + r"""
 with torch.no_grad():
     dm = model.model.diffusion_model
     eps = dm(probe["x"].to(dm.dtype), probe["t"].float(), context=probe["context"].to(dm.dtype),
@@ -79,6 +82,19 @@ with torch.no_grad():
 torch.save({"eps": eps, "contexts": contexts, "image": image, "unet_dtype": str(dm.dtype),
             "clip_dtype": str(next(clip.cond_stage_model.parameters()).dtype)}, out_path)
 """
+
+
+def run_comfy_probe(script: str, probe: dict, comfy_dir: Path, ckpt: Path, tmp_path: Path,
+                    timeout: float) -> dict:
+    """Save `probe` to probe.pt, run `script` (PROBE_PREAMBLE + an arch's part) in a fresh
+    interpreter with ComfyUI importable, and return what it saved."""
+    torch.save(probe, tmp_path / "probe.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", script, str(comfy_dir), str(ckpt), str(tmp_path / "probe.pt"),
+                          str(tmp_path / "comfy.pt")], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return torch.load(tmp_path / "comfy.pt", weights_only=True)
 
 
 # -- the equivalent diffusers pipeline -------------------------------------------------------------
@@ -179,13 +195,7 @@ def test_diffusers_twin_matches_comfyui_outputs(equivalent, comfy_dir, tmp_path)
     probe = {"x": torch.randn(2, 4, 8, 8, generator=gen), "t": torch.tensor([981, 321]),
              "context": torch.randn(2, 77, 768, generator=gen) * 0.5, "prompts": ["cat", "", "a photo of a dog"],
              "z": torch.randn(1, 4, 8, 8, generator=gen)}
-    torch.save(probe, tmp_path / "probe.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    out = subprocess.run([sys.executable, "-c", _COMFY_PROBE, str(comfy_dir), str(ckpt), str(tmp_path / "probe.pt"),
-                          str(tmp_path / "comfy.pt")], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    comfy = torch.load(tmp_path / "comfy.pt", weights_only=True)
+    comfy = run_comfy_probe(_COMFY_PROBE, probe, comfy_dir, ckpt, tmp_path, timeout=600)
 
     model = T2IModel(tokenizer, text_encoder, unet, vae, SCHEDULER_CONFIG)
     with torch.no_grad():

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_equivalence import SCHEDULER_CONFIG, VAE_CONFIG, _Records, _rel
+from test_equivalence import PROBE_PREAMBLE, SCHEDULER_CONFIG, VAE_CONFIG, _Records, _rel, run_comfy_probe
 from test_trainer_server import trainer_graph
 
 pytestmark = pytest.mark.slow
@@ -57,17 +54,9 @@ SDXL_VAE_CONFIG = {**VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True
 SIZE_COND = {"height": 768, "width": 1024, "crop_h": 16, "crop_w": 32, "target_height": 640, "target_width": 896}
 PROMPTS = ["cat", "", "a photo of a dog on a beach"]
 
-# Runs in a subprocess with ComfyUI importable: load the checkpoint as ComfyUI does and write the
+# After PROBE_PREAMBLE (ComfyUI loads the checkpoint, in a subprocess): write the
 # UNet output with SDXL's y, the text conditioning of each prompt and a VAE decode for probe.pt.
-_COMFY_PROBE = r"""
-import sys, torch
-comfy_dir, ckpt, probe_path, out_path = sys.argv[1:5]
-sys.path.insert(0, comfy_dir)
-from comfy.cli_args import args
-args.cpu = True
-import comfy.sd
-probe = torch.load(probe_path, weights_only=True)
-model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:4]
+_COMFY_PROBE = PROBE_PREAMBLE + r"""
 with torch.no_grad():
     dm = model.model.diffusion_model
     y = model.model.encode_adm(pooled_output=probe["pooled"], **probe["size"])
@@ -178,14 +167,8 @@ def test_diffusers_sdxl_twin_matches_comfyui_outputs(twin, comfy_dir, tmp_path):
              "context": torch.randn(2, 77, 2048, generator=gen) * 0.5,
              "pooled": torch.randn(2, 1280, generator=gen), "size": SIZE_COND, "prompts": PROMPTS,
              "z": torch.randn(1, 4, 8, 8, generator=gen)}
-    torch.save(probe, tmp_path / "probe.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", _COMFY_PROBE, str(comfy_dir), str(ckpt), str(tmp_path / "probe.pt"),
-                          str(tmp_path / "comfy.pt")], env=env, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stderr[-4000:]
-    comfy = torch.load(tmp_path / "comfy.pt", weights_only=True)
+    comfy = run_comfy_probe(_COMFY_PROBE, probe, comfy_dir, ckpt, tmp_path, timeout=1200)
     assert comfy["family"] == "SDXL", comfy["family"]
     print(f"\n[equivalence-sdxl] ComfyUI probe {time.monotonic() - started:.1f} s")
 
