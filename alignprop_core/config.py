@@ -12,6 +12,7 @@ from typing import Any
 TRUNCATION_STRATEGIES = ("fixed", "uniform", "gaussian")
 LOSS_SHAPES = ("maximize", "target")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -112,6 +113,10 @@ class TrainConfig:
     batch_size: int = _help("images sampled per micro-batch", default=2)
     grad_accum: int = _help("micro-batches accumulated per optimiser step", default=1)
     lr: float = _help("AdamW learning rate", default=1e-3)
+    lr_schedule: str = _help("after warm-up: constant | linear (to 0 at the last step) | cosine (to 0)",
+                             default="constant")
+    lr_warmup_steps: int = _help("optimiser steps over which the learning rate rises linearly from "
+                                 "lr/warmup to lr (0 = no warm-up)", default=0)
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
     adam_beta1: float = _help("AdamW beta1", default=0.9)
     adam_beta2: float = _help("AdamW beta2", default=0.999)
@@ -134,9 +139,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _one_of(self, "loss", LOSS_SHAPES)
         _one_of(self, "mixed_precision", MIXED_PRECISION)
+        _one_of(self, "lr_schedule", LR_SCHEDULES)
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "width", "height",
                   "eval_batch_size")
-        _non_negative(self, "weight_decay", "max_grad_norm", "eval_every", "save_every")
+        _non_negative(self, "weight_decay", "max_grad_norm", "eval_every", "save_every",
+                      "lr_warmup_steps")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError("TrainConfig.adam_beta1 and adam_beta2 must lie in [0, 1).")
 

@@ -40,6 +40,23 @@ class TrainResult:
     stopped_early: bool = False  # should_stop() or Ctrl-C ended the run before train.steps
 
 
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warm-up, then train.lr_schedule.
+
+    A pure function of the step, so a resumed run follows the same schedule with no extra state.
+    """
+    warm = train.lr_warmup_steps
+    if step < warm:
+        return train.lr * (step + 1) / warm
+    if train.lr_schedule == "constant":
+        return train.lr
+    span = max(train.steps - warm, 1)
+    frac = min((step - warm) / span, 1.0)  # 0 at the first step after warm-up
+    if train.lr_schedule == "linear":
+        return train.lr * (1.0 - frac)
+    return train.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def autocast_context(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
     """Autocast for bf16/fp16 on the run's device; plain fp32 otherwise."""
     if mixed_precision == "no":
@@ -203,7 +220,7 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
                 stopped = True
                 break
             metrics = _optimizer_step(backend, reward_fn, prompts, sampler, train, params, optimizer,
-                                      scaler, gen)
+                                      scaler, gen, step)
             step += 1
             metrics["step"] = step
             history.append(metrics)
@@ -233,9 +250,12 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
 def _optimizer_step(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],
                     sampler: SamplerConfig, train: TrainConfig, params: list[torch.nn.Parameter],
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    gen: torch.Generator) -> dict[str, Any]:
+                    gen: torch.Generator, step: int) -> dict[str, Any]:
     """grad_accum micro-batches of sample -> decode -> reward -> backward, then one AdamW step."""
     optimizer.zero_grad(set_to_none=True)
+    lr = learning_rate(train, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     rewards, losses, ks = [], [], []
     for _ in range(train.grad_accum):
         idx = torch.randint(len(prompts), (train.batch_size,), generator=gen).tolist()
@@ -251,7 +271,8 @@ def _optimizer_step(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Seq
             optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"the reward returned NaN/Inf for prompts {batch_prompts}; this optimiser "
                           "step is skipped and the LoRA is left unchanged.")
-            return {"reward": math.nan, "loss": math.nan, "k": k, "grad_norm": math.nan, "skipped": True}
+            return {"reward": math.nan, "loss": math.nan, "k": k, "grad_norm": math.nan, "skipped": True,
+                    "lr": lr}
         loss = _loss(r, train)
         scaler.scale(loss / train.grad_accum).backward()
         rewards += r.detach().tolist()
@@ -266,4 +287,4 @@ def _optimizer_step(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Seq
     scaler.step(optimizer)
     scaler.update()
     return {"reward": sum(rewards) / len(rewards), "loss": sum(losses) / len(losses),
-            "k": ks[0] if len(ks) == 1 else ks, "grad_norm": float(grad_norm), "skipped": False}
+            "k": ks[0] if len(ks) == 1 else ks, "grad_norm": float(grad_norm), "skipped": False, "lr": lr}

@@ -63,7 +63,7 @@ class Rig:
     def train_step(self) -> dict[str, Any]:
         """One AlignProp optimiser step, through the library's trainer."""
         return _optimizer_step(self.backend, self.reward_fn, self.prompts, self.sampler, self.train,
-                               self.params, self.optimizer, self.scaler, self.gen)
+                               self.params, self.optimizer, self.scaler, self.gen, step=0)
 
     def sample(self) -> torch.Tensor:
         """No-grad sampling of the same T steps plus decode, same batch size, same prompts."""

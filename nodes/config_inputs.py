@@ -11,9 +11,10 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from alignprop_core.config import LOSS_SHAPES, MIXED_PRECISION, TRUNCATION_STRATEGIES
+from alignprop_core.config import LOSS_SHAPES, LR_SCHEDULES, MIXED_PRECISION, TRUNCATION_STRATEGIES
 
-CHOICES = {"truncation": TRUNCATION_STRATEGIES, "loss": LOSS_SHAPES, "mixed_precision": MIXED_PRECISION}
+CHOICES = {"truncation": TRUNCATION_STRATEGIES, "loss": LOSS_SHAPES, "mixed_precision": MIXED_PRECISION,
+           "lr_schedule": LR_SCHEDULES}
 BIG = 2 ** 31 - 1
 
 

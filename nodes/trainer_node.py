@@ -37,7 +37,8 @@ TRAIN_LIMITS = {"steps": (1, 100000, 1), "batch_size": (1, 64, 1), "grad_accum":
                 "weight_decay": (0.0, 1.0, 1e-5), "adam_eps": (1e-12, 1e-3, 1e-12),
                 "adam_beta1": (0.0, 0.9999, 0.001), "adam_beta2": (0.0, 0.9999, 0.0001),
                 "reward_target": (-1e6, 1e6, 0.01), "seed": (0, 2 ** 63 - 1, 1),
-                "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1)}
+                "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1),
+                "lr_warmup_steps": (0, 100000, 1)}
 LORA_LIMITS = {"rank": (1, 256, 1), "alpha": (0.01, 1024.0, 0.01)}
 
 

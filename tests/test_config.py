@@ -42,6 +42,8 @@ def test_lora_config_errors(kwargs, match):
     (dict(loss="minimize"), r"loss='minimize' is not known; use one of maximize, target"),
     (dict(mixed_precision="fp8"), r"use one of no, fp16, bf16"),
     (dict(adam_beta1=1.0), r"adam_beta1"),
+    (dict(lr_schedule="step"), r"lr_schedule='step' is not known; use one of constant, linear, cosine"),
+    (dict(lr_warmup_steps=-1), r"lr_warmup_steps must be >= 0"),
 ])
 def test_train_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -10,7 +10,7 @@ from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.lora import lora_parameters, lora_state_dict
 from alignprop_core.lora_io import load_lora
 from alignprop_core.rewards import make_reward
-from alignprop_core.trainer import train
+from alignprop_core.trainer import learning_rate, train
 from tiny_models import make_backend
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow", "a fish", "a bird"]
@@ -66,14 +66,43 @@ def test_same_seed_gives_identical_lora_and_other_seed_differs():
 
 
 def test_resume_is_exact(tmp_path):
-    full, full_result = _run(tmp_path / "full", steps=20)
-    _run(tmp_path / "half", steps=20, save_every=10, should_stop=_stop_after(10))
-    resumed, resumed_result = _run(tmp_path / "resumed", steps=20,
-                                   resume_from=tmp_path / "half" / "train_state.pt")
+    schedule = dict(steps=20, lr_schedule="cosine", lr_warmup_steps=4)  # the schedule resumes too
+    full, full_result = _run(tmp_path / "full", **schedule)
+    _run(tmp_path / "half", save_every=10, should_stop=_stop_after(10), **schedule)
+    resumed, resumed_result = _run(tmp_path / "resumed", resume_from=tmp_path / "half" / "train_state.pt",
+                                   **schedule)
     sa, sb = lora_state_dict(full.lora_target), lora_state_dict(resumed.lora_target)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [h["reward"] for h in resumed_result.history] == [h["reward"] for h in full_result.history]
+    assert [h["lr"] for h in resumed_result.history] == [h["lr"] for h in full_result.history]
     assert resumed_result.evals == full_result.evals
+
+
+def test_learning_rate_schedules():
+    def lrs(**kw):
+        cfg = TrainConfig(lr=1.0, steps=10, **kw)
+        return [learning_rate(cfg, s) for s in range(10)]
+
+    assert lrs() == [1.0] * 10
+    assert lrs(lr_warmup_steps=4) == [0.25, 0.5, 0.75] + [1.0] * 7
+    assert lrs(lr_schedule="linear", lr_warmup_steps=2) == pytest.approx(
+        [0.5, 1.0] + [1 - i / 8 for i in range(8)])
+    cosine = lrs(lr_schedule="cosine")
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[-1] == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_the_scheduled_learning_rate_is_the_one_applied():
+    # Adam moves each weight by about lr per step, so a 100-step warm-up (lr/100, 2 lr/100) moves the
+    # LoRA about 1/70 as far in two steps as the constant learning rate does
+    moved = {}
+    for warmup in (0, 100):
+        backend, result = _run(steps=2, eval_every=0, lr_warmup_steps=warmup)
+        moved[warmup] = sum(float(v.abs().sum()) for k, v in lora_state_dict(backend.lora_target).items()
+                            if "lora_B" in k)  # B starts at zero
+        assert [h["lr"] for h in result.history] == ([1e-2, 1e-2] if warmup == 0 else [1e-4, 2e-4])
+    assert 0 < moved[100] < 0.05 * moved[0], moved
 
 
 def test_resume_restores_a_standardised_mixture_exactly(tmp_path):
