@@ -38,15 +38,17 @@ class Plan:
     ddpo_queries: int
     ddpo_eval_every: int
     efficiency_steps: int
+    alignprop_seeds: tuple[int, ...]
     memory_ks: tuple[int, ...] = memory.KS
 
 
 FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
             step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
-            alignprop_queries=128, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10)
+            alignprop_queries=256, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10,
+            alignprop_seeds=(0, 1, 2, 3))
 QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
-             alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10,
+             alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10, alignprop_seeds=(0, 1),
              memory_ks=(1, 20))
 
 
@@ -74,7 +76,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="reward of item 4 (default: the toy world's count reward)")
     r.add_argument("--ddpo-lr", type=float, default=3e-3,
                    help="DDPO learning rate of item 4 (TRL's default 3e-4 left the toy world's held-out "
-                        "reward flat over 1,024 queries; 3e-3 moves it, a stronger baseline)")
+                        "reward flat over 1,024 queries and 1e-2 collapsed by then; 3e-3 is the strongest)")
+    r.add_argument("--efficiency-workers", type=int, default=2,
+                   help="processes for item 4's runs (DDPO and the AlignProp seeds side by side; it "
+                        "counts queries, not seconds, so sharing the cores does not bias it)")
     r.add_argument("--efficiency-prompts", default="auto", help="shipped prompt lists: animals | toy | auto")
     r.add_argument("--official-repo", default=None,
                    help="the official AlignProp repository (checkout, bare git dir or its sd_pipeline.py); "
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = efficiency.EfficiencySpec(
             model=args.efficiency_model, reward=args.efficiency_reward, prompts=args.efficiency_prompts,
             steps=plan.efficiency_steps, alignprop_queries=plan.alignprop_queries,
-            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every, ddpo_lr=args.ddpo_lr)
+            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every, ddpo_lr=args.ddpo_lr,
+            alignprop_seeds=plan.alignprop_seeds, workers=args.efficiency_workers, threads=args.threads)
         results["efficiency"] = efficiency.run(spec)
         plots.efficiency(results["efficiency"], out)
     if "scaling" in args.only:

@@ -32,8 +32,12 @@ def memory_vs_k(mem: dict, out: Path, name: str = "memory_vs_k.png") -> Path:
 def efficiency(eff: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ap, dd = eff["alignprop"], eff["ddpo"]
-    ax.plot([max(c["queries"], 1) for c in ap], [c["reward"] for c in ap], "o-", label="AlignProp (ours)")
-    ax.plot([max(c["queries"], 1) for c in dd], [c["reward"] for c in dd], "s-", label="DDPO")
+    for i, run in enumerate(eff.get("alignprop_runs", [])):
+        ax.plot([max(c["queries"], 1) for c in run], [c["reward"] for c in run], "-", color="tab:blue",
+                alpha=0.25, lw=0.8, label="AlignProp, each seed" if i == 0 else None)
+    label = f"AlignProp (ours), median of {len(eff['alignprop_runs'])}" if "alignprop_runs" in eff else "AlignProp (ours)"
+    ax.plot([max(c["queries"], 1) for c in ap], [c["reward"] for c in ap], "o-", color="tab:blue", label=label)
+    ax.plot([max(c["queries"], 1) for c in dd], [c["reward"] for c in dd], "s-", color="tab:orange", label="DDPO")
     ax.axhline(eff["ddpo_final"], color="gray", lw=0.8, ls=":",
                label=f"DDPO at {dd[-1]['queries']} queries")
     ax.set(xscale="log", xlabel="reward queries (images scored; 0 plotted at 1)",

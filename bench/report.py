@@ -88,25 +88,39 @@ def reference_section(ref: dict) -> list[str]:
 
 def efficiency_section(eff: dict) -> list[str]:
     s = eff["spec"]
-    ap, dd = eff["alignprop"], eff["ddpo"]
-    out = [f"## 4. Sample efficiency against RL ({s['model']}, reward `{s['reward']}`, T={s['steps']}, CFG {s['guidance']})", "",
+    ap, dd, runs = eff["alignprop"], eff["ddpo"], eff.get("alignprop_runs", [])
+    seeds = s.get("alignprop_seeds", [s["seed"]])
+    out = [f"## 4. Sample efficiency against RL ({s['model']}, reward `{s['reward']}`, T={s['steps']}, "
+           f"CFG {s['guidance']})", "",
            "| method | reward queries | held-out reward |", "|---|---|---|"]
-    out += [f"| AlignProp | {c['queries']} | {c['reward']:.4f} |" for c in ap]
+    per_seed = (lambda i: " (seeds: " + ", ".join(f"{r[i]['reward']:.3f}" for r in runs) + ")") if runs else (lambda i: "")
+    out += [f"| AlignProp, median of {len(seeds)} | {c['queries']} | {c['reward']:.4f}{per_seed(i)} |"
+            for i, c in enumerate(ap)]
     out += [f"| DDPO | {c['queries']} | {c['reward']:.4f} |" for c in dd]
     need = eff["alignprop_queries_needed"]
     reached = need if need is not None else f"> {ap[-1]['queries']}"
+    per = eff.get("alignprop_queries_per_seed")
+    best_need = eff.get("alignprop_queries_to_ddpo_best")
     out += ["", f"- DDPO's held-out reward at {dd[-1]['queries']} queries: {eff['ddpo_final']:.4f} "
             f"(start {dd[0]['reward']:.4f}{'' if eff['ddpo_improved'] else '; DDPO did not improve'}).",
-            f"- AlignProp reaches it at **{reached} queries**"
-            + (f", {eff['factor']:.0f}× fewer" if eff["factor"] else "")
-            + f" (target ≥ {eff['target_factor']}× fewer: {_mark(eff['met'])}).",
-            f"- wall clock: AlignProp {ap[-1]['wall_s']:.0f} s for {ap[-1]['queries']} queries, DDPO "
-            f"{dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included).",
+            f"- AlignProp's median curve reaches it at **{reached} queries**"
+            + (f", {eff['factor']:.1f}× fewer" if eff["factor"] else "")
+            + f" (target ≥ {eff['target_factor']}× fewer: {_mark(eff['met'])})."
+            + (f" Each seed alone: {', '.join(str(q) if q is not None else 'never' for q in per)}." if per else ""),
+            ]
+    if "ddpo_best" in eff:
+        out.append(f"- DDPO's best evaluation on the way ({eff['ddpo_best']:.4f}) is reached by the median at "
+                   + (f"{best_need} queries." if best_need is not None else f"none of the {ap[-1]['queries']} queries."))
+    out += [f"- wall clock: AlignProp {ap[-1]['wall_s']:.0f} s for {ap[-1]['queries']} queries (median run), "
+            f"DDPO {dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included"
+            + (f"; {s['workers']} runs side by side" if s.get("workers", 1) > 1 else "") + ").",
             "- AlignProp is `alignprop_core.trainer.train` (batch "
-            f"{s['alignprop_batch']}, lr {s['alignprop_lr']}); DDPO is `bench/ddpo.py`, a DDPO_IS implementation "
-            "following TRL 0.23's DDPOTrainer (eta 1, PPO clip 1e-4, advantage clip 5, "
-            f"lr {s.get('ddpo_lr', 3e-4):g}; TRL's default is 3e-4). Both are "
-            "evaluated by `trainer.evaluate` (DDIM eta 0, fixed latents, held-out prompts).", ""]
+            f"{s['alignprop_batch']}, lr {s['alignprop_lr']:g} {s.get('alignprop_schedule', 'constant')}, "
+            f"K {s.get('k_min', 1)}-{s.get('k_max', 1)}, seeds {', '.join(map(str, seeds))}); DDPO is "
+            "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "
+            f"1e-4, advantage clip 5, lr {s.get('ddpo_lr', 3e-4):g}; TRL's default is 3e-4), seed {s['seed']}. "
+            f"Both train a rank-{s.get('lora_rank', 4)} LoRA and are evaluated by `trainer.evaluate` "
+            f"(DDIM eta 0, fixed latents, {s.get('eval_prompts') or 'all'} held-out prompts).", ""]
     return out
 
 
@@ -191,6 +205,8 @@ def summary_table(results: dict) -> list[str]:
         e = results["efficiency"]
         need = e["alignprop_queries_needed"]
         got = (f"{need} ({e['factor']:.1f}x fewer)" if need else f"> {e['alignprop'][-1]['queries']}")
+        if "alignprop_runs" in e:
+            got += f", median of {len(e['alignprop_runs'])} seeds"
         rows.append(f"| reward queries for AlignProp to reach DDPO's held-out reward at {e['ddpo'][-1]['queries']} "
                     f"queries ({Path(e['spec']['model']).name}, `{e['spec']['reward']}`) | {got}"
                     + ("" if e["ddpo_improved"] else "; DDPO did not improve")
