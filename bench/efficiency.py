@@ -12,14 +12,15 @@ curves; DDPO, 1,024 queries a run, runs once. Target: AlignProp's median curve r
 """
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 
+from alignprop_core.cli import demo_preset
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.denoiser import diffusers_backend
 from alignprop_core.lora import add_lora
@@ -30,6 +31,7 @@ from bench.ddpo import DDPOConfig, ddpo_epoch
 from bench.models import build_model, default_px
 
 TARGET_FACTOR = 25
+DEMO_SAMPLER, DEMO_LORA, DEMO_TRAIN = demo_preset()  # the spec's defaults follow the demo
 
 
 @dataclass
@@ -37,19 +39,19 @@ class EfficiencySpec:
     model: str = "tiny"
     reward: str = "color_target"
     prompts: str = "auto"  # shipped list pair: animals | toy | auto (toy for toy_* rewards)
-    steps: int = 10
-    guidance: float = 4.0
-    k_min: int = 3  # AlignProp's truncation: K drawn uniformly from [k_min, k_max] per batch
-    k_max: int = 6
-    lora_rank: int = 8  # alpha = rank (scale 1), for both methods
+    steps: int = DEMO_SAMPLER.steps
+    guidance: float = DEMO_SAMPLER.guidance_scale
+    k_min: int = DEMO_SAMPLER.k_min  # AlignProp's truncation: K drawn uniformly from [k_min, k_max]
+    k_max: int = DEMO_SAMPLER.k_max
+    lora_rank: int = DEMO_LORA.rank  # alpha = rank (scale 1), for both methods
     px: int = 0
-    seed: int = 0  # DDPO's seed and the LoRA initialisation of both
-    alignprop_seeds: tuple[int, ...] = (0, 1, 2, 3)  # training seeds; the median curve is judged
+    seed: int = 0  # DDPO's seed (each AlignProp run takes one of alignprop_seeds instead)
+    alignprop_seeds: tuple[int, ...] = (0, 1, 2, 3)  # training and LoRA-init seeds; the median is judged
     alignprop_queries: int = 256
-    alignprop_batch: int = 4  # batch, lr and schedule: the demo's
-    alignprop_lr: float = 1.5e-3
-    alignprop_warmup: int = 0  # optimiser steps of linear lr warm-up
-    alignprop_schedule: str = "constant"  # after warm-up: constant | linear | cosine (to 0 at the end)
+    alignprop_batch: int = DEMO_TRAIN.batch_size
+    alignprop_lr: float = DEMO_TRAIN.lr
+    alignprop_warmup: int = DEMO_TRAIN.lr_warmup_steps  # optimiser steps of linear lr warm-up
+    alignprop_schedule: str = DEMO_TRAIN.lr_schedule  # after warm-up: constant | linear | cosine
     alignprop_eval_every: int = 4  # optimiser steps
     ddpo_queries: int = 1024
     ddpo_lr: float = 3e-3  # TRL's default 3e-4 left the toy world flat; 1e-2 collapsed by 1,024

@@ -93,9 +93,9 @@ def efficiency_section(eff: dict) -> list[str]:
     out = [f"## 4. Sample efficiency against RL ({s['model']}, reward `{s['reward']}`, T={s['steps']}, "
            f"CFG {s['guidance']})", "",
            "| method | reward queries | held-out reward |", "|---|---|---|"]
-    per_seed = (lambda i: " (seeds: " + ", ".join(f"{r[i]['reward']:.3f}" for r in runs) + ")") if runs else (lambda i: "")
-    out += [f"| AlignProp, median of {len(seeds)} | {c['queries']} | {c['reward']:.4f}{per_seed(i)} |"
-            for i, c in enumerate(ap)]
+    for i, c in enumerate(ap):
+        each = " (seeds: " + ", ".join(f"{r[i]['reward']:.3f}" for r in runs) + ")" if runs else ""
+        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {c['reward']:.4f}{each} |")
     out += [f"| DDPO | {c['queries']} | {c['reward']:.4f} |" for c in dd]
     need = eff["alignprop_queries_needed"]
     reached = need if need is not None else f"> {ap[-1]['queries']}"
