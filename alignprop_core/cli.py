@@ -52,12 +52,13 @@ def _configs_from_args(args: argparse.Namespace) -> tuple[SamplerConfig, LoraCon
     return tuple(built)  # type: ignore[return-value]
 
 
-def _reward_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_reward_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs of the reward factory -> kwargs (a value that is not JSON stays a string)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--reward-arg {pair!r} is not key=value; write e.g. target=[1,0,0].")
+            raise ValueError(f"reward argument {pair!r} is not key=value; write e.g. target=[1,0,0].")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = read_prompts(args.prompts) if args.prompts else shipped_prompts("toy_train")
     eval_prompts = (read_prompts(args.eval_prompts) if args.eval_prompts
                     else shipped_prompts("toy_eval" if demo else "animals_eval"))
-    reward_fn = make_reward(train.reward, **_reward_kwargs(args.reward_arg))
+    reward_fn = make_reward(train.reward, **parse_reward_args(args.reward_arg))
     if args.model is None:
         from .toy import toy_model_dir
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from alignprop_core.cli import parse_reward_args
 from bench import efficiency, memory, overhead, plots, reference, scaling
 from bench.machine import describe, load_average
 from bench.report import render, write_readme_summary
@@ -74,6 +75,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="model of item 4: tiny | small | a diffusers folder (e.g. the toy world)")
     r.add_argument("--efficiency-reward", default="toy_count",
                    help="reward of item 4 (default: the toy world's count reward)")
+    r.add_argument("--efficiency-reward-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of item 4's reward factory (JSON value), repeatable, "
+                        "e.g. kind=\"prob\" or temperature=2")
     r.add_argument("--ddpo-lr", type=float, default=3e-3,
                    help="DDPO learning rate of item 4 (TRL's default 3e-4 left the toy world's held-out "
                         "reward flat over 1,024 queries and 1e-2 collapsed by then; 3e-3 is the strongest)")
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if "efficiency" in args.only:
         spec = efficiency.EfficiencySpec(
             model=args.efficiency_model, reward=args.efficiency_reward, prompts=args.efficiency_prompts,
+            reward_args=parse_reward_args(args.efficiency_reward_arg),
             steps=plan.efficiency_steps, alignprop_queries=plan.alignprop_queries,
             ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every, ddpo_lr=args.ddpo_lr,
             alignprop_seeds=plan.alignprop_seeds, workers=args.efficiency_workers, threads=args.threads)

@@ -4,11 +4,16 @@ guidance and LoRA, each starting from the same weights. The defaults are the dem
 its count reward, T=10, CFG 4, LoRA rank 8; AlignProp's K drawn from 3-6, batch 4, lr 1.5e-3).
 
 Both are evaluated by `alignprop_core.trainer.evaluate` with one common evaluator: deterministic DDIM
-(eta 0), the same T and guidance, fixed latents, every held-out prompt. Evaluation images are not
-counted as queries. One AlignProp run is noisy (the held-out reward of a single seed can fall while
-another rises), so AlignProp runs with several training seeds and is judged by the median of their
-curves; DDPO, 1,024 queries a run, runs once. Target: AlignProp's median curve reaches DDPO's reward at
-`ddpo_queries` (1,024) with <= 1/25 of them.
+(eta 0), the same T and guidance, fixed latents, every held-out prompt with `eval_latents` images each
+(one image flipping its count moves a 36-image mean by 0.1-0.4, as much as DDPO gains in all).
+Evaluation images are not counted as queries. One AlignProp run is noisy (the held-out reward of a
+single seed can fall while another rises), so AlignProp runs with several training seeds and is judged
+by the median of their curves; DDPO, 1,024 queries a run, runs once. Target: AlignProp's median curve
+reaches DDPO's reward at `ddpo_queries` (1,024) with <= 1/25 of them.
+
+The held-out prompts are (count, colour, shape) combinations that no training prompt has. Each
+evaluation also scores a fixed subset of the training prompts (`train_eval_prompts`, one image each),
+reported beside the held-out reward: how each method does on the prompts it trains on.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,6 +43,7 @@ DEMO_SAMPLER, DEMO_LORA, DEMO_TRAIN = demo_preset()  # the spec's defaults follo
 class EfficiencySpec:
     model: str = "tiny"
     reward: str = "color_target"
+    reward_args: dict = field(default_factory=dict)  # keyword arguments of the reward factory
     prompts: str = "auto"  # shipped list pair: animals | toy | auto (toy for toy_* rewards)
     steps: int = DEMO_SAMPLER.steps
     guidance: float = DEMO_SAMPLER.guidance_scale
@@ -57,6 +63,8 @@ class EfficiencySpec:
     ddpo_lr: float = 3e-3  # TRL's default 3e-4 left the toy world flat; 1e-2 collapsed by 1,024
     ddpo_eval_every: int = 128  # queries
     eval_prompts: int = 0  # 0: every held-out prompt
+    eval_latents: int = 2  # images per held-out prompt (each from its own fixed latent)
+    train_eval_prompts: int = 36  # training prompts also scored at each evaluation, spread over the list; 0: none
     workers: int = 1  # processes running the AlignProp seeds and DDPO side by side
     threads: int = 1  # torch threads per worker
 
@@ -71,7 +79,30 @@ def prompt_lists(spec: EfficiencySpec) -> tuple[list[str], list[str]]:
         name = "toy" if spec.reward.startswith("toy") else "animals"
     train_p = shipped_prompts(f"{name}_train" if name == "toy" else name)
     eval_p = shipped_prompts(f"{name}_eval")
-    return train_p, eval_p[:spec.eval_prompts] if spec.eval_prompts else eval_p
+    eval_p = eval_p[:spec.eval_prompts] if spec.eval_prompts else eval_p
+    return train_p, eval_p * spec.eval_latents  # evaluate draws one latent per entry
+
+
+def train_subset(train_p: list[str], n: int) -> list[str]:
+    """n training prompts spread evenly over the list (every colour, count and background of the
+    toy world's ordered list), scored beside the held-out ones; [] when n is 0."""
+    if n <= 0:
+        return []
+    stride = max(1, len(train_p) // n)
+    return train_p[::stride][:n]
+
+
+def _scorer(backend, reward_fn, sampler: SamplerConfig, tcfg: TrainConfig, eval_p: list[str],
+            train_eval_p: list[str]):
+    """() -> {"reward": held-out mean[, "train_reward": training-subset mean]} at the current weights."""
+    def score() -> dict:
+        out = {}
+        for key, prompts in (("reward", eval_p), ("train_reward", train_eval_p)):
+            if prompts:
+                scores, _ = evaluate(backend, reward_fn, prompts, sampler, tcfg)
+                out[key] = sum(scores) / len(scores)
+        return out
+    return score
 
 
 def _eval_configs(spec: EfficiencySpec) -> tuple[SamplerConfig, TrainConfig]:
@@ -94,12 +125,19 @@ def run_alignprop(spec: EfficiencySpec) -> list[dict]:
     train_p, eval_p = prompt_lists(spec)
     backend = diffusers_backend(build_model(spec.model, spec.seed), name=spec.model)
     sampler, tcfg = _eval_configs(spec)
+    reward_fn = make_reward(spec.reward, **spec.reward_args)
+    on_train = _scorer(backend, reward_fn, sampler, tcfg, [], train_subset(train_p, spec.train_eval_prompts))
+    on_train_at: dict[int, dict] = {}
+
+    def on_step(step: int, metrics: dict) -> None:  # called after each evaluation with its result
+        if "eval_reward" in metrics:
+            on_train_at[step] = on_train()
+
     t0 = time.perf_counter()
-    result = train(backend, make_reward(spec.reward), train_p, eval_p, sampler,
-                   _lora_config(spec), tcfg)
+    result = train(backend, reward_fn, train_p, eval_p, sampler, _lora_config(spec), tcfg, on_step=on_step)
     wall = time.perf_counter() - t0
     return [{"queries": e["step"] * spec.alignprop_batch, "reward": e["eval_reward"], "wall_s": wall}
-            for e in result.evals]
+            | on_train_at[e["step"]] for e in result.evals]
 
 
 def run_ddpo(spec: EfficiencySpec, cfg: DDPOConfig | None = None) -> list[dict]:
@@ -107,15 +145,16 @@ def run_ddpo(spec: EfficiencySpec, cfg: DDPOConfig | None = None) -> list[dict]:
     cfg = cfg or DDPOConfig(steps=spec.steps, guidance=spec.guidance, lr=spec.ddpo_lr)
     train_p, eval_p = prompt_lists(spec)
     backend = diffusers_backend(build_model(spec.model, spec.seed), name=spec.model)
-    reward_fn = make_reward(spec.reward)
+    reward_fn = make_reward(spec.reward, **spec.reward_args)
     sampler, tcfg = _eval_configs(spec)
     params = add_lora(backend.lora_target, _lora_config(spec))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(spec.seed)
 
+    score = _scorer(backend, reward_fn, sampler, tcfg, eval_p, train_subset(train_p, spec.train_eval_prompts))
+
     def point(q: int) -> dict:
-        scores, _ = evaluate(backend, reward_fn, eval_p, sampler, tcfg)
-        return {"queries": q, "reward": sum(scores) / len(scores)}
+        return {"queries": q} | score()
 
     curve, queries, t0 = [point(0)], 0, time.perf_counter()
     while queries < spec.ddpo_queries:
@@ -129,18 +168,36 @@ def run_ddpo(spec: EfficiencySpec, cfg: DDPOConfig | None = None) -> list[dict]:
     return curve
 
 
-def queries_to_reach(curve: list[dict], level: float) -> int | None:
-    """First evaluated query count whose held-out reward is >= level (None: never within the curve)."""
+def queries_to_reach(curve: list[dict], level: float, key: str = "reward") -> int | None:
+    """First evaluated query count whose `key` (held-out reward by default) is >= level (None: never
+    within the curve)."""
     for c in curve:
-        if c["reward"] >= level:
+        if c[key] >= level:
             return c["queries"]
     return None
 
 
 def median_curve(curves: list[list[dict]]) -> list[dict]:
-    """Point-wise median held-out reward of runs evaluated at the same query counts."""
-    return [{"queries": points[0]["queries"], "reward": statistics.median(p["reward"] for p in points),
-             "wall_s": statistics.median(p["wall_s"] for p in points)} for points in zip(*curves)]
+    """Point-wise median of every metric (held-out and training-prompt reward, wall clock) of runs
+    evaluated at the same query counts."""
+    return [{"queries": points[0]["queries"]}
+            | {k: statistics.median(p[k] for p in points) for k in points[0] if k != "queries"}
+            for points in zip(*curves)]
+
+
+def _crossing(ap: list[dict], runs: list[list[dict]], dd: list[dict], ddpo_queries: int,
+              key: str) -> dict:
+    """How many queries AlignProp's median curve (and each seed) needs to reach DDPO's `key` at its
+    last evaluation, and the factor that saves."""
+    level = dd[-1][key]
+    needed = queries_to_reach(ap, level, key)
+    improved = level > dd[0][key]
+    return {"ddpo_final": level, "ddpo_best": max(c[key] for c in dd), "ddpo_improved": improved,
+            "alignprop_queries_needed": needed,
+            "alignprop_queries_per_seed": [queries_to_reach(c, level, key) for c in runs],
+            "alignprop_queries_to_ddpo_best": queries_to_reach(ap, max(c[key] for c in dd), key),
+            "factor": (ddpo_queries / needed) if needed else None,
+            "met": bool(improved and needed is not None and needed * TARGET_FACTOR <= ddpo_queries)}
 
 
 def _job(args: tuple[str, EfficiencySpec]) -> list[dict]:
@@ -161,13 +218,7 @@ def run(spec: EfficiencySpec) -> dict:
     for seed, curve in zip(spec.alignprop_seeds, runs):
         print(f"[efficiency] alignprop seed {seed}, {curve[-1]['queries']} queries: held-out "
               f"{curve[-1]['reward']:.4f}", flush=True)
-    level, best = dd[-1]["reward"], max(c["reward"] for c in dd)
-    needed = queries_to_reach(ap, level)
-    ddpo_improved = level > dd[0]["reward"]
-    factor = (spec.ddpo_queries / needed) if needed else None
-    met = bool(ddpo_improved and needed is not None and needed * TARGET_FACTOR <= spec.ddpo_queries)
-    return {"spec": spec.__dict__, "alignprop": ap, "alignprop_runs": runs, "ddpo": dd, "ddpo_final": level,
-            "ddpo_best": best, "alignprop_queries_needed": needed,
-            "alignprop_queries_per_seed": [queries_to_reach(c, level) for c in runs],
-            "alignprop_queries_to_ddpo_best": queries_to_reach(ap, best),
-            "factor": factor, "ddpo_improved": ddpo_improved, "target_factor": TARGET_FACTOR, "met": met}
+    held_out = _crossing(ap, runs, dd, spec.ddpo_queries, "reward")
+    train_prompts = _crossing(ap, runs, dd, spec.ddpo_queries, "train_reward") if "train_reward" in dd[0] else None
+    return {"spec": spec.__dict__, "alignprop": ap, "alignprop_runs": runs, "ddpo": dd} | held_out | {
+        "target_factor": TARGET_FACTOR, "train_prompts": train_prompts}

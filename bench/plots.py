@@ -30,19 +30,23 @@ def memory_vs_k(mem: dict, out: Path, name: str = "memory_vs_k.png") -> Path:
 
 
 def efficiency(eff: dict, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
     ap, dd = eff["alignprop"], eff["ddpo"]
-    for i, run in enumerate(eff.get("alignprop_runs", [])):
-        ax.plot([max(c["queries"], 1) for c in run], [c["reward"] for c in run], "-", color="tab:blue",
-                alpha=0.25, lw=0.8, label="AlignProp, each seed" if i == 0 else None)
-    label = f"AlignProp (ours), median of {len(eff['alignprop_runs'])}" if "alignprop_runs" in eff else "AlignProp (ours)"
-    ax.plot([max(c["queries"], 1) for c in ap], [c["reward"] for c in ap], "o-", color="tab:blue", label=label)
-    ax.plot([max(c["queries"], 1) for c in dd], [c["reward"] for c in dd], "s-", color="tab:orange", label="DDPO")
-    ax.axhline(eff["ddpo_final"], color="gray", lw=0.8, ls=":",
-               label=f"DDPO at {dd[-1]['queries']} queries")
-    ax.set(xscale="log", xlabel="reward queries (images scored; 0 plotted at 1)",
-           ylabel="held-out reward", title=f"Sample efficiency ({eff['spec']['model']}, {eff['spec']['reward']})")
-    ax.legend(fontsize=8)
+    panels = [("reward", "held-out reward", eff["ddpo_final"])]
+    if eff.get("train_prompts"):
+        panels.append(("train_reward", "training-prompt reward", eff["train_prompts"]["ddpo_final"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
+    for ax, (key, ylabel, level) in zip(axes[0], panels):
+        for i, run in enumerate(eff.get("alignprop_runs", [])):
+            ax.plot([max(c["queries"], 1) for c in run], [c[key] for c in run], "-", color="tab:blue",
+                    alpha=0.25, lw=0.8, label="AlignProp, each seed" if i == 0 else None)
+        label = (f"AlignProp (ours), median of {len(eff['alignprop_runs'])}" if "alignprop_runs" in eff
+                 else "AlignProp (ours)")
+        ax.plot([max(c["queries"], 1) for c in ap], [c[key] for c in ap], "o-", color="tab:blue", label=label)
+        ax.plot([max(c["queries"], 1) for c in dd], [c[key] for c in dd], "s-", color="tab:orange", label="DDPO")
+        ax.axhline(level, color="gray", lw=0.8, ls=":", label=f"DDPO at {dd[-1]['queries']} queries")
+        ax.set(xscale="log", xlabel="reward queries (images scored; 0 plotted at 1)", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Sample efficiency ({eff['spec']['model']}, {eff['spec']['reward']})")
     fig.tight_layout()
     path = out / "sample_efficiency.png"
     fig.savefig(path, dpi=110)

@@ -92,11 +92,19 @@ def efficiency_section(eff: dict) -> list[str]:
     seeds = s.get("alignprop_seeds", [s["seed"]])
     out = [f"## 4. Sample efficiency against RL ({s['model']}, reward `{s['reward']}`, T={s['steps']}, "
            f"CFG {s['guidance']})", "",
-           "| method | reward queries | held-out reward |", "|---|---|---|"]
+           "| method | reward queries | held-out reward | training-prompt reward |", "|---|---|---|---|"]
+
+    def train_cell(c: dict, i: int | None = None) -> str:
+        if "train_reward" not in c:
+            return "-"
+        each = " (seeds: " + ", ".join(f"{r[i]['train_reward']:.3f}" for r in runs) + ")" if i is not None else ""
+        return f"{c['train_reward']:.4f}{each}"
+
     for i, c in enumerate(ap):
         each = " (seeds: " + ", ".join(f"{r[i]['reward']:.3f}" for r in runs) + ")" if runs else ""
-        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {c['reward']:.4f}{each} |")
-    out += [f"| DDPO | {c['queries']} | {c['reward']:.4f} |" for c in dd]
+        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {c['reward']:.4f}{each} | "
+                   f"{train_cell(c, i if runs else None)} |")
+    out += [f"| DDPO | {c['queries']} | {c['reward']:.4f} | {train_cell(c)} |" for c in dd]
     need = eff["alignprop_queries_needed"]
     reached = need if need is not None else f"> {ap[-1]['queries']}"
     per = eff.get("alignprop_queries_per_seed")
@@ -111,6 +119,16 @@ def efficiency_section(eff: dict) -> list[str]:
     if "ddpo_best" in eff:
         out.append(f"- DDPO's best evaluation on the way ({eff['ddpo_best']:.4f}) is reached by the median at "
                    + (f"{best_need} queries." if best_need is not None else f"none of the {ap[-1]['queries']} queries."))
+    tp = eff.get("train_prompts")
+    if tp:
+        tneed, ap_best = tp["alignprop_queries_needed"], max(c["train_reward"] for c in ap)
+        reach = ("DDPO did not improve on them" if not tp["ddpo_improved"] else
+                 f"AlignProp's median reaches DDPO's final at "
+                 + (f"{tneed} queries ({tp['factor']:.1f}× fewer)" if tneed is not None else "none of its queries"))
+        out.append(f"- Training-prompt column: the same runs scored on {s['train_eval_prompts']} training prompts, "
+                   "one image each (noisier than the held-out column). DDPO goes from "
+                   f"{dd[0]['train_reward']:.4f} to {tp['ddpo_final']:.4f} (best {tp['ddpo_best']:.4f}); AlignProp's "
+                   f"median ends at {ap[-1]['train_reward']:.4f} (best {ap_best:.4f}); {reach}.")
     out += [f"- wall clock: AlignProp {ap[-1]['wall_s']:.0f} s for {ap[-1]['queries']} queries (median run), "
             f"DDPO {dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included"
             + (f"; {s['workers']} runs side by side" if s.get("workers", 1) > 1 else "") + ").",
@@ -120,7 +138,8 @@ def efficiency_section(eff: dict) -> list[str]:
             "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "
             f"1e-4, advantage clip 5, lr {s.get('ddpo_lr', 3e-4):g}; TRL's default is 3e-4), seed {s['seed']}. "
             f"Both train a rank-{s.get('lora_rank', 4)} LoRA and are evaluated by `trainer.evaluate` "
-            f"(DDIM eta 0, fixed latents, {s.get('eval_prompts') or 'all'} held-out prompts).", ""]
+            f"(DDIM eta 0, fixed latents, {s.get('eval_prompts') or 'all'} held-out prompts, "
+            f"{s.get('eval_latents', 1)} image(s) each).", ""]
     return out
 
 
