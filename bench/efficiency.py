@@ -51,6 +51,7 @@ class EfficiencySpec:
     k_max: int = DEMO_SAMPLER.k_max
     lora_rank: int = DEMO_LORA.rank  # alpha = rank (scale 1), for both methods
     px: int = 0
+    model_seed: int = 0  # weights of a builtin random model (tiny | small): one model for every run
     seed: int = 0  # DDPO's seed (each AlignProp run takes one of alignprop_seeds instead)
     alignprop_seeds: tuple[int, ...] = (0, 1, 2, 3)  # training and LoRA-init seeds; the median is judged
     alignprop_queries: int = 256
@@ -123,7 +124,7 @@ def _lora_config(spec: EfficiencySpec) -> LoraConfig:
 def run_alignprop(spec: EfficiencySpec) -> list[dict]:
     torch.manual_seed(spec.seed)
     train_p, eval_p = prompt_lists(spec)
-    backend = diffusers_backend(build_model(spec.model, spec.seed), name=spec.model)
+    backend = diffusers_backend(build_model(spec.model, spec.model_seed), name=spec.model)
     sampler, tcfg = _eval_configs(spec)
     reward_fn = make_reward(spec.reward, **spec.reward_args)
     on_train = _scorer(backend, reward_fn, sampler, tcfg, [], train_subset(train_p, spec.train_eval_prompts))
@@ -144,7 +145,7 @@ def run_ddpo(spec: EfficiencySpec, cfg: DDPOConfig | None = None) -> list[dict]:
     torch.manual_seed(spec.seed)
     cfg = cfg or DDPOConfig(steps=spec.steps, guidance=spec.guidance, lr=spec.ddpo_lr)
     train_p, eval_p = prompt_lists(spec)
-    backend = diffusers_backend(build_model(spec.model, spec.seed), name=spec.model)
+    backend = diffusers_backend(build_model(spec.model, spec.model_seed), name=spec.model)
     reward_fn = make_reward(spec.reward, **spec.reward_args)
     sampler, tcfg = _eval_configs(spec)
     params = add_lora(backend.lora_target, _lora_config(spec))

@@ -1,0 +1,82 @@
+"""Bench item 4's bookkeeping (not its numbers): AlignProp and DDPO start from the same weights and
+evaluator, the median curve and the query counts are what the report states, and a 0-query
+crossing is not mistaken for "never"."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench import efficiency
+
+
+def _curve(rewards: list[float], step: int = 8) -> list[dict]:
+    return [{"queries": i * step, "reward": r, "train_reward": r - 1, "wall_s": 1.0}
+            for i, r in enumerate(rewards)]
+
+
+def test_queries_to_reach_counts_a_start_already_at_the_level_as_zero_not_never():
+    curve = _curve([-2.0, -2.5, -1.0])
+    assert efficiency.queries_to_reach(curve, -2.0) == 0
+    assert efficiency.queries_to_reach(curve, -1.5) == 16
+    assert efficiency.queries_to_reach(curve, 0.0) is None
+    assert efficiency.queries_to_reach(curve, -3.0, key="train_reward") == 0
+    assert efficiency.queries_to_reach(curve, -2.2, key="train_reward") == 16
+
+
+def test_median_curve_takes_the_pointwise_median_of_every_metric():
+    runs = [_curve([-2.0, -1.0]), _curve([-2.0, -3.0]), _curve([-2.0, -1.5])]
+    med = efficiency.median_curve(runs)
+    assert [m["queries"] for m in med] == [0, 8]
+    assert med[1]["reward"] == -1.5 and med[1]["train_reward"] == -2.5
+
+
+def test_crossing_needs_ddpo_to_improve_and_25x_fewer_queries():
+    dd = [{"queries": 0, "reward": -2.0}, {"queries": 1024, "reward": -1.5}]
+    fast = _curve([-2.0, -1.4])  # reaches -1.5 at 8 queries: 128x fewer
+    slow = _curve([-2.0, -1.9, -1.8, -1.7, -1.6, -1.5], step=64)  # at 320: 3.2x
+    got = efficiency._crossing(fast, [fast, slow], dd, 1024, "reward")
+    assert got["alignprop_queries_needed"] == 8 and got["factor"] == 128 and got["met"]
+    assert got["alignprop_queries_per_seed"] == [8, 320]
+    assert not efficiency._crossing(slow, [slow], dd, 1024, "reward")["met"]
+    worse = [{"queries": 0, "reward": -2.0}, {"queries": 1024, "reward": -2.5}]
+    flat = efficiency._crossing(fast, [fast], worse, 1024, "reward")
+    assert flat["alignprop_queries_needed"] == 0 and not flat["ddpo_improved"] and not flat["met"]
+
+
+def test_train_subset_spreads_over_the_list():
+    prompts = [f"p{i}" for i in range(108)]
+    sub = efficiency.train_subset(prompts, 36)
+    assert len(sub) == 36 and sub[:3] == ["p0", "p3", "p6"] and len(set(sub)) == 36
+    assert efficiency.train_subset(prompts, 0) == []
+    assert efficiency.train_subset(prompts[:5], 36) == prompts[:5]
+
+
+def test_eval_latents_repeat_every_held_out_prompt():
+    spec = efficiency.EfficiencySpec(reward="toy_count", eval_prompts=3, eval_latents=2)
+    _, held_out = efficiency.prompt_lists(spec)
+    assert held_out[:3] == held_out[3:] and len(held_out) == 6
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_run_end_to_end_on_the_tiny_model(tmp_path):
+    """Both methods start from the same weights under the same evaluator, both curves carry the
+    training-prompt reward, the median is the median of the seeds, and the report and plot render."""
+    spec = efficiency.EfficiencySpec(model="tiny", reward="color_target", steps=2, k_min=1, k_max=1,
+                                     alignprop_seeds=(0, 1), alignprop_queries=4, alignprop_batch=2,
+                                     alignprop_eval_every=1, ddpo_queries=32, ddpo_eval_every=32,
+                                     eval_prompts=2, eval_latents=2, train_eval_prompts=2, lora_rank=2)
+    res = efficiency.run(spec)
+    runs, dd = res["alignprop_runs"], res["ddpo"]
+    assert [c["queries"] for c in runs[0]] == [0, 2, 4] and [c["queries"] for c in dd] == [0, 32]
+    assert len({round(c[0]["reward"], 6) for c in (*runs, dd)}) == 1  # same weights, latents, prompts
+    assert len({round(c[0]["train_reward"], 6) for c in (*runs, dd)}) == 1
+    assert runs[0][-1]["reward"] != runs[0][0]["reward"]  # the LoRA trained
+    assert res["alignprop"][-1]["reward"] == statistics.median(r[-1]["reward"] for r in runs)
+    assert res["train_prompts"]["ddpo_final"] == dd[-1]["train_reward"]
+
+    from bench import plots
+    from bench.report import efficiency_section
+    text = "\n".join(efficiency_section(res))
+    assert "## 4. Sample efficiency" in text and "Training-prompt column" in text
+    assert plots.efficiency(res, tmp_path).stat().st_size > 0
