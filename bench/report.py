@@ -94,17 +94,18 @@ def efficiency_section(eff: dict) -> list[str]:
            f"CFG {s['guidance']})", "",
            "| method | reward queries | held-out reward | training-prompt reward |", "|---|---|---|---|"]
 
-    def train_cell(c: dict, i: int | None = None) -> str:
-        if "train_reward" not in c:
+    def cell(c: dict, key: str, i: int | None = None) -> str:
+        """c[key], with every seed's value at point i of the AlignProp runs when i is given."""
+        if key not in c:
             return "-"
-        each = " (seeds: " + ", ".join(f"{r[i]['train_reward']:.3f}" for r in runs) + ")" if i is not None else ""
-        return f"{c['train_reward']:.4f}{each}"
+        each = " (seeds: " + ", ".join(f"{r[i][key]:.3f}" for r in runs) + ")" if i is not None else ""
+        return f"{c[key]:.4f}{each}"
 
     for i, c in enumerate(ap):
-        each = " (seeds: " + ", ".join(f"{r[i]['reward']:.3f}" for r in runs) + ")" if runs else ""
-        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {c['reward']:.4f}{each} | "
-                   f"{train_cell(c, i if runs else None)} |")
-    out += [f"| DDPO | {c['queries']} | {c['reward']:.4f} | {train_cell(c)} |" for c in dd]
+        at = i if runs else None
+        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {cell(c, 'reward', at)} | "
+                   f"{cell(c, 'train_reward', at)} |")
+    out += [f"| DDPO | {c['queries']} | {cell(c, 'reward')} | {cell(c, 'train_reward')} |" for c in dd]
     need = eff["alignprop_queries_needed"]
     reached = need if need is not None else f"> {ap[-1]['queries']}"
     per = eff.get("alignprop_queries_per_seed")
