@@ -22,6 +22,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -44,7 +45,7 @@ class EfficiencySpec:
     model: str = "tiny"
     reward: str = "color_target"
     reward_args: dict = field(default_factory=dict)  # keyword arguments of the reward factory
-    prompts: str = "auto"  # shipped list pair: animals | toy | auto (toy for toy_* rewards)
+    prompts: str = "auto"  # shipped list pair: animals | toy | auto (toy for the toy world or toy_* rewards)
     steps: int = DEMO_SAMPLER.steps
     guidance: float = DEMO_SAMPLER.guidance_scale
     k_min: int = DEMO_SAMPLER.k_min  # AlignProp's truncation: K drawn uniformly from [k_min, k_max]
@@ -76,8 +77,8 @@ class EfficiencySpec:
 
 def prompt_lists(spec: EfficiencySpec) -> tuple[list[str], list[str]]:
     name = spec.prompts
-    if name == "auto":
-        name = "toy" if spec.reward.startswith("toy") else "animals"
+    if name == "auto":  # the toy world's own lists for its model or its rewards
+        name = "toy" if spec.reward.startswith("toy") or Path(spec.model).name == "toy_world" else "animals"
     train_p = shipped_prompts(f"{name}_train" if name == "toy" else name)
     eval_p = shipped_prompts(f"{name}_eval")
     eval_p = eval_p[:spec.eval_prompts] if spec.eval_prompts else eval_p

@@ -29,7 +29,12 @@ def memory_vs_k(mem: dict, out: Path, name: str = "memory_vs_k.png") -> Path:
     return path
 
 
-def efficiency(eff: dict, out: Path) -> Path:
+def efficiency_plot_name(reward: str | None = None) -> str:
+    """File of item 4's plot: sample_efficiency.png for the main reward, with `reward` appended for others."""
+    return f"sample_efficiency_{reward}.png" if reward else "sample_efficiency.png"
+
+
+def efficiency(eff: dict, out: Path, name: str = efficiency_plot_name()) -> Path:
     ap, dd = eff["alignprop"], eff["ddpo"]
     panels = [("reward", "held-out reward", eff["ddpo_final"])]
     if eff.get("train_prompts"):
@@ -48,7 +53,7 @@ def efficiency(eff: dict, out: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"Sample efficiency ({eff['spec']['model']}, {eff['spec']['reward']})")
     fig.tight_layout()
-    path = out / "sample_efficiency.png"
+    path = out / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

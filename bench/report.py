@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.plots import efficiency_plot_name
+
 MIB = 2 ** 20
 
 
@@ -86,11 +88,11 @@ def reference_section(ref: dict) -> list[str]:
     return out
 
 
-def efficiency_section(eff: dict) -> list[str]:
+def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against RL") -> list[str]:
     s = eff["spec"]
     ap, dd, runs = eff["alignprop"], eff["ddpo"], eff.get("alignprop_runs", [])
     seeds = s.get("alignprop_seeds", [s["seed"]])
-    out = [f"## 4. Sample efficiency against RL ({s['model']}, reward `{s['reward']}`, T={s['steps']}, "
+    out = [f"{title} ({s['model']}, reward `{s['reward']}`, T={s['steps']}, "
            f"CFG {s['guidance']})", "",
            "| method | reward queries | held-out reward | training-prompt reward |", "|---|---|---|---|"]
 
@@ -183,6 +185,10 @@ def render(results: dict) -> str:
     if "efficiency" in results:
         lines += efficiency_section(results["efficiency"])
         lines += ["![sample efficiency](sample_efficiency.png)", ""]
+    for eff in results.get("efficiency_more", []):
+        reward = eff["spec"]["reward"]
+        lines += efficiency_section(eff, f"### 4b. The same with another reward, `{reward}`")
+        lines += [f"![sample efficiency, {reward}]({efficiency_plot_name(reward)})", ""]
     if "scaling" in results:
         lines += scaling_section(results["scaling"])
         lines += ["![scaling](scaling.png)", ""]
@@ -221,10 +227,10 @@ def summary_table(results: dict) -> list[str]:
                 rows.append(f"| {what}, ours / reference (T=20, K=1) | "
                             + ", ".join(f"{model} vs {name} {v:.2f}" for model, name, v in cells)
                             + f" | <= {target} | {_mark(all(v <= target for *_, v in cells))} |")
-    if "efficiency" in results:
-        e = results["efficiency"]
+    for e in ([results["efficiency"]] if "efficiency" in results else []) + results.get("efficiency_more", []):
         need = e["alignprop_queries_needed"]
-        got = (f"{need} ({e['factor']:.1f}x fewer)" if need else f"> {e['alignprop'][-1]['queries']}")
+        got = (f"> {e['alignprop'][-1]['queries']}" if need is None else
+               f"{need} ({e['factor']:.1f}x fewer)" if e["factor"] else f"{need}")
         if "alignprop_runs" in e:
             got += f", median of {len(e['alignprop_runs'])} seeds"
         rows.append(f"| reward queries for AlignProp to reach DDPO's held-out reward at {e['ddpo'][-1]['queries']} "

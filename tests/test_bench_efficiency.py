@@ -58,6 +58,15 @@ def test_eval_latents_repeat_every_held_out_prompt():
     assert held_out[:3] == held_out[3:] and len(held_out) == 6
 
 
+def test_auto_prompts_are_the_toy_lists_for_the_toy_world_or_a_toy_reward():
+    toy_train, toy_eval = efficiency.prompt_lists(efficiency.EfficiencySpec(
+        model="alignprop_core/data/toy_world", reward="jpeg_compressibility", eval_latents=1))
+    assert "background" in toy_train[0] and "background" in toy_eval[0]
+    assert efficiency.prompt_lists(efficiency.EfficiencySpec(model="tiny", reward="toy_count"))[0] == toy_train
+    animals, _ = efficiency.prompt_lists(efficiency.EfficiencySpec(model="tiny", reward="color_target"))
+    assert not any("background" in p for p in animals)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_run_end_to_end_on_the_tiny_model(tmp_path):
     """Both methods start from the same weights under the same evaluator, both curves carry the
@@ -80,3 +89,15 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
     text = "\n".join(efficiency_section(res))
     assert "## 4. Sample efficiency" in text and "Training-prompt column" in text
     assert plots.efficiency(res, tmp_path).stat().st_size > 0
+
+    # a second reward renders as its own section, plot and summary row
+    from bench.report import render, summary_table
+    results = {"machine": {"cpu": "test", "cores": 2, "torch": "x", "device": "cpu", "threads": 1,
+                           "python": "3", "load_start": [0, 0, 0]},
+               "quick": True, "load_end": [0, 0, 0], "minutes": 1.0, "efficiency": res,
+               "efficiency_more": [res | {"spec": res["spec"] | {"reward": "smoothness"}}]}
+    page = render(results)
+    assert "### 4b. The same with another reward, `smoothness`" in page
+    assert "(sample_efficiency_smoothness.png)" in page
+    rows = [r for r in summary_table(results) if "reward queries for AlignProp to reach" in r]
+    assert len(rows) == 2 and "`smoothness`" in rows[1]
