@@ -66,7 +66,7 @@ class EfficiencySpec:
     ddpo_eval_every: int = 128  # queries
     eval_prompts: int = 0  # 0: every held-out prompt
     eval_latents: int = 2  # images per held-out prompt (each from its own fixed latent)
-    train_eval_prompts: int = 36  # training prompts also scored at each evaluation, spread over the list; 0: none
+    train_eval_prompts: int = 36  # training prompts scored beside the held-out ones (0: none)
     workers: int = 1  # processes running the AlignProp seeds and DDPO side by side
     threads: int = 1  # torch threads per worker
 
@@ -128,6 +128,7 @@ def run_alignprop(spec: EfficiencySpec) -> list[dict]:
     backend = diffusers_backend(build_model(spec.model, spec.model_seed), name=spec.model)
     sampler, tcfg = _eval_configs(spec)
     reward_fn = make_reward(spec.reward, **spec.reward_args)
+    # train() scores the held-out prompts itself; this adds the training subset at the same steps
     on_train = _scorer(backend, reward_fn, sampler, tcfg, [], train_subset(train_p, spec.train_eval_prompts))
     on_train_at: dict[int, dict] = {}
 
@@ -191,13 +192,13 @@ def _crossing(ap: list[dict], runs: list[list[dict]], dd: list[dict], ddpo_queri
               key: str) -> dict:
     """How many queries AlignProp's median curve (and each seed) needs to reach DDPO's `key` at its
     last evaluation, and the factor that saves."""
-    level = dd[-1][key]
+    level, best = dd[-1][key], max(c[key] for c in dd)
     needed = queries_to_reach(ap, level, key)
     improved = level > dd[0][key]
-    return {"ddpo_final": level, "ddpo_best": max(c[key] for c in dd), "ddpo_improved": improved,
+    return {"ddpo_final": level, "ddpo_best": best, "ddpo_improved": improved,
             "alignprop_queries_needed": needed,
             "alignprop_queries_per_seed": [queries_to_reach(c, level, key) for c in runs],
-            "alignprop_queries_to_ddpo_best": queries_to_reach(ap, max(c[key] for c in dd), key),
+            "alignprop_queries_to_ddpo_best": queries_to_reach(ap, best, key),
             "factor": (ddpo_queries / needed) if needed else None,
             "met": bool(improved and needed is not None and needed * TARGET_FACTOR <= ddpo_queries)}
 
@@ -221,6 +222,7 @@ def run(spec: EfficiencySpec) -> dict:
         print(f"[efficiency] alignprop seed {seed}, {curve[-1]['queries']} queries: held-out "
               f"{curve[-1]['reward']:.4f}", flush=True)
     held_out = _crossing(ap, runs, dd, spec.ddpo_queries, "reward")
-    train_prompts = _crossing(ap, runs, dd, spec.ddpo_queries, "train_reward") if "train_reward" in dd[0] else None
+    train_prompts = (_crossing(ap, runs, dd, spec.ddpo_queries, "train_reward")
+                     if "train_reward" in dd[0] else None)
     return {"spec": spec.__dict__, "alignprop": ap, "alignprop_runs": runs, "ddpo": dd} | held_out | {
         "target_factor": TARGET_FACTOR, "train_prompts": train_prompts}
