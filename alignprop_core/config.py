@@ -13,6 +13,7 @@ TRUNCATION_STRATEGIES = ("fixed", "uniform", "gaussian")
 LOSS_SHAPES = ("maximize", "target")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+REWARD_AUGMENTS = ("none", "hflip", "dihedral")  # alignprop_core.augment holds what each one does
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -109,6 +110,12 @@ class TrainConfig:
                       default="maximize")
     reward_target: float = _help("target value for loss=target (the paper uses 10 for aesthetics)",
                                  default=10.0)
+    reward_augment: str = _help("none | hflip | dihedral: score each training image through a random "
+                                "mirror (hflip) or mirror and quarter turn (dihedral, square images), so "
+                                "the LoRA learns what the reward means, not the reward network's pixel "
+                                "grid; only for rewards that ignore orientation (counts, compressibility; "
+                                "hflip for aesthetics), never for layout or text. Evaluation is not "
+                                "transformed", default="none")
     steps: int = _help("number of optimiser steps", default=20)
     batch_size: int = _help("images sampled per micro-batch", default=2)
     grad_accum: int = _help("micro-batches accumulated per optimiser step", default=1)
@@ -140,6 +147,11 @@ class TrainConfig:
         _one_of(self, "loss", LOSS_SHAPES)
         _one_of(self, "mixed_precision", MIXED_PRECISION)
         _one_of(self, "lr_schedule", LR_SCHEDULES)
+        _one_of(self, "reward_augment", REWARD_AUGMENTS)
+        if self.reward_augment == "dihedral" and self.width != self.height:
+            raise ValueError(f"TrainConfig.reward_augment='dihedral' turns images by quarter turns, which "
+                             f"needs square images, not {self.width}x{self.height}; use 'hflip' or "
+                             "width == height.")
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "width", "height",
                   "eval_batch_size")
         _non_negative(self, "weight_decay", "max_grad_norm", "eval_every", "save_every",

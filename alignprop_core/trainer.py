@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .augment import augment_for_reward
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
 from .denoiser import DiffusionBackend
 from .lora import add_lora, lora_state_dict, set_lora_state_dict
@@ -266,7 +267,8 @@ def _optimizer_step(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Seq
         with autocast_context(backend.device, train.mixed_precision):
             images = sample_images(backend, batch_prompts, sampler, x_T, train.negative_prompt,
                                    grad_steps=k, generator=gen)
-            r = reward_fn(images.float(), batch_prompts).float()  # (B,)
+            scored = augment_for_reward(images.float(), train.reward_augment, gen)
+            r = reward_fn(scored, batch_prompts).float()  # (B,)
         if not torch.isfinite(r).all():
             optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"the reward returned NaN/Inf for prompts {batch_prompts}; this optimiser "

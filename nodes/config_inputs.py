@@ -11,10 +11,11 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from alignprop_core.config import LOSS_SHAPES, LR_SCHEDULES, MIXED_PRECISION, TRUNCATION_STRATEGIES
+from alignprop_core.config import (LOSS_SHAPES, LR_SCHEDULES, MIXED_PRECISION, REWARD_AUGMENTS,
+                                   TRUNCATION_STRATEGIES)
 
 CHOICES = {"truncation": TRUNCATION_STRATEGIES, "loss": LOSS_SHAPES, "mixed_precision": MIXED_PRECISION,
-           "lr_schedule": LR_SCHEDULES}
+           "lr_schedule": LR_SCHEDULES, "reward_augment": REWARD_AUGMENTS}
 BIG = 2 ** 31 - 1
 
 

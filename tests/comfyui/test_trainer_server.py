@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 SAMPLER = {"steps": 3, "eta": 0.0, "guidance_scale": 5.0, "use_cfg": True, "truncation": "fixed", "k": 1,
            "k_min": 1, "k_max": 1, "k_mean": 1.0, "k_std": 0.0, "checkpoint_unet": True, "checkpoint_vae": True}
-TRAIN = {"loss": "maximize", "reward_target": 10.0, "steps": 2, "batch_size": 1, "grad_accum": 1, "lr": 1e-3,
-         "lr_schedule": "constant", "lr_warmup_steps": 0,
+TRAIN = {"loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "steps": 2, "batch_size": 1,
+         "grad_accum": 1, "lr": 1e-3, "lr_schedule": "constant", "lr_warmup_steps": 0,
          "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0,
          "width": 64, "height": 64, "negative_prompt": "", "mixed_precision": "no", "seed": 0, "eval_every": 0,
          "eval_seed": 1234, "eval_batch_size": 2, "save_every": 0, "lora_rank": 4, "lora_alpha": 4.0,
