@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alignprop_core.cli import parse_reward_args
+from alignprop_core.config import REWARD_AUGMENTS
 from bench import efficiency, memory, overhead, plots, reference, scaling
 from bench.machine import describe, load_average
 from bench.report import render, write_readme_summary
@@ -40,17 +41,18 @@ class Plan:
     ddpo_eval_every: int
     efficiency_steps: int
     alignprop_seeds: tuple[int, ...]
+    ddpo_lr_count: int  # how many of the DDPO learning rates given are run (the first ones)
     memory_ks: tuple[int, ...] = memory.KS
 
 
 FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
             step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
             alignprop_queries=256, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10,
-            alignprop_seeds=(0, 1, 2, 3))
+            alignprop_seeds=tuple(range(8)), ddpo_lr_count=8)
 QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
              alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10, alignprop_seeds=(0, 1),
-             memory_ks=(1, 20))
+             ddpo_lr_count=1, memory_ks=(1, 20))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -81,12 +83,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--efficiency-also", nargs="*", default=["jpeg_compressibility"], metavar="REWARD",
                    help="item 4 again with each of these rewards (same model, prompts and settings; "
                         "default: jpeg_compressibility, the paper's compressibility task; none: no reward)")
-    r.add_argument("--efficiency-also-ddpo-lr", type=float, default=1e-2,
-                   help="DDPO learning rate of the --efficiency-also runs (on jpeg_compressibility 1e-2 "
-                        "reached -1.118 at 1,024 queries, 3e-3 only -1.140)")
-    r.add_argument("--ddpo-lr", type=float, default=3e-3,
-                   help="DDPO learning rate of item 4 (TRL's default 3e-4 left the toy world's held-out "
-                        "reward flat over 1,024 queries and 1e-2 collapsed by then; 3e-3 is the strongest)")
+    r.add_argument("--efficiency-lr", type=float, default=1.5e-3,
+                   help="AlignProp learning rate of item 4 (default: the demo's)")
+    r.add_argument("--efficiency-k", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="AlignProp's truncation in item 4: K drawn uniformly from MIN..MAX of the T=10 "
+                        "steps (default: the demo's)")
+    r.add_argument("--efficiency-reward-augment", default="none", choices=REWARD_AUGMENTS,
+                   help="AlignProp's TrainConfig.reward_augment in item 4 and its --efficiency-also runs")
+    r.add_argument("--efficiency-also-lr", type=float, default=1e-2,
+                   help="AlignProp learning rate of the --efficiency-also runs (each method's lr is tuned "
+                        "per reward, see bench/README.md; on jpeg_compressibility 1.5e-3, 3e-3, 6e-3 and "
+                        "1e-2 were tried and 1e-2 is the fastest)")
+    r.add_argument("--efficiency-also-ddpo-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2],
+                   help="DDPO learning rates of the --efficiency-also runs: one DDPO run each, the "
+                        "strongest at 1,024 queries is the baseline (on jpeg_compressibility 3e-3 barely "
+                        "moved, 3e-2 collapsed)")
+    r.add_argument("--ddpo-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 5e-3],
+                   help="DDPO learning rates of item 4: one DDPO run each, and the one with the highest "
+                        "held-out reward at 1,024 queries is the baseline (TRL's default 3e-4 left the "
+                        "toy world's held-out reward flat over 1,024 queries, 1e-2 collapsed)")
     r.add_argument("--efficiency-workers", type=int, default=2,
                    help="processes for item 4's runs (DDPO and the AlignProp seeds side by side; it "
                         "counts queries, not seconds, so sharing the cores does not bias it)")
@@ -140,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
             model=args.efficiency_model, reward=args.efficiency_reward, prompts=args.efficiency_prompts,
             reward_args=parse_reward_args(args.efficiency_reward_arg),
             steps=plan.efficiency_steps, alignprop_queries=plan.alignprop_queries,
-            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every, ddpo_lr=args.ddpo_lr,
+            ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every,
+            ddpo_lrs=tuple(args.ddpo_lrs[:plan.ddpo_lr_count]),
+            alignprop_lr=args.efficiency_lr, alignprop_reward_augment=args.efficiency_reward_augment,
+            **(dict(k_min=args.efficiency_k[0], k_max=args.efficiency_k[1]) if args.efficiency_k else {}),
             alignprop_seeds=plan.alignprop_seeds, workers=args.efficiency_workers, threads=args.threads)
         results["efficiency"] = efficiency.run(spec)
         plots.efficiency(results["efficiency"], out)
         if args.efficiency_also:
-            results["efficiency_more"] = [efficiency.run(replace(spec, reward=reward, reward_args={},
-                                                                  ddpo_lr=args.efficiency_also_ddpo_lr))
+            also = replace(spec, reward_args={}, alignprop_lr=args.efficiency_also_lr,
+                           ddpo_lrs=tuple(args.efficiency_also_ddpo_lrs[:plan.ddpo_lr_count]))
+            results["efficiency_more"] = [efficiency.run(replace(also, reward=reward))
                                           for reward in args.efficiency_also]
             for eff in results["efficiency_more"]:
                 plots.efficiency(eff, out, plots.efficiency_plot_name(eff["spec"]["reward"]))

@@ -47,7 +47,13 @@ def efficiency(eff: dict, out: Path, name: str = efficiency_plot_name()) -> Path
         label = (f"AlignProp (ours), median of {len(eff['alignprop_runs'])}" if "alignprop_runs" in eff
                  else "AlignProp (ours)")
         ax.plot([max(c["queries"], 1) for c in ap], [c[key] for c in ap], "o-", color="tab:blue", label=label)
-        ax.plot([max(c["queries"], 1) for c in dd], [c[key] for c in dd], "s-", color="tab:orange", label="DDPO")
+        others = [r for r in eff.get("ddpo_sweep", []) if r["lr"] != eff.get("ddpo_lr")]
+        for i, r in enumerate(others):
+            ax.plot([max(c["queries"], 1) for c in r["curve"]], [c[key] for c in r["curve"]], "--",
+                    color="tab:orange", alpha=0.35, lw=0.8, label="DDPO, other lr" if i == 0 else None)
+        lr = f", lr {eff['ddpo_lr']:g}" if "ddpo_lr" in eff else ""
+        ax.plot([max(c["queries"], 1) for c in dd], [c[key] for c in dd], "s-", color="tab:orange",
+                label=f"DDPO{lr}")
         ax.axhline(level, color="gray", lw=0.8, ls=":", label=f"DDPO at {dd[-1]['queries']} queries")
         ax.set(xscale="log", xlabel="reward queries (images scored; 0 plotted at 1)", ylabel=ylabel)
         ax.legend(fontsize=8)

@@ -88,6 +88,13 @@ def reference_section(ref: dict) -> list[str]:
     return out
 
 
+def alignprop_setting(spec: dict) -> str:
+    """AlignProp's settings in item 4 that are chosen per reward: lr, K and reward augmentation."""
+    k = f"{spec.get('k_min', 1)}-{spec.get('k_max', 1)}" if spec.get("k_min") != spec.get("k_max") else spec.get("k_min")
+    return (f"AlignProp lr {spec['alignprop_lr']:g}, K {k}, reward augmentation "
+            f"{spec.get('alignprop_reward_augment', 'none')}")
+
+
 def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against RL") -> list[str]:
     s = eff["spec"]
     ap, dd, runs = eff["alignprop"], eff["ddpo"], eff.get("alignprop_runs", [])
@@ -119,6 +126,12 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
             + f" (target ≥ {eff['target_factor']}× fewer: {_mark(eff['met'])})."
             + (f" Each seed alone: {', '.join(str(q) if q is not None else 'never' for q in per)}." if per else ""),
             ]
+    sweep = eff.get("ddpo_sweep", [])
+    if len(sweep) > 1:
+        out.append(f"- DDPO ran once for each learning rate; the strongest at {dd[-1]['queries']} queries is "
+                   f"the baseline (lr {eff['ddpo_lr']:g}): "
+                   + "; ".join(f"lr {r['lr']:g}: {r['curve'][-1]['reward']:.4f} (best "
+                               f"{max(c['reward'] for c in r['curve']):.4f})" for r in sweep) + ".")
     if "ddpo_best" in eff:
         out.append(f"- DDPO's best evaluation on the way ({eff['ddpo_best']:.4f}) is reached by the median at "
                    + (f"{best_need} queries." if best_need is not None else f"none of the {ap[-1]['queries']} queries."))
@@ -137,9 +150,11 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
             + (f"; {s['workers']} runs side by side" if s.get("workers", 1) > 1 else "") + ").",
             "- AlignProp is `alignprop_core.trainer.train` (batch "
             f"{s['alignprop_batch']}, lr {s['alignprop_lr']:g} {s.get('alignprop_schedule', 'constant')}, "
-            f"K {s.get('k_min', 1)}-{s.get('k_max', 1)}, seeds {', '.join(map(str, seeds))}); DDPO is "
+            f"K {s.get('k_min', 1)}-{s.get('k_max', 1)}, reward augmentation "
+            f"{s.get('alignprop_reward_augment', 'none')}, seeds {', '.join(map(str, seeds))}); DDPO is "
             "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "
-            f"1e-4, advantage clip 5, lr {s.get('ddpo_lr', 3e-4):g}; TRL's default is 3e-4), seed {s['seed']}. "
+            f"1e-4, advantage clip 5, lr {eff.get('ddpo_lr', s.get('ddpo_lr', 3e-4)):g}; TRL's default is 3e-4), "
+            f"seed {s['seed']}. "
             f"Both train a rank-{s.get('lora_rank', 4)} LoRA and are evaluated by `trainer.evaluate` "
             f"(DDIM eta 0, fixed latents, {s.get('eval_prompts') or 'all'} held-out prompts, "
             f"{s.get('eval_latents', 1)} image(s) each).", ""]
@@ -187,7 +202,7 @@ def render(results: dict) -> str:
         lines += ["![sample efficiency](sample_efficiency.png)", ""]
     for eff in results.get("efficiency_more", []):
         reward = eff["spec"]["reward"]
-        lines += efficiency_section(eff, f"### 4b. The same with another reward, `{reward}`")
+        lines += efficiency_section(eff, f"### 4b. Again with `{reward}`, {alignprop_setting(eff['spec'])}")
         lines += [f"![sample efficiency, {reward}]({efficiency_plot_name(reward)})", ""]
     if "scaling" in results:
         lines += scaling_section(results["scaling"])
@@ -234,7 +249,8 @@ def summary_table(results: dict) -> list[str]:
         if "alignprop_runs" in e:
             got += f", median of {len(e['alignprop_runs'])} seeds"
         rows.append(f"| reward queries for AlignProp to reach DDPO's held-out reward at {e['ddpo'][-1]['queries']} "
-                    f"queries ({Path(e['spec']['model']).name}, `{e['spec']['reward']}`) | {got}"
+                    f"queries ({Path(e['spec']['model']).name}, `{e['spec']['reward']}`; "
+                    f"{alignprop_setting(e['spec'])}) | {got}"
                     + ("" if e["ddpo_improved"] else "; DDPO did not improve")
                     + f" | <= 1/{e['target_factor']} | {_mark(e['met'])} |")
     if "scaling" in results and results["scaling"]["sd15"]:

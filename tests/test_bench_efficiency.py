@@ -44,6 +44,16 @@ def test_crossing_needs_ddpo_to_improve_and_25x_fewer_queries():
     assert flat["alignprop_queries_needed"] == 0 and not flat["ddpo_improved"] and not flat["met"]
 
 
+def test_the_baseline_is_the_ddpo_run_with_the_highest_reward_at_the_budget_not_on_the_way():
+    peaky = {"lr": 3e-2, "curve": _curve([-2.0, -1.0, -2.4])}  # best on the way, collapsed by the end
+    steady = {"lr": 1e-2, "curve": _curve([-2.0, -1.9, -1.8])}
+    tie = {"lr": 5e-3, "curve": _curve([-2.0, -1.7, -1.8])}
+    assert efficiency.strongest_ddpo([peaky, steady]) is steady
+    assert efficiency.strongest_ddpo([steady, tie]) is steady  # a tie keeps the earlier entry
+    with pytest.raises(ValueError, match="ddpo_lrs is empty"):
+        efficiency.run(efficiency.EfficiencySpec(ddpo_lrs=()))
+
+
 def test_train_subset_spreads_over_the_list():
     prompts = [f"p{i}" for i in range(108)]
     sub = efficiency.train_subset(prompts, 36)
@@ -74,9 +84,14 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
     spec = efficiency.EfficiencySpec(model="tiny", reward="color_target", steps=2, k_min=1, k_max=1,
                                      alignprop_seeds=(0, 1), alignprop_queries=4, alignprop_batch=2,
                                      alignprop_eval_every=1, ddpo_queries=32, ddpo_eval_every=32,
-                                     eval_prompts=2, eval_latents=2, train_eval_prompts=2, lora_rank=2)
+                                     eval_prompts=2, eval_latents=2, train_eval_prompts=2, lora_rank=2,
+                                     ddpo_lrs=(3e-3, 3e-1))
     res = efficiency.run(spec)
     runs, dd = res["alignprop_runs"], res["ddpo"]
+    sweep = res["ddpo_sweep"]
+    assert [r["lr"] for r in sweep] == [3e-3, 3e-1] and sweep[0]["curve"] != sweep[1]["curve"]
+    assert dd == max((r["curve"] for r in sweep), key=lambda c: c[-1]["reward"])  # the strongest DDPO
+    assert res["ddpo_lr"] == next(r["lr"] for r in sweep if r["curve"] is dd)
     assert [c["queries"] for c in runs[0]] == [0, 2, 4] and [c["queries"] for c in dd] == [0, 32]
     assert len({round(c[0]["reward"], 6) for c in (*runs, dd)}) == 1  # same weights, latents, prompts
     assert len({round(c[0]["train_reward"], 6) for c in (*runs, dd)}) == 1
@@ -88,6 +103,7 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
     from bench.report import efficiency_section
     text = "\n".join(efficiency_section(res))
     assert "## 4. Sample efficiency" in text and "Training-prompt column" in text
+    assert "lr 0.003: " in text and "lr 0.3: " in text  # every DDPO run of the sweep is reported
     assert plots.efficiency(res, tmp_path).stat().st_size > 0
 
     # a second reward renders as its own section, plot and summary row
@@ -97,7 +113,7 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
                "quick": True, "load_end": [0, 0, 0], "minutes": 1.0, "efficiency": res,
                "efficiency_more": [res | {"spec": res["spec"] | {"reward": "smoothness"}}]}
     page = render(results)
-    assert "### 4b. The same with another reward, `smoothness`" in page
+    assert "### 4b. Again with `smoothness`, AlignProp lr 0.0015, K 1, reward augmentation none" in page
     assert "(sample_efficiency_smoothness.png)" in page
     rows = [r for r in summary_table(results) if "reward queries for AlignProp to reach" in r]
     assert len(rows) == 2 and "`smoothness`" in rows[1]
