@@ -5,7 +5,8 @@ mirrors or quarter turns), and backpropagated through the sampler those parts te
 texture that moves the network rather than the change the reward stands for. Scoring each training
 image through a random transform under which the reward's meaning is unchanged (one draw per image
 per step, an expectation over transformations with one sample) keeps what the reward measures and
-averages the grid-tied parts out over the steps. Evaluation images are never transformed.
+is meant to average the grid-tied parts out over the steps (on the toy world's count task it showed
+no reliable gain: see the README's benchmark section). Evaluation images are never transformed.
 
 - ``none``: the image as sampled.
 - ``hflip``: a random left-right mirror; for rewards where left and right are free (aesthetics, most

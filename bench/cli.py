@@ -41,14 +41,14 @@ class Plan:
     ddpo_eval_every: int
     efficiency_steps: int
     alignprop_seeds: tuple[int, ...]
-    ddpo_lr_count: int  # how many of the DDPO learning rates given are run (the first ones)
+    ddpo_lr_count: int | None  # how many of the DDPO learning rates given are run (None: all)
     memory_ks: tuple[int, ...] = memory.KS
 
 
 FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
             step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
             alignprop_queries=256, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10,
-            alignprop_seeds=tuple(range(8)), ddpo_lr_count=8)
+            alignprop_seeds=tuple(range(8)), ddpo_lr_count=None)
 QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
              alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10, alignprop_seeds=(0, 1),

@@ -90,9 +90,9 @@ def reference_section(ref: dict) -> list[str]:
 
 def alignprop_setting(spec: dict) -> str:
     """AlignProp's settings in item 4 that are chosen per reward: lr, K and reward augmentation."""
-    k = f"{spec.get('k_min', 1)}-{spec.get('k_max', 1)}" if spec.get("k_min") != spec.get("k_max") else spec.get("k_min")
-    return (f"AlignProp lr {spec['alignprop_lr']:g}, K {k}, reward augmentation "
-            f"{spec.get('alignprop_reward_augment', 'none')}")
+    k_min, k_max = spec.get("k_min", 1), spec.get("k_max", 1)
+    k = f"{k_min}-{k_max}" if k_min != k_max else f"{k_min}"
+    return f"lr {spec['alignprop_lr']:g}, K {k}, reward augmentation {spec.get('alignprop_reward_augment', 'none')}"
 
 
 def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against RL") -> list[str]:
@@ -149,9 +149,8 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
             f"DDPO {dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included"
             + (f"; {s['workers']} runs side by side" if s.get("workers", 1) > 1 else "") + ").",
             "- AlignProp is `alignprop_core.trainer.train` (batch "
-            f"{s['alignprop_batch']}, lr {s['alignprop_lr']:g} {s.get('alignprop_schedule', 'constant')}, "
-            f"K {s.get('k_min', 1)}-{s.get('k_max', 1)}, reward augmentation "
-            f"{s.get('alignprop_reward_augment', 'none')}, seeds {', '.join(map(str, seeds))}); DDPO is "
+            f"{s['alignprop_batch']}, {alignprop_setting(s)}, {s.get('alignprop_schedule', 'constant')} lr, "
+            f"seeds {', '.join(map(str, seeds))}); DDPO is "
             "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "
             f"1e-4, advantage clip 5, lr {eff.get('ddpo_lr', s.get('ddpo_lr', 3e-4)):g}; TRL's default is 3e-4), "
             f"seed {s['seed']}. "
@@ -202,7 +201,7 @@ def render(results: dict) -> str:
         lines += ["![sample efficiency](sample_efficiency.png)", ""]
     for eff in results.get("efficiency_more", []):
         reward = eff["spec"]["reward"]
-        lines += efficiency_section(eff, f"### 4b. Again with `{reward}`, {alignprop_setting(eff['spec'])}")
+        lines += efficiency_section(eff, f"### 4b. Again with `{reward}`, AlignProp {alignprop_setting(eff['spec'])}")
         lines += [f"![sample efficiency, {reward}]({efficiency_plot_name(reward)})", ""]
     if "scaling" in results:
         lines += scaling_section(results["scaling"])
@@ -250,7 +249,7 @@ def summary_table(results: dict) -> list[str]:
             got += f", median of {len(e['alignprop_runs'])} seeds"
         rows.append(f"| reward queries for AlignProp to reach DDPO's held-out reward at {e['ddpo'][-1]['queries']} "
                     f"queries ({Path(e['spec']['model']).name}, `{e['spec']['reward']}`; "
-                    f"{alignprop_setting(e['spec'])}) | {got}"
+                    f"AlignProp {alignprop_setting(e['spec'])}) | {got}"
                     + ("" if e["ddpo_improved"] else "; DDPO did not improve")
                     + f" | <= 1/{e['target_factor']} | {_mark(e['met'])} |")
     if "scaling" in results and results["scaling"]["sd15"]:
