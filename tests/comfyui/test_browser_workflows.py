@@ -121,11 +121,15 @@ QUEUE_EDITED = """async ({workflow, values}) => {
 }"""
 
 
-def _history_entry_for(server, prompt: dict, timeout: float = 900.0) -> dict:
-    """The finished history entry whose graph is `prompt` (queued by the browser, not by us)."""
+def _history_entry_for(server, prompt: dict, earlier: set[str], timeout: float = 900.0) -> dict:
+    """The finished history entry whose graph is `prompt` and whose id is not in `earlier` (the ids
+    already in the history before the browser queued it): test_workflows.py queues the same graph
+    through the API, and that entry (no workflow attached) must not be mistaken for the browser's."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in (server._request("/history") or {}).values():
+        for prompt_id, entry in (server._request("/history") or {}).items():
+            if prompt_id in earlier:
+                continue
             if entry["prompt"][2] == prompt and entry.get("status", {}).get("completed") is not None:
                 if entry["status"].get("status_str"):
                     return entry
@@ -137,11 +141,12 @@ def test_small_workflow_queued_from_the_ui_succeeds(page, server, sd15_checkpoin
     ui, api = load_workflow(QUEUED)
     values = {kind: dict(v) for kind, v in TEST_VALUES.items()}
     values["CheckpointLoaderSimple"] = {"ckpt_name": sd15_checkpoint}
+    earlier = set(server._request("/history") or {})
     started = time.monotonic()
     prompt = page.evaluate(QUEUE_EDITED, {"workflow": ui, "values": values})
     ckpt_nodes = [n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
     assert ckpt_nodes and all(n["inputs"]["ckpt_name"] == sd15_checkpoint for n in ckpt_nodes), prompt
-    entry = _history_entry_for(server, prompt)
+    entry = _history_entry_for(server, prompt, earlier)
     print(f"\n[browser] {QUEUED} queued from the UI: {entry['status']['status_str']} in "
           f"{time.monotonic() - started:.1f} s")
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
