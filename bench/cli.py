@@ -42,13 +42,14 @@ class Plan:
     efficiency_steps: int
     alignprop_seeds: tuple[int, ...]
     ddpo_lr_count: int | None  # how many of the DDPO learning rates given are run (None: all)
+    ddpo_seeds: tuple[int, ...] = (0,)  # DDPO runs per learning rate (the median is judged)
     memory_ks: tuple[int, ...] = memory.KS
 
 
 FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
             step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
             alignprop_queries=256, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10,
-            alignprop_seeds=tuple(range(8)), ddpo_lr_count=None)
+            alignprop_seeds=tuple(range(8)), ddpo_lr_count=None, ddpo_seeds=(0, 1, 2))
 QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
              alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10, alignprop_seeds=(0, 1),
@@ -102,6 +103,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="DDPO learning rates of item 4: one DDPO run each, and the one with the highest "
                         "held-out reward at 1,024 queries is the baseline (TRL's default 3e-4 left the "
                         "toy world's held-out reward flat over 1,024 queries, 1e-2 collapsed)")
+    r.add_argument("--ddpo-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="DDPO's seeds in item 4 and its --efficiency-also runs: one run per seed and learning "
+                        "rate, each lr judged by the median of its seeds (default: 0 1 2; --quick: 0)")
     r.add_argument("--efficiency-workers", type=int, default=2,
                    help="processes for item 4's runs (DDPO and the AlignProp seeds side by side; it "
                         "counts queries, not seconds, so sharing the cores does not bias it)")
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=plan.efficiency_steps, alignprop_queries=plan.alignprop_queries,
             ddpo_queries=plan.ddpo_queries, ddpo_eval_every=plan.ddpo_eval_every,
             ddpo_lrs=tuple(args.ddpo_lrs[:plan.ddpo_lr_count]),
+            ddpo_seeds=tuple(args.ddpo_seeds) if args.ddpo_seeds else plan.ddpo_seeds,
             alignprop_lr=args.efficiency_lr, alignprop_reward_augment=args.efficiency_reward_augment,
             **(dict(k_min=args.efficiency_k[0], k_max=args.efficiency_k[1]) if args.efficiency_k else {}),
             alignprop_seeds=plan.alignprop_seeds, workers=args.efficiency_workers, threads=args.threads)

@@ -8,9 +8,10 @@ Both are evaluated by `alignprop_core.trainer.evaluate` with one common evaluato
 (one image flipping its count moves a 36-image mean by 0.1-0.4, as much as DDPO gains in all).
 Evaluation images are not counted as queries. One AlignProp run is noisy (the held-out reward of a
 single seed can fall while another rises), so AlignProp runs with several training seeds and is judged
-by the median of their curves. DDPO, 1,024 queries a run, runs once for each learning rate of
-`ddpo_lrs`, and the one with the highest held-out reward at `ddpo_queries` is the baseline: the
-strongest DDPO of the sweep, chosen on the very metric it is judged by (a choice in DDPO's favour).
+by the median of their curves. DDPO, 1,024 queries a run, runs every seed of `ddpo_seeds` for each
+learning rate of `ddpo_lrs` and is judged by the median of its seeds too; the learning rate whose
+median has the highest held-out reward at `ddpo_queries` is the baseline: the strongest DDPO of the
+sweep, chosen on the very metric it is judged by (a choice in DDPO's favour).
 Target: AlignProp's median curve reaches that DDPO's reward at `ddpo_queries` (1,024) with <= 1/25 of
 them.
 
@@ -56,7 +57,7 @@ class EfficiencySpec:
     lora_rank: int = DEMO_LORA.rank  # alpha = rank (scale 1), for both methods
     px: int = 0
     model_seed: int = 0  # weights of a builtin random model (tiny | small): one model for every run
-    seed: int = 0  # DDPO's seed (each AlignProp run takes one of alignprop_seeds instead)
+    seed: int = 0  # the seed of a single run (run_alignprop, run_ddpo); run() sets it from the tuples below
     alignprop_seeds: tuple[int, ...] = (0, 1, 2, 3)  # training and LoRA-init seeds; the median is judged
     alignprop_queries: int = 256
     alignprop_batch: int = DEMO_TRAIN.batch_size
@@ -66,7 +67,8 @@ class EfficiencySpec:
     alignprop_reward_augment: str = DEMO_TRAIN.reward_augment  # TrainConfig.reward_augment
     alignprop_eval_every: int = 2  # optimiser steps (2 x batch 4: a point every 8 queries)
     ddpo_queries: int = 1024
-    ddpo_lrs: tuple[float, ...] = (3e-3,)  # one DDPO run per lr; the strongest at ddpo_queries is the baseline
+    ddpo_lrs: tuple[float, ...] = (3e-3,)  # the strongest median at ddpo_queries is the baseline
+    ddpo_seeds: tuple[int, ...] = (0,)  # one DDPO run per seed and lr; each lr is judged by its median
     ddpo_eval_every: int = 128  # queries
     eval_prompts: int = 0  # 0: every held-out prompt
     eval_latents: int = 2  # images per held-out prompt (each from its own fixed latent)
@@ -171,8 +173,8 @@ def run_ddpo(spec: EfficiencySpec, lr: float, cfg: DDPOConfig | None = None) -> 
         queries += info["queries"]
         if queries % spec.ddpo_eval_every == 0 or queries >= spec.ddpo_queries:
             curve.append(point(queries) | {"clip_fraction": info["clip_fraction"]})
-            print(f"[efficiency] ddpo lr {cfg.lr:g}, {queries} queries: held-out {curve[-1]['reward']:.4f}",
-                  flush=True)
+            print(f"[efficiency] ddpo lr {cfg.lr:g}, seed {spec.seed}, {queries} queries: held-out "
+                  f"{curve[-1]['reward']:.4f}", flush=True)
     for c in curve:
         c["wall_s"] = time.perf_counter() - t0
     return curve
@@ -211,8 +213,8 @@ def _crossing(ap: list[dict], runs: list[list[dict]], dd: list[dict], ddpo_queri
 
 
 def strongest_ddpo(sweep: list[dict]) -> dict:
-    """The entry of a DDPO learning-rate sweep ({"lr", "curve"}) with the highest held-out reward at
-    its last evaluation (the query budget); the earliest lr of the sweep on a tie."""
+    """The entry of a DDPO learning-rate sweep ({"lr", "curve": the median of its seeds}) with the
+    highest held-out reward at its last evaluation (the query budget); the earliest lr on a tie."""
     return max(sweep, key=lambda run: run["curve"][-1]["reward"])
 
 
@@ -223,17 +225,20 @@ def _job(args: tuple[str, EfficiencySpec, float | None]) -> list[dict]:
 
 
 def run(spec: EfficiencySpec) -> dict:
-    if not spec.ddpo_lrs:
-        raise ValueError("EfficiencySpec.ddpo_lrs is empty; give DDPO at least one learning rate.")
-    jobs = ([("ddpo", spec, lr) for lr in spec.ddpo_lrs]
+    for name in ("ddpo_lrs", "ddpo_seeds", "alignprop_seeds"):
+        if not getattr(spec, name):
+            raise ValueError(f"EfficiencySpec.{name} is empty; give at least one value.")
+    jobs = ([("ddpo", replace(spec, seed=s), lr) for lr in spec.ddpo_lrs for s in spec.ddpo_seeds]
             + [("alignprop", replace(spec, seed=s), None) for s in spec.alignprop_seeds])
     if spec.workers > 1:  # spawn: a forked child would inherit the parent's OpenMP state
         with ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = list(pool.map(_job, jobs))
     else:
         done = [_job(j) for j in jobs]
-    n = len(spec.ddpo_lrs)
-    sweep = [{"lr": lr, "curve": curve} for lr, curve in zip(spec.ddpo_lrs, done[:n])]
+    per_lr = len(spec.ddpo_seeds)
+    n = len(spec.ddpo_lrs) * per_lr
+    sweep = [{"lr": lr, "curve": median_curve(done[i * per_lr:(i + 1) * per_lr]),
+              "runs": done[i * per_lr:(i + 1) * per_lr]} for i, lr in enumerate(spec.ddpo_lrs)]
     baseline = strongest_ddpo(sweep)
     dd, runs = baseline["curve"], done[n:]
     ap = median_curve(runs)
@@ -244,5 +249,5 @@ def run(spec: EfficiencySpec) -> dict:
     train_prompts = (_crossing(ap, runs, dd, spec.ddpo_queries, "train_reward")
                      if "train_reward" in dd[0] else None)
     return {"spec": spec.__dict__, "alignprop": ap, "alignprop_runs": runs, "ddpo": dd,
-            "ddpo_lr": baseline["lr"], "ddpo_sweep": sweep} | held_out | {
+            "ddpo_runs": baseline["runs"], "ddpo_lr": baseline["lr"], "ddpo_sweep": sweep} | held_out | {
         "target_factor": TARGET_FACTOR, "train_prompts": train_prompts}

@@ -51,7 +51,12 @@ def efficiency(eff: dict, out: Path, name: str = efficiency_plot_name()) -> Path
         for i, r in enumerate(others):
             ax.plot([max(c["queries"], 1) for c in r["curve"]], [c[key] for c in r["curve"]], "--",
                     color="tab:orange", alpha=0.35, lw=0.8, label="DDPO, other lr" if i == 0 else None)
+        dd_runs = eff.get("ddpo_runs", [])
+        for i, run in enumerate(dd_runs if len(dd_runs) > 1 else []):
+            ax.plot([max(c["queries"], 1) for c in run], [c[key] for c in run], "-", color="tab:orange",
+                    alpha=0.25, lw=0.8, label="DDPO, each seed" if i == 0 else None)
         lr = f", lr {eff['ddpo_lr']:g}" if "ddpo_lr" in eff else ""
+        lr += f", median of {len(dd_runs)}" if len(dd_runs) > 1 else ""
         ax.plot([max(c["queries"], 1) for c in dd], [c[key] for c in dd], "s-", color="tab:orange",
                 label=f"DDPO{lr}")
         ax.axhline(level, color="gray", lw=0.8, ls=":", label=f"DDPO at {dd[-1]['queries']} queries")

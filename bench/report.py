@@ -98,23 +98,27 @@ def alignprop_setting(spec: dict) -> str:
 def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against RL") -> list[str]:
     s = eff["spec"]
     ap, dd, runs = eff["alignprop"], eff["ddpo"], eff.get("alignprop_runs", [])
+    dd_runs = eff.get("ddpo_runs", [dd])
     seeds = s.get("alignprop_seeds", [s["seed"]])
+    dd_seeds = s.get("ddpo_seeds", [s["seed"]])
     out = [f"{title} ({s['model']}, reward `{s['reward']}`, T={s['steps']}, "
            f"CFG {s['guidance']})", "",
            "| method | reward queries | held-out reward | training-prompt reward |", "|---|---|---|---|"]
 
-    def cell(c: dict, key: str, i: int | None = None) -> str:
-        """c[key], with every seed's value at point i of the AlignProp runs when i is given."""
+    def cell(c: dict, key: str, i: int | None = None, each_run: list | None = None) -> str:
+        """c[key], with every seed's value at point i of `each_run` when there are several."""
         if key not in c:
             return "-"
-        each = " (seeds: " + ", ".join(f"{r[i][key]:.3f}" for r in runs) + ")" if i is not None else ""
+        each = (" (seeds: " + ", ".join(f"{r[i][key]:.3f}" for r in each_run) + ")"
+                if i is not None and each_run and len(each_run) > 1 else "")
         return f"{c[key]:.4f}{each}"
 
     for i, c in enumerate(ap):
-        at = i if runs else None
-        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {cell(c, 'reward', at)} | "
-                   f"{cell(c, 'train_reward', at)} |")
-    out += [f"| DDPO | {c['queries']} | {cell(c, 'reward')} | {cell(c, 'train_reward')} |" for c in dd]
+        out.append(f"| AlignProp, median of {len(seeds)} | {c['queries']} | {cell(c, 'reward', i, runs)} | "
+                   f"{cell(c, 'train_reward', i, runs)} |")
+    dd_name = f"DDPO, median of {len(dd_runs)}" if len(dd_runs) > 1 else "DDPO"
+    out += [f"| {dd_name} | {c['queries']} | {cell(c, 'reward', i, dd_runs)} | "
+            f"{cell(c, 'train_reward', i, dd_runs)} |" for i, c in enumerate(dd)]
     need = eff["alignprop_queries_needed"]
     reached = need if need is not None else f"> {ap[-1]['queries']}"
     per = eff.get("alignprop_queries_per_seed")
@@ -127,10 +131,15 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
             + (f" Each seed alone: {', '.join(str(q) if q is not None else 'never' for q in per)}." if per else ""),
             ]
     sweep = eff.get("ddpo_sweep", [])
-    if len(sweep) > 1:
-        out.append(f"- DDPO ran once for each learning rate; the strongest at {dd[-1]['queries']} queries is "
+    if len(sweep) > 1 or len(dd_runs) > 1:
+        def finals(r: dict) -> str:
+            each = r.get("runs", [])
+            return (" (seeds: " + ", ".join(f"{c[-1]['reward']:.3f}" for c in each) + ")") if len(each) > 1 else ""
+        runs_per_lr = (f"{len(dd_seeds)} seeds ({', '.join(map(str, dd_seeds))}) for each learning rate, each lr "
+                       "judged by their median" if len(dd_runs) > 1 else "once for each learning rate")
+        out.append(f"- DDPO ran {runs_per_lr}; the strongest at {dd[-1]['queries']} queries is "
                    f"the baseline (lr {eff['ddpo_lr']:g}): "
-                   + "; ".join(f"lr {r['lr']:g}: {r['curve'][-1]['reward']:.4f} (best "
+                   + "; ".join(f"lr {r['lr']:g}: {r['curve'][-1]['reward']:.4f}{finals(r)} (best on the way "
                                f"{max(c['reward'] for c in r['curve']):.4f})" for r in sweep) + ".")
     if "ddpo_best" in eff:
         out.append(f"- DDPO's best evaluation on the way ({eff['ddpo_best']:.4f}) is reached by the median at "
@@ -153,7 +162,7 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
             f"seeds {', '.join(map(str, seeds))}); DDPO is "
             "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "
             f"1e-4, advantage clip 5, lr {eff.get('ddpo_lr', s.get('ddpo_lr', 3e-4)):g}; TRL's default is 3e-4), "
-            f"seed {s['seed']}. "
+            f"seed{'s' if len(dd_seeds) > 1 else ''} {', '.join(map(str, dd_seeds))}. "
             f"Both train a rank-{s.get('lora_rank', 4)} LoRA and are evaluated by `trainer.evaluate` "
             f"(DDIM eta 0, fixed latents, {s.get('eval_prompts') or 'all'} held-out prompts, "
             f"{s.get('eval_latents', 1)} image(s) each).", ""]

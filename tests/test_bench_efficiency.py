@@ -50,8 +50,9 @@ def test_the_baseline_is_the_ddpo_run_with_the_highest_reward_at_the_budget_not_
     tie = {"lr": 5e-3, "curve": _curve([-2.0, -1.7, -1.8])}
     assert efficiency.strongest_ddpo([peaky, steady]) is steady
     assert efficiency.strongest_ddpo([steady, tie]) is steady  # a tie keeps the earlier entry
-    with pytest.raises(ValueError, match="ddpo_lrs is empty"):
-        efficiency.run(efficiency.EfficiencySpec(ddpo_lrs=()))
+    for empty in ("ddpo_lrs", "ddpo_seeds", "alignprop_seeds"):
+        with pytest.raises(ValueError, match=f"{empty} is empty"):
+            efficiency.run(efficiency.EfficiencySpec(**{empty: ()}))
 
 
 def test_train_subset_spreads_over_the_list():
@@ -85,13 +86,18 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
                                      alignprop_seeds=(0, 1), alignprop_queries=4, alignprop_batch=2,
                                      alignprop_eval_every=1, ddpo_queries=32, ddpo_eval_every=32,
                                      eval_prompts=2, eval_latents=2, train_eval_prompts=2, lora_rank=2,
-                                     ddpo_lrs=(3e-3, 3e-1))
+                                     ddpo_lrs=(3e-3, 3e-1), ddpo_seeds=(0, 1, 2))
     res = efficiency.run(spec)
     runs, dd = res["alignprop_runs"], res["ddpo"]
     sweep = res["ddpo_sweep"]
     assert [r["lr"] for r in sweep] == [3e-3, 3e-1] and sweep[0]["curve"] != sweep[1]["curve"]
     assert dd == max((r["curve"] for r in sweep), key=lambda c: c[-1]["reward"])  # the strongest DDPO
     assert res["ddpo_lr"] == next(r["lr"] for r in sweep if r["curve"] is dd)
+    for r in sweep:  # each lr: one run per seed, judged by their point-wise median
+        finals = [c[-1]["reward"] for c in r["runs"]]
+        assert len(finals) == 3 and len(set(finals)) == 3  # the seeds differ
+        assert r["curve"][-1]["reward"] == statistics.median(finals)
+    assert res["ddpo_runs"] is next(r["runs"] for r in sweep if r["curve"] is dd)
     assert [c["queries"] for c in runs[0]] == [0, 2, 4] and [c["queries"] for c in dd] == [0, 32]
     assert len({round(c[0]["reward"], 6) for c in (*runs, dd)}) == 1  # same weights, latents, prompts
     assert len({round(c[0]["train_reward"], 6) for c in (*runs, dd)}) == 1
@@ -104,6 +110,7 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
     text = "\n".join(efficiency_section(res))
     assert "## 4. Sample efficiency" in text and "Training-prompt column" in text
     assert "lr 0.003: " in text and "lr 0.3: " in text  # every DDPO run of the sweep is reported
+    assert "| DDPO, median of 3 |" in text and "3 seeds (0, 1, 2) for each learning rate" in text
     assert plots.efficiency(res, tmp_path).stat().st_size > 0
 
     # a second reward renders as its own section, plot and summary row
