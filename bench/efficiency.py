@@ -235,10 +235,10 @@ def run(spec: EfficiencySpec) -> dict:
             done = list(pool.map(_job, jobs))
     else:
         done = [_job(j) for j in jobs]
-    per_lr = len(spec.ddpo_seeds)
-    n = len(spec.ddpo_lrs) * per_lr
-    sweep = [{"lr": lr, "curve": median_curve(done[i * per_lr:(i + 1) * per_lr]),
-              "runs": done[i * per_lr:(i + 1) * per_lr]} for i, lr in enumerate(spec.ddpo_lrs)]
+    per_lr, n = len(spec.ddpo_seeds), len(spec.ddpo_lrs) * len(spec.ddpo_seeds)
+    by_lr = [done[i:i + per_lr] for i in range(0, n, per_lr)]  # jobs run lr by lr, every seed of each
+    sweep = [{"lr": lr, "curve": median_curve(lr_runs), "runs": lr_runs}
+             for lr, lr_runs in zip(spec.ddpo_lrs, by_lr)]
     baseline = strongest_ddpo(sweep)
     dd, runs = baseline["curve"], done[n:]
     ap = median_curve(runs)

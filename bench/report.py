@@ -105,12 +105,12 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
            f"CFG {s['guidance']})", "",
            "| method | reward queries | held-out reward | training-prompt reward |", "|---|---|---|---|"]
 
-    def cell(c: dict, key: str, i: int | None = None, each_run: list | None = None) -> str:
+    def cell(c: dict, key: str, i: int, each_run: list) -> str:
         """c[key], with every seed's value at point i of `each_run` when there are several."""
         if key not in c:
             return "-"
         each = (" (seeds: " + ", ".join(f"{r[i][key]:.3f}" for r in each_run) + ")"
-                if i is not None and each_run and len(each_run) > 1 else "")
+                if len(each_run) > 1 else "")
         return f"{c[key]:.4f}{each}"
 
     for i, c in enumerate(ap):
