@@ -88,7 +88,9 @@ class LoraConfig:
     rank: int = _help("LoRA rank r (inner dimension of the low-rank update)", default=4)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank", default=4.0)
     target_modules: tuple[str, ...] = _help(
-        "module-name suffixes that receive LoRA (attention projections)",
+        "module-name suffixes (diffusers names) that receive LoRA: the attention projections by "
+        "default; also ff.net.0.proj, ff.net.2, proj_in, proj_out, and the res blocks' conv1, conv2, "
+        "time_emb_proj, conv_shortcut",
         default=("to_q", "to_k", "to_v", "to_out.0"))
     init_seed: int = _help("seed for the LoRA initialisation (same seed, same initial LoRA)", default=0)
 

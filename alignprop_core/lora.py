@@ -11,7 +11,10 @@ base weight stays frozen and bit-identical. peft does the layer surgery
 * adapter weights in float32 even on a half-precision base (float64 bases keep float64, so finite
   difference tests stay exact),
 * a stable, name-sorted parameter order (optimiser state and checkpoints line up across runs),
-* strict state loading: missing, unexpected or mis-shaped keys raise instead of being skipped.
+* strict state loading: missing, unexpected or mis-shaped keys raise instead of being skipped,
+* target suffixes in diffusers names everywhere: on an LDM UNet (ComfyUI) the res-block names
+  ``conv1``, ``conv2``, ``time_emb_proj``, ``conv_shortcut`` also target their LDM twins
+  (``in_layers.2``, ``out_layers.3``, ``emb_layers.1``, ``skip_connection``).
 
 State dicts here use peft's key form (``<module path>.lora_A.weight`` / ``.lora_B.weight``); the
 file format (kohya keys) lives in ``alignprop_core.lora_io``.
@@ -29,7 +32,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .config import LoraConfig
-from .lora_keys import ldm_to_diffusers_paths, naming_of
+from .lora_keys import RESNET_LAYERS, ldm_to_diffusers_paths, naming_of
 
 # peft's default adapter slot; AlignProp only ever trains one adapter per module.
 ADAPTER = "default"
@@ -38,6 +41,14 @@ ADAPTER = "default"
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     # Same rule as peft for a list of targets: exact name or a dotted suffix.
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _with_ldm_names(targets: tuple[str, ...], names: list[str]) -> tuple[str, ...]:
+    """``targets`` plus the LDM names of its diffusers res-block suffixes, when ``names`` are LDM."""
+    if naming_of(names) != "ldm":
+        return targets
+    ldm_of = {diffusers: ldm for ldm, diffusers in RESNET_LAYERS.items()}
+    return targets + tuple(ldm_of[t] for t in targets if t in ldm_of and ldm_of[t] not in targets)
 
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -116,16 +127,20 @@ def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
     if has_lora(module):
         raise ValueError("This module already has LoRA layers injected; load weights into them with "
                          "set_lora_state_dict (or apply_lora_file), or call remove_lora first.")
-    targets = tuple(cfg.target_modules)
     names = [n for n, _ in module.named_modules() if n]
-    if not any(_matches(n, targets) for n in names):
+    targets = _with_ldm_names(tuple(cfg.target_modules), names)
+    # An Identity holds no weight to adapt (ComfyUI's skip_connection where the channels stay the
+    # same); peft is given the matched layers by full path so it never sees one.
+    paths = [n for n, m in module.named_modules()
+             if n and _matches(n, targets) and not isinstance(m, nn.Identity)]
+    if not paths:
         sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(f"No module matches target_modules {list(targets)}; targets are name suffixes "
                          f"such as 'to_q'. Modules that exist include: {sample}.")
 
     was_trainable = [p for p in module.parameters() if p.requires_grad]
     module.requires_grad_(False)
-    peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(targets),
+    peft_cfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=paths,
                                init_lora_weights=True)
     # peft draws lora_A from the global RNG in registration order; fork_rng keeps the caller's stream
     # untouched, and _seed_lora_a then redraws every lora_A from a per-module generator.

@@ -6,6 +6,10 @@ Files are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads di
     lora_unet_<module path, '.' -> '_'>.lora_up.weight     (out, r)  = peft lora_B.weight
     lora_unet_<module path, '.' -> '_'>.alpha              0-dim     the update is up @ down * alpha / r
 
+A conv layer (a res block's ``conv1``/``conv2``) has conv factors, as kohya's conv LoRA and peft
+write them: down ``(r, in, kh, kw)``, up ``(out, r, 1, 1)``; the update is
+``(up.flatten(1) @ down.flatten(1)).view(out, in, kh, kw) * alpha / r``.
+
 Replacing '.' by '_' loses information (``transformer_blocks`` vs ``transformer.blocks``), so the
 reverse mapping is never guessed from the string: it is looked up among the real module names of
 the target module. Given an ``arch``, ``save_lora`` writes the module naming that arch's files use
@@ -80,9 +84,12 @@ def _rank_alpha(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]
     for name, parts in groups.items():
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         rank = down.shape[0]
-        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank:
+        linear = down.dim() == 2 and up.dim() == 2
+        conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
+        if not (linear or conv) or up.shape[1] != rank:
             raise ValueError(f"LoRA module {name!r} has shapes down {tuple(down.shape)} / up "
-                             f"{tuple(up.shape)}; expected (r, in) and (out, r) linear factors.")
+                             f"{tuple(up.shape)}; expected linear factors (r, in) and (out, r), or conv "
+                             "factors (r, in, kh, kw) and (out, r, 1, 1).")
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
         pairs.setdefault((rank, alpha), name)
     if len(pairs) != 1:

@@ -50,6 +50,11 @@ _FULL_CONFIGS = {
 }
 _LINEARS_PER_BLOCK = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2")
                            for proj in ("to_q", "to_k", "to_v", "to_out.0")) + ("ff.net.0.proj", "ff.net.2")
+# Res-block layers that can carry LoRA: LDM name -> diffusers name (ComfyUI's UNET_MAP_RESNET pairs).
+# LDM res blocks always have a skip_connection (an Identity where the channels stay the same);
+# diffusers ones have a conv_shortcut only where they change.
+RESNET_LAYERS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
+                 "skip_connection": "conv_shortcut"}
 
 
 # ---- peft -> kohya key form ---------------------------------------------------------------------
@@ -245,11 +250,31 @@ def _transformers(layout: UNetLayout) -> Iterator[tuple[str, str, int]]:
             n += 1
 
 
+def _resnets(layout: UNetLayout) -> Iterator[tuple[str, str]]:
+    """(LDM prefix, diffusers prefix) of every res block, in LDM build order."""
+    n = 1  # input_blocks.0 is conv_in
+    for level, depths in enumerate(layout.down):
+        for i in range(len(depths)):
+            yield f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{i}"
+            n += 1
+        n += 1  # the downsampler block
+    if layout.mid:  # [res, transformer, res]; a middle block without a transformer is not mapped
+        yield "middle_block.0", "mid_block.resnets.0"
+        yield "middle_block.2", "mid_block.resnets.1"
+    n = 0
+    for u, depths in enumerate(reversed(layout.up)):
+        for i in range(len(depths)):
+            yield f"output_blocks.{n}.0", f"up_blocks.{u}.resnets.{i}"
+            n += 1
+
+
 def ldm_to_diffusers_paths(arch: str, unet_config: Any = None) -> dict[str, str]:
-    """LDM module path -> diffusers module path for every transformer linear of the UNet.
+    """LDM module path -> diffusers module path for every LoRA-able layer of the UNet's blocks.
 
     Covers ``proj_in``, ``proj_out`` and, per transformer block, ``attn1``/``attn2`` ``to_q``, ``to_k``,
-    ``to_v``, ``to_out.0`` and ``ff.net.0.proj``, ``ff.net.2`` (not resnets, conv_in/out, embeddings).
+    ``to_v``, ``to_out.0`` and ``ff.net.0.proj``, ``ff.net.2``; and per res block ``conv1``,
+    ``conv2``, ``time_emb_proj`` and ``conv_shortcut`` (``RESNET_LAYERS``). Not mapped: conv_in/out,
+    the time embedding, down/upsamplers and norms.
 
     Args:
         arch: ``sd15`` or ``sdxl``.
@@ -268,6 +293,8 @@ def _path_pairs(layout: UNetLayout) -> dict[str, str]:
         suffixes = ["proj_in", "proj_out"] + [f"transformer_blocks.{t}.{s}" for t in range(depth)
                                               for s in _LINEARS_PER_BLOCK]
         out.update({f"{ldm}.{s}": f"{diffusers}.{s}" for s in suffixes})
+    for ldm, diffusers in _resnets(layout):
+        out.update({f"{ldm}.{a}": f"{diffusers}.{b}" for a, b in RESNET_LAYERS.items()})
     return out
 
 
@@ -325,7 +352,7 @@ def convert_names(state: dict[str, Any], source: str, target: str, unet_config: 
         A new dict with the same values under the renamed keys.
 
     Raises:
-        ValueError: a module with no counterpart (only transformer linears are mapped).
+        ValueError: a module with no counterpart (only transformer and res-block layers are mapped).
     """
     check_naming(source)
     check_naming(target)
@@ -346,7 +373,8 @@ def convert_names(state: dict[str, Any], source: str, target: str, unet_config: 
     if unknown:
         shown = ", ".join(sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ValueError(f"{len(unknown)} LoRA module(s) have no {target} counterpart in this UNet: {shown}. "
-                         "Only transformer linears (attn, ff, proj_in/out) are mapped, and the UNet layout "
+                         "Only transformer linears (attn, ff, proj_in/out) and res-block layers (conv1, conv2, "
+                         "time_emb_proj, conv_shortcut) are mapped, and the UNet layout "
                          "must be the one the LoRA was made for.")
     return out
 

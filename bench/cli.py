@@ -89,6 +89,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--efficiency-k", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="AlignProp's truncation in item 4: K drawn uniformly from MIN..MAX of the T=10 "
                         "steps (default: the demo's)")
+    r.add_argument("--efficiency-lora-targets", nargs="+", default=None, metavar="SUFFIX",
+                   help="LoRA target modules of both methods in item 4 and its --efficiency-also runs "
+                        "(LoraConfig.target_modules; default: the demo's)")
     r.add_argument("--efficiency-reward-augment", default="none", choices=REWARD_AUGMENTS,
                    help="AlignProp's TrainConfig.reward_augment in item 4 and its --efficiency-also runs")
     r.add_argument("--efficiency-also-lr", type=float, default=1e-2,
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             ddpo_seeds=tuple(args.ddpo_seeds) if args.ddpo_seeds else plan.ddpo_seeds,
             alignprop_lr=args.efficiency_lr, alignprop_reward_augment=args.efficiency_reward_augment,
             **(dict(k_min=args.efficiency_k[0], k_max=args.efficiency_k[1]) if args.efficiency_k else {}),
+            **(dict(lora_targets=tuple(args.efficiency_lora_targets)) if args.efficiency_lora_targets else {}),
             alignprop_seeds=plan.alignprop_seeds, workers=args.efficiency_workers, threads=args.threads)
         results["efficiency"] = efficiency.run(spec)
         plots.efficiency(results["efficiency"], out)

@@ -55,6 +55,7 @@ class EfficiencySpec:
     k_min: int = DEMO_SAMPLER.k_min  # AlignProp's truncation: K drawn uniformly from [k_min, k_max]
     k_max: int = DEMO_SAMPLER.k_max
     lora_rank: int = DEMO_LORA.rank  # alpha = rank (scale 1), for both methods
+    lora_targets: tuple[str, ...] = DEMO_LORA.target_modules  # LoraConfig.target_modules, both methods
     px: int = 0
     model_seed: int = 0  # weights of a builtin random model (tiny | small): one model for every run
     seed: int = 0  # the seed of a single run (run_alignprop, run_ddpo); run() sets it from the tuples below
@@ -126,7 +127,8 @@ def _eval_configs(spec: EfficiencySpec) -> tuple[SamplerConfig, TrainConfig]:
 
 
 def _lora_config(spec: EfficiencySpec) -> LoraConfig:
-    return LoraConfig(rank=spec.lora_rank, alpha=float(spec.lora_rank), init_seed=spec.seed)
+    return LoraConfig(rank=spec.lora_rank, alpha=float(spec.lora_rank), init_seed=spec.seed,
+                      target_modules=tuple(spec.lora_targets))
 
 
 def run_alignprop(spec: EfficiencySpec) -> list[dict]:

@@ -6,6 +6,7 @@ from pathlib import Path
 from bench.plots import efficiency_plot_name
 
 MIB = 2 ** 20
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # LoraConfig's default target_modules
 
 
 def _mark(ok: bool | None) -> str:
@@ -92,7 +93,17 @@ def alignprop_setting(spec: dict) -> str:
     """AlignProp's settings in item 4 that are chosen per reward: lr, K and reward augmentation."""
     k_min, k_max = spec.get("k_min", 1), spec.get("k_max", 1)
     k = f"{k_min}-{k_max}" if k_min != k_max else f"{k_min}"
-    return f"lr {spec['alignprop_lr']:g}, K {k}, reward augmentation {spec.get('alignprop_reward_augment', 'none')}"
+    out = f"lr {spec['alignprop_lr']:g}, K {k}, reward augmentation {spec.get('alignprop_reward_augment', 'none')}"
+    targets = tuple(spec.get("lora_targets", ATTENTION_TARGETS))
+    return out if targets == ATTENTION_TARGETS else f"{out}, LoRA on {lora_scope(targets)}"
+
+
+def lora_scope(targets) -> str:
+    """The LoRA target modules in words (results before lora_targets was recorded: attention only)."""
+    targets = tuple(targets)
+    if targets == ATTENTION_TARGETS:
+        return "the attention projections"
+    return "`" + "`, `".join(targets) + "`"
 
 
 def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against RL") -> list[str]:
@@ -163,7 +174,8 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
             "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "
             f"1e-4, advantage clip 5, lr {eff.get('ddpo_lr', s.get('ddpo_lr', 3e-4)):g}; TRL's default is 3e-4), "
             f"seed{'s' if len(dd_seeds) > 1 else ''} {', '.join(map(str, dd_seeds))}. "
-            f"Both train a rank-{s.get('lora_rank', 4)} LoRA and are evaluated by `trainer.evaluate` "
+            f"Both train a rank-{s.get('lora_rank', 4)} LoRA on "
+            f"{lora_scope(s.get('lora_targets', ATTENTION_TARGETS))} and are evaluated by `trainer.evaluate` "
             f"(DDIM eta 0, fixed latents, {s.get('eval_prompts') or 'all'} held-out prompts, "
             f"{s.get('eval_latents', 1)} image(s) each).", ""]
     return out

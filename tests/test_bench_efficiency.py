@@ -124,3 +124,31 @@ def test_run_end_to_end_on_the_tiny_model(tmp_path):
     assert "(sample_efficiency_smoothness.png)" in page
     rows = [r for r in summary_table(results) if "reward queries for AlignProp to reach" in r]
     assert len(rows) == 2 and "`smoothness`" in rows[1]
+
+
+def test_lora_targets_reach_both_methods_and_the_report():
+    """spec.lora_targets is the LoRA of AlignProp and DDPO alike, a res-block-only LoRA trains, and the
+    report names a LoRA that is not the attention default."""
+    from dataclasses import replace
+
+    from bench.report import alignprop_setting, efficiency_section
+
+    spec = efficiency.EfficiencySpec(model="tiny", reward="color_target", steps=2, k_min=1, k_max=1,
+                                     alignprop_queries=4, alignprop_batch=2, alignprop_eval_every=2,
+                                     ddpo_queries=8, ddpo_eval_every=8, eval_prompts=2, eval_latents=1,
+                                     train_eval_prompts=0, lora_rank=2, lora_targets=("conv1", "conv2"))
+    assert efficiency._lora_config(spec).target_modules == ("conv1", "conv2")
+    ap = efficiency.run_alignprop(spec)
+    dd = efficiency.run_ddpo(spec, 3e-1)
+    assert ap[-1]["reward"] != ap[0]["reward"] and dd[-1]["reward"] != dd[0]["reward"]
+    assert ap[0]["reward"] == pytest.approx(dd[0]["reward"], abs=1e-6)
+    as_dict = vars(spec) | {"seed": 0}
+    assert alignprop_setting(as_dict).endswith("LoRA on `conv1`, `conv2`")
+    default = vars(replace(spec, lora_targets=("to_q", "to_k", "to_v", "to_out.0")))
+    assert "LoRA on" not in alignprop_setting(default)
+    res = {"spec": as_dict, "alignprop": ap, "alignprop_runs": [ap], "ddpo": dd, "ddpo_lr": 3e-1,
+           "ddpo_sweep": [{"lr": 3e-1, "curve": dd, "runs": [dd]}], "ddpo_final": dd[-1]["reward"],
+           "ddpo_best": max(c["reward"] for c in dd), "ddpo_improved": True, "alignprop_queries_needed": None,
+           "alignprop_queries_per_seed": [None], "alignprop_queries_to_ddpo_best": None, "factor": None,
+           "met": False, "target_factor": 25}
+    assert "rank-2 LoRA on `conv1`, `conv2` and are evaluated" in "\n".join(efficiency_section(res))

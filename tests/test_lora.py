@@ -64,7 +64,8 @@ def lora_file_of(model, cfg):
 def delta_w(lora: LoraFile, name: str) -> torch.Tensor:
     up, down = lora.state[f"{name}.lora_up.weight"], lora.state[f"{name}.lora_down.weight"]
     alpha = float(lora.state[f"{name}.alpha"])
-    return (alpha / down.shape[0]) * up.double() @ down.double()
+    # conv factors (r, in, kh, kw) / (out, r, 1, 1) flatten to the linear case: dW of shape (out, in*kh*kw)
+    return (alpha / down.shape[0]) * up.flatten(1).double() @ down.flatten(1).double()
 
 
 # ---- add_lora ---------------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def test_init_is_noop_deterministic_and_keeps_global_rng(unet, inputs):
 
 
 def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
-    """The transformer linears of a diffusers UNet re-registered under LDM (ComfyUI) paths, in LDM order."""
+    """The transformer and res-block layers of a diffusers UNet re-registered under LDM (ComfyUI)
+    paths, in LDM order."""
     from alignprop_core.lora_keys import ldm_to_diffusers_paths, unet_layout
 
     view = torch.nn.Module()
@@ -126,8 +128,10 @@ def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
         if level < len(levels) - 1:
             put(f"input_blocks.{j}.0.op", torch.nn.Identity())
             j += 1
+    have = dict(unet.named_modules())
     for ldm, diffusers in ldm_to_diffusers_paths("sd15", unet).items():
-        put(ldm, unet.get_submodule(diffusers))
+        if diffusers in have:  # a res block without a conv_shortcut has none to alias
+            put(ldm, have[diffusers])
     return view
 
 
@@ -327,6 +331,72 @@ def test_mix_errors(two_loras, tmp_path):
         mix_loras(a, partial, 0.5, "delta")
     saved = load_lora(save_lora_file(tmp_path / "mix.safetensors", mix_loras(a, b, 0.5, "delta")))
     assert (saved.rank, saved.alpha, saved.metadata["alignprop.mix_mode"]) == (6, 6.0, "delta")
+
+
+# ---- res-block (conv) LoRA ---------------------------------------------------------------------
+
+RES_TARGETS = TARGETS + ("conv1", "conv2", "time_emb_proj", "conv_shortcut")
+
+
+def test_res_block_lora_acts_saves_loads_and_mixes(unet, inputs, tmp_path):
+    with torch.no_grad():
+        base = run(unet, inputs)
+    cfg = LoraConfig(rank=3, alpha=6.0, target_modules=RES_TARGETS)
+    params = add_lora(unet, cfg)
+    convs = [n for n, p in lora_parameters(unet) if ".resnets." in n and p.dim() == 4]
+    assert convs and any(n.endswith("conv_shortcut.lora_A.default.weight") for n in convs)
+    perturb(params)
+    with torch.no_grad():
+        expected = run(unet, inputs)
+    assert not torch.allclose(expected, base, atol=1e-4)
+
+    path = save_lora(tmp_path / "res.safetensors", unet, cfg, arch="sd15")
+    lora = load_lora(path)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert lora.state[f"{name}.lora_down.weight"].shape == (3, 32, 3, 3)
+    assert lora.state[f"{name}.lora_up.weight"].shape == (32, 3, 1, 1)
+    fresh = make_unet()
+    apply_lora_file(fresh, lora)
+    with torch.no_grad():
+        assert torch.equal(run(fresh, inputs), expected)
+
+    other = make_unet()
+    perturb(add_lora(other, LoraConfig(rank=2, alpha=2.0, target_modules=RES_TARGETS, init_seed=5)), seed=8)
+    b = lora_file_of(other, LoraConfig(rank=2, alpha=2.0, target_modules=RES_TARGETS))
+    mixed = mix_loras(lora, b, 0.3, "delta")
+    assert torch.allclose(delta_w(mixed, name), 0.7 * delta_w(lora, name) + 0.3 * delta_w(b, name), atol=1e-6)
+    back = make_unet()
+    apply_lora_file(back, mix_loras(lora, b, 0.0, "delta"))
+    with torch.no_grad():
+        assert torch.allclose(run(back, inputs), expected, atol=1e-5)
+
+
+def test_res_block_targets_reach_ldm_names_with_the_same_init():
+    """On an LDM-named UNet, conv1/conv2/time_emb_proj/conv_shortcut target in_layers.2/out_layers.3/
+    emb_layers.1/skip_connection, and every adapter starts as on the diffusers twin."""
+    from alignprop_core.lora_keys import ldm_to_diffusers_paths
+
+    cfg = LoraConfig(init_seed=4, target_modules=RES_TARGETS)
+    diffusers_unet, view = make_unet(), _ldm_view(make_unet())
+    add_lora(diffusers_unet, cfg)
+    add_lora(view, cfg)
+    d_state, l_state = lora_state_dict(diffusers_unet), lora_state_dict(view)
+    pairs = ldm_to_diffusers_paths("sd15", view)
+    suffix = ".lora_A.weight"
+    l_modules = [k[: -len(suffix)] for k in l_state if k.endswith(suffix)]
+    assert any(m.endswith(".in_layers.2") for m in l_modules)
+    assert any(m.endswith(".skip_connection") for m in l_modules)
+    assert {pairs[m] for m in l_modules} == {k[: -len(suffix)] for k in d_state if k.endswith(suffix)}
+    for m in l_modules:
+        assert torch.equal(l_state[m + suffix], d_state[pairs[m] + suffix]), m
+
+
+def test_conv_factors_of_the_wrong_shape_are_refused(tmp_path):
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    bad = {f"{name}.lora_down.weight": torch.zeros(3, 32, 3, 3), f"{name}.lora_up.weight": torch.zeros(32, 3, 3, 3)}
+    with pytest.raises(ValueError, match=r"conv factors \(r, in, kh, kw\) and \(out, r, 1, 1\)"):
+        save_lora_file(tmp_path / "bad.safetensors", LoraFile(state=bad, rank=3, alpha=3.0))
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 # ---- bad inputs --------------------------------------------------------------------------------

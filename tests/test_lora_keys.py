@@ -23,13 +23,14 @@ from alignprop_core import lora_keys
 from alignprop_core.config import LoraConfig
 from alignprop_core.lora import add_lora
 from alignprop_core.lora_io import apply_lora_file, load_lora, save_lora
-from alignprop_core.lora_keys import (UNetLayout, convert_names, export_names, kohya_name,
+from alignprop_core.lora_keys import (RESNET_LAYERS, UNetLayout, convert_names, export_names, kohya_name,
                                       ldm_to_diffusers_paths, lora_metadata, naming_of, unet_layout)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 TARGETS = {"sd15": ATTN, "sdxl": ATTN + ("proj_in", "proj_out")}  # SD1.x proj_in/out are 1x1 convs
+RES = ("conv1", "conv2", "time_emb_proj", "conv_shortcut")  # res-block layers (diffusers names)
 TEXT_WIDTH, POOLED_WIDTH, TIME_EMBED = 16, 16, 8
 UNET_CONFIGS = {
     "sd15": dict(block_out_channels=(32, 64), layers_per_block=1,
@@ -57,7 +58,8 @@ COMFY_FULL = {  # comfy/supported_models.py SDXL, and SD1.5 as detected from its
     "sdxl": dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10),
 }
-# (LDM path, diffusers path) pairs read off ComfyUI's comfy.utils.unet_to_diffusers for the full models.
+# (LDM path, diffusers path) pairs read off ComfyUI's comfy.utils.unet_to_diffusers for the full models
+# (ComfyUI 0.3.75; the res-block pairs from its UNET_MAP_RESNET).
 FULL_SAMPLES = {
     "sd15": [
         ("input_blocks.1.1.transformer_blocks.0.attn1.to_q",
@@ -74,6 +76,13 @@ FULL_SAMPLES = {
         ("output_blocks.5.1.transformer_blocks.0.ff.net.0.proj",
          "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj"),
         ("output_blocks.11.1.proj_out", "up_blocks.3.attentions.2.proj_out"),
+        ("input_blocks.1.0.in_layers.2", "down_blocks.0.resnets.0.conv1"),
+        ("input_blocks.4.0.skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
+        ("input_blocks.11.0.in_layers.2", "down_blocks.3.resnets.1.conv1"),
+        ("middle_block.0.out_layers.3", "mid_block.resnets.0.conv2"),
+        ("middle_block.2.emb_layers.1", "mid_block.resnets.1.time_emb_proj"),
+        ("output_blocks.0.0.out_layers.3", "up_blocks.0.resnets.0.conv2"),
+        ("output_blocks.11.0.skip_connection", "up_blocks.3.resnets.2.conv_shortcut"),
     ],
     "sdxl": [
         ("input_blocks.4.1.transformer_blocks.1.attn2.to_k",
@@ -89,6 +98,9 @@ FULL_SAMPLES = {
         ("output_blocks.3.1.proj_in", "up_blocks.1.attentions.0.proj_in"),
         ("output_blocks.5.1.transformer_blocks.1.attn2.to_out.0",
          "up_blocks.1.attentions.2.transformer_blocks.1.attn2.to_out.0"),
+        ("input_blocks.7.0.in_layers.2", "down_blocks.2.resnets.0.conv1"),
+        ("output_blocks.3.0.emb_layers.1", "up_blocks.1.resnets.0.time_emb_proj"),
+        ("output_blocks.8.0.skip_connection", "up_blocks.2.resnets.2.conv_shortcut"),
     ],
 }
 FULL_ABSENT = {"sd15": ("input_blocks.3.1.proj_in", "input_blocks.10.1.proj_in", "output_blocks.2.1.proj_in"),
@@ -167,9 +179,9 @@ def randomise(params, seed: int = 3):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
 
 
-def tuned_unet(arch: str, base=None):
+def tuned_unet(arch: str, base=None, targets=None):
     unet = copy.deepcopy(base) if base is not None else make_unet(arch)
-    cfg = LoraConfig(rank=4, alpha=2.0, target_modules=TARGETS[arch])
+    cfg = LoraConfig(rank=4, alpha=2.0, target_modules=targets or TARGETS[arch])
     randomise(add_lora(unet, cfg))
     return unet, cfg
 
@@ -208,23 +220,26 @@ def ldm_module_names(cfg: dict) -> list[str]:
         return [f"{prefix}.proj_in", f"{prefix}.proj_out"] + [
             f"{prefix}.transformer_blocks.{t}.{s}" for t in range(depth) for s in LINEARS_PER_BLOCK]
 
+    def res_block(prefix: str) -> list[str]:  # ComfyUI's ResBlock always has a skip_connection
+        return [f"{prefix}.{layer}" for layer in RESNET_LAYERS]
+
     names, n = ["input_blocks.0.0"], 1
     for level in range(levels):
         for _ in range(res[level]):
-            names.append(f"input_blocks.{n}.0.in_layers")
+            names += res_block(f"input_blocks.{n}.0")
             depth = depth_in.pop(0)
             names += transformer(f"input_blocks.{n}.1", depth) if depth else []
             n += 1
         if level != levels - 1:
             names.append(f"input_blocks.{n}.0.op")
             n += 1
-    names.append("middle_block.0.in_layers")
+    names += res_block("middle_block.0")
     if cfg["transformer_depth_middle"] >= 0:
-        names += transformer("middle_block.1", cfg["transformer_depth_middle"]) + ["middle_block.2.in_layers"]
+        names += transformer("middle_block.1", cfg["transformer_depth_middle"]) + res_block("middle_block.2")
     n = 0
     for level in reversed(range(levels)):
         for i in range(res[level] + 1):
-            names.append(f"output_blocks.{n}.0.in_layers")
+            names += res_block(f"output_blocks.{n}.0")
             depth = depth_out.pop()
             names += transformer(f"output_blocks.{n}.1", depth) if depth else []
             if level and i == res[level]:
@@ -233,8 +248,10 @@ def ldm_module_names(cfg: dict) -> list[str]:
     return names
 
 
-def attention_leaves(names) -> set[str]:
-    return {n for n in names if n.endswith(("proj_in", "proj_out")) or ".transformer_blocks." in n}
+def block_leaves(names) -> set[str]:
+    """The transformer and res-block layers among LDM module names (what the path map covers)."""
+    return {n for n in names if n.endswith(("proj_in", "proj_out") + tuple(RESNET_LAYERS))
+            or ".transformer_blocks." in n}
 
 
 def module_tree(leaves: dict[str, torch.nn.Module]) -> torch.nn.Module:
@@ -252,23 +269,28 @@ def module_tree(leaves: dict[str, torch.nn.Module]) -> torch.nn.Module:
 
 
 def fake_ldm_unet(arch: str, diffusers_unet) -> torch.nn.Module:
-    """An LDM-named stand-in for ComfyUI's UNetModel: its transformer linears are copies of the
-    diffusers UNet's (matched through ComfyUI's block order), everything else is an Identity."""
+    """An LDM-named stand-in for ComfyUI's UNetModel: its transformer linears and res-block layers are
+    copies of the diffusers UNet's (matched through ComfyUI's block order), everything else (and a
+    skip_connection where diffusers has no conv_shortcut, as in ComfyUI) is an Identity."""
     to_diffusers = ldm_to_diffusers_paths(arch, COMFY_TINY[arch])
+    have = dict(diffusers_unet.named_modules())
     leaves = {}
     for name in ldm_module_names(COMFY_TINY[arch]):
-        source = diffusers_unet.get_submodule(to_diffusers[name]) if name in to_diffusers else None
-        leaves[name] = copy.deepcopy(source) if isinstance(source, torch.nn.Linear) else torch.nn.Identity()
+        source = have.get(to_diffusers.get(name))
+        layer = isinstance(source, (torch.nn.Linear, torch.nn.Conv2d))
+        leaves[name] = copy.deepcopy(source) if layer else torch.nn.Identity()
     return module_tree(leaves)
 
 
 def assert_same_modules(ldm, diffusers, arch: str, paths) -> None:
-    """Each LDM linear (with its LoRA) maps inputs exactly like its diffusers counterpart."""
+    """Each LDM linear or conv (with its LoRA) maps inputs exactly like its diffusers counterpart."""
     g = torch.Generator().manual_seed(5)
     pairs = ldm_to_diffusers_paths(arch, COMFY_TINY[arch])
     for path in paths:
         a, b = ldm.get_submodule(path), diffusers.get_submodule(pairs[path])
-        x = torch.randn(3, b.in_features, generator=g)
+        base = b.get_base_layer() if hasattr(b, "get_base_layer") else b
+        shape = (3, base.in_features) if isinstance(base, torch.nn.Linear) else (3, base.in_channels, 6, 6)
+        x = torch.randn(*shape, generator=g)
         with torch.no_grad():
             assert torch.allclose(a(x), b(x), atol=1e-6), path
 
@@ -281,9 +303,10 @@ def test_full_model_paths_match_comfyui(arch):
     for ldm, diffusers in FULL_SAMPLES[arch]:
         assert paths[ldm] == diffusers
     assert not any(p in paths for p in FULL_ABSENT[arch])
-    assert len(paths) == {"sd15": 16 * 2 + 16 * 10, "sdxl": 11 * 2 + 70 * 10}[arch]  # transformers, blocks
+    # transformers x (proj_in, proj_out) + transformer blocks x 10 linears + res blocks x 4 layers
+    assert len(paths) == {"sd15": 16 * 2 + 16 * 10 + 22 * 4, "sdxl": 11 * 2 + 70 * 10 + 17 * 4}[arch]
     assert ldm_to_diffusers_paths(arch, COMFY_FULL[arch]) == paths
-    assert set(paths) == attention_leaves(ldm_module_names(COMFY_FULL[arch]))
+    assert set(paths) == block_leaves(ldm_module_names(COMFY_FULL[arch]))
     fake = module_tree({n: torch.nn.Identity() for n in ldm_module_names(COMFY_FULL[arch])})
     assert unet_layout(fake) == unet_layout(None, arch)
 
@@ -300,22 +323,27 @@ def test_tiny_layouts_agree_from_every_source(arch):
     paths = ldm_to_diffusers_paths(arch, unet)
     assert paths == ldm_to_diffusers_paths(arch, COMFY_TINY[arch])
     ldm_names = ldm_module_names(COMFY_TINY[arch])
-    assert set(paths) == attention_leaves(ldm_names)
+    assert set(paths) == block_leaves(ldm_names)
     assert unet_layout(module_tree({n: torch.nn.Identity() for n in ldm_names})) == layout
-    real = {n for n, m in unet.named_modules() if ".attentions." in n and isinstance(m, (torch.nn.Linear,
-                                                                                          torch.nn.Conv2d))}
-    assert set(paths.values()) == real  # every diffusers transformer linear/1x1 conv, nothing else
+    layers = {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    real = {n for n in layers if ".attentions." in n or (".resnets." in n and n.endswith(RES))}
+    # every diffusers transformer linear/1x1 conv and res-block layer; the only extras are the
+    # conv_shortcuts of res blocks that keep their channels (ComfyUI's Identity skip_connection)
+    assert real <= set(paths.values())
+    assert all(p.endswith(".conv_shortcut") for p in set(paths.values()) - real)
 
 
 # ---- files through diffusers ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,naming", [("sd15", None), ("sdxl", None),
-                                         ("sd15", "ldm"), ("sdxl", "diffusers")])
-def test_diffusers_pipeline_loads_every_key_and_matches(arch, naming, tokenizer, tmp_path):
+@pytest.mark.parametrize("arch,naming,res", [("sd15", None, False), ("sdxl", None, False),
+                                             ("sd15", "ldm", False), ("sdxl", "diffusers", False),
+                                             ("sd15", None, True), ("sdxl", None, True)])
+def test_diffusers_pipeline_loads_every_key_and_matches(arch, naming, res, tokenizer, tmp_path):
+    """res: the LoRA also covers the res blocks (conv1, conv2, time_emb_proj, conv_shortcut)."""
     from peft.tuners.lora import LoraLayer
 
     base = make_unet(arch)
-    tuned, cfg = tuned_unet(arch, base)
+    tuned, cfg = tuned_unet(arch, base, TARGETS[arch] + RES if res else None)
     path = save_lora(tmp_path / "lora.safetensors", tuned, cfg, arch=arch, naming=naming)
     keys = list(st.load_file(str(path)))
     assert naming_of(keys) == (naming or lora_keys.CANONICAL_NAMING[arch])
@@ -361,16 +389,20 @@ def test_sd15_file_from_diffusers_applies_to_an_ldm_unet(tmp_path):
     assert_same_modules(ldm, tuned, "sd15", trained)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_lora_trained_on_an_ldm_unet_saves_canonical_names(arch, tmp_path):
+@pytest.mark.parametrize("arch,res", [("sd15", False), ("sdxl", False), ("sd15", True), ("sdxl", True)])
+def test_lora_trained_on_an_ldm_unet_saves_canonical_names(arch, res, tmp_path):
     diffusers_base = make_unet(arch)
     ldm = fake_ldm_unet(arch, diffusers_base)
-    cfg = LoraConfig(rank=4, alpha=8.0, target_modules=TARGETS[arch])
+    targets = TARGETS[arch] + (RES if res else ())  # RES in diffusers names; add_lora finds the LDM twins
+    cfg = LoraConfig(rank=4, alpha=8.0, target_modules=targets)
     randomise(add_lora(ldm, cfg), seed=11)
     path = save_lora(tmp_path / "ldm.safetensors", ldm, cfg, arch=arch)
     lora = load_lora(path)
     paths = ldm_to_diffusers_paths(arch, COMFY_TINY[arch])
-    trained = [n for n, _ in ldm.named_modules() if n in paths and n.endswith(TARGETS[arch])]
+    trained = [n for n, m in ldm.named_modules() if n in paths and hasattr(m, "lora_A")]
+    expected_suffixes = TARGETS[arch] + (tuple(RESNET_LAYERS) if res else ())
+    assert trained and all(n.endswith(expected_suffixes) for n in trained)
+    assert res == any(n.endswith(".in_layers.2") for n in trained)
     own = {kohya_name(p) for p in trained}
     names = {k.split(".")[0] for k in lora.state}
     assert names == (own if arch == "sdxl" else {kohya_name(paths[p]) for p in trained})
