@@ -100,7 +100,7 @@ class AlignPropTrainer(io.ComfyNode):
                                      "held-out prompt from its fixed evaluation latent, sampled with the "
                                      "current LoRA (costs one sampling run each time); 0 turns it off"),
                 *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS),
-                *config_inputs(LoraConfig, skip=("target_modules",), prefix="lora_", limits=LORA_LIMITS),
+                *config_inputs(LoraConfig, prefix="lora_", limits=LORA_LIMITS),
             ],
             outputs=[io.Model.Output(display_name="model"), Lora.Output(display_name="lora"),
                      io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path")])
@@ -121,7 +121,9 @@ class AlignPropTrainer(io.ComfyNode):
             train_prompts = parse_prompts(prompts, source="the prompts input")
         held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
         cfg = build(TrainConfig, kwargs, reward=reward["name"])
-        lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha) if init_lora is not None
+        lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha,  # the file's own layers
+                               target_modules=init_lora.target_modules or LoraConfig().target_modules)
+                    if init_lora is not None
                     else build(LoraConfig, kwargs, prefix="lora_"))
         path = output_path("loras", lora_name)
         sampler = sampler or SamplerConfig()

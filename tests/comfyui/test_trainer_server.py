@@ -24,7 +24,8 @@ TRAIN = {"loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "s
          "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0,
          "width": 64, "height": 64, "negative_prompt": "", "mixed_precision": "no", "seed": 0, "eval_every": 0,
          "eval_seed": 1234, "eval_batch_size": 2, "save_every": 0, "lora_rank": 4, "lora_alpha": 4.0,
-         "lora_init_seed": 0}
+         "lora_target_modules": "to_q, to_k, to_v, to_out.0", "lora_init_seed": 0}
+RES_TARGETS = "to_q, to_k, to_v, to_out.0, conv1, conv2, time_emb_proj, conv_shortcut"  # + res blocks
 
 
 def trainer_graph(ckpt: str, lora_name: str, **overrides) -> dict:
@@ -96,19 +97,25 @@ def test_node_list_and_inputs(server):
             assert spec[1].get("tooltip") if len(spec) > 1 else False, (name, spec)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_trained_lora_loads_in_loraloader_and_changes_ksampler(server, kind, request):
+@pytest.mark.parametrize("kind,res", [("sd15", False), ("sdxl", False), ("sd15", True), ("sdxl", True)])
+def test_trained_lora_loads_in_loraloader_and_changes_ksampler(server, kind, res, request):
+    """res: the LoRA also covers the res blocks (conv LoRA on ComfyUI's in_layers.2/out_layers.3, ...)."""
     ckpt = request.getfixturevalue(f"{kind}_checkpoint")
     started = time.monotonic()
-    server.run(trainer_graph(ckpt, f"alignprop_test/{kind}"), timeout=1200)
-    print(f"\n[comfyui] {kind} trainer run: {time.monotonic() - started:.1f} s")
-    path = server.models_dir / "loras" / "alignprop_test" / f"{kind}.safetensors"
+    name = f"{kind}_res" if res else kind
+    overrides = {"lora_target_modules": RES_TARGETS} if res else {}
+    server.run(trainer_graph(ckpt, f"alignprop_test/{name}", **overrides), timeout=1200)
+    print(f"\n[comfyui] {name} trainer run: {time.monotonic() - started:.1f} s")
+    path = server.models_dir / "loras" / "alignprop_test" / f"{name}.safetensors"
     lora = load_lora(path)
     assert lora.metadata["alignprop.step"] == "2" and lora.rank == 4
+    convs = [k for k, v in lora.state.items() if k.endswith("lora_down.weight") and v.dim() == 4
+             and ("resnets" in k or "_0_in_layers_2" in k or "_0_out_layers_3" in k)]
+    assert bool(convs) == res, convs[:3]
 
     log_before = server.log_text()
     plain = _image(server, server.run(ksampler_graph(ckpt, f"{kind}_plain", None), timeout=900))
-    patched = _image(server, server.run(ksampler_graph(ckpt, f"{kind}_lora", f"alignprop_test/{kind}.safetensors"),
+    patched = _image(server, server.run(ksampler_graph(ckpt, f"{name}_lora", f"alignprop_test/{name}.safetensors"),
                                         timeout=900))
     new_log = server.log_text()[len(log_before):]
     assert "lora key not loaded" not in new_log, new_log[-3000:]
