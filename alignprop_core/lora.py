@@ -1,7 +1,7 @@
 """LoRA adapters on a frozen denoiser: injection, trainable parameters, state, scale, removal.
 
-AlignProp trains only low-rank adapters on the attention projections of the denoiser while every
-base weight stays frozen and bit-identical. peft does the layer surgery
+AlignProp trains only low-rank adapters on the denoiser (by default on its attention projections)
+while every base weight stays frozen and bit-identical. peft does the layer surgery
 (``peft.inject_adapter_in_model``); this module adds what training needs around it:
 
 * deterministic initialisation from ``LoraConfig.init_seed`` that leaves the global RNG untouched and
