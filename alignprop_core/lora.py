@@ -127,12 +127,12 @@ def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
     if has_lora(module):
         raise ValueError("This module already has LoRA layers injected; load weights into them with "
                          "set_lora_state_dict (or apply_lora_file), or call remove_lora first.")
-    names = [n for n, _ in module.named_modules() if n]
+    modules = [(n, m) for n, m in module.named_modules() if n]
+    names = [n for n, _ in modules]
     targets = _with_ldm_names(tuple(cfg.target_modules), names)
     # An Identity holds no weight to adapt (ComfyUI's skip_connection where the channels stay the
     # same); peft is given the matched layers by full path so it never sees one.
-    paths = [n for n, m in module.named_modules()
-             if n and _matches(n, targets) and not isinstance(m, nn.Identity)]
+    paths = [n for n, m in modules if _matches(n, targets) and not isinstance(m, nn.Identity)]
     if not paths:
         sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(f"No module matches target_modules {list(targets)}; targets are name suffixes "

@@ -231,41 +231,38 @@ def unet_layout(unet_config: Any = None, arch: str | None = None) -> UNetLayout:
                      "(down_block_types, ...) or a ComfyUI unet_config (num_res_blocks, channel_mult, ...).")
 
 
-def _transformers(layout: UNetLayout) -> Iterator[tuple[str, str, int]]:
-    """(LDM prefix, diffusers prefix, depth) of every transformer, in LDM build order."""
+def _level_blocks(layout: UNetLayout) -> Iterator[tuple[str, str, int, int]]:
+    """(LDM block, diffusers block, layer index, transformer depth) of every res block (with its
+    transformer, if any) of the down and up levels, in LDM build order; the middle block is not here."""
     n = 1  # input_blocks.0 is conv_in
     for level, depths in enumerate(layout.down):
         for i, depth in enumerate(depths):
-            if depth:
-                yield f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{i}", depth
+            yield f"input_blocks.{n}", f"down_blocks.{level}", i, depth
             n += 1
         n += 1  # the downsampler block (after the last level nothing follows, so harmless)
-    if layout.mid:
-        yield "middle_block.1", "mid_block.attentions.0", layout.mid
     n = 0
     for u, depths in enumerate(reversed(layout.up)):
         for i, depth in enumerate(depths):
-            if depth:
-                yield f"output_blocks.{n}.1", f"up_blocks.{u}.attentions.{i}", depth
+            yield f"output_blocks.{n}", f"up_blocks.{u}", i, depth
             n += 1
+
+
+def _transformers(layout: UNetLayout) -> Iterator[tuple[str, str, int]]:
+    """(LDM prefix, diffusers prefix, depth) of every transformer."""
+    for ldm, diffusers, i, depth in _level_blocks(layout):
+        if depth:
+            yield f"{ldm}.1", f"{diffusers}.attentions.{i}", depth
+    if layout.mid:
+        yield "middle_block.1", "mid_block.attentions.0", layout.mid
 
 
 def _resnets(layout: UNetLayout) -> Iterator[tuple[str, str]]:
-    """(LDM prefix, diffusers prefix) of every res block, in LDM build order."""
-    n = 1  # input_blocks.0 is conv_in
-    for level, depths in enumerate(layout.down):
-        for i in range(len(depths)):
-            yield f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{i}"
-            n += 1
-        n += 1  # the downsampler block
+    """(LDM prefix, diffusers prefix) of every res block."""
+    for ldm, diffusers, i, _ in _level_blocks(layout):
+        yield f"{ldm}.0", f"{diffusers}.resnets.{i}"
     if layout.mid:  # [res, transformer, res]; a middle block without a transformer is not mapped
         yield "middle_block.0", "mid_block.resnets.0"
         yield "middle_block.2", "mid_block.resnets.1"
-    n = 0
-    for u, depths in enumerate(reversed(layout.up)):
-        for i in range(len(depths)):
-            yield f"output_blocks.{n}.0", f"up_blocks.{u}.resnets.{i}"
-            n += 1
 
 
 def ldm_to_diffusers_paths(arch: str, unet_config: Any = None) -> dict[str, str]:

@@ -128,7 +128,7 @@ def _eval_configs(spec: EfficiencySpec) -> tuple[SamplerConfig, TrainConfig]:
 
 def _lora_config(spec: EfficiencySpec) -> LoraConfig:
     return LoraConfig(rank=spec.lora_rank, alpha=float(spec.lora_rank), init_seed=spec.seed,
-                      target_modules=tuple(spec.lora_targets))
+                      target_modules=spec.lora_targets)
 
 
 def run_alignprop(spec: EfficiencySpec) -> list[dict]:

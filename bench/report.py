@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignprop_core.config import LoraConfig
 from bench.plots import efficiency_plot_name
 
 MIB = 2 ** 20
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # LoraConfig's default target_modules
+ATTENTION_TARGETS = LoraConfig().target_modules  # what results without lora_targets were run with
 
 
 def _mark(ok: bool | None) -> str:
