@@ -141,6 +141,9 @@ class TrainConfig:
     eval_every: int = _help("evaluate on held-out prompts every N steps (0 = only start and end)",
                             default=5)
     eval_seed: int = _help("seed of the fixed evaluation latents", default=1234)
+    eval_latents: int = _help("images per held-out prompt, each from its own fixed latent: the held-out "
+                              "reward is the mean over prompts x eval_latents images (more = a less noisy "
+                              "curve, at more evaluation time)", default=1)
     eval_batch_size: int = _help("images per evaluation forward pass", default=4)
     save_every: int = _help("save the LoRA and the training state every N steps (0 = only at end)",
                             default=0)
@@ -155,7 +158,7 @@ class TrainConfig:
                              f"needs square images, not {self.width}x{self.height}; use 'hflip' or "
                              "width == height.")
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "width", "height",
-                  "eval_batch_size")
+                  "eval_latents", "eval_batch_size")
         _non_negative(self, "weight_decay", "max_grad_norm", "eval_every", "save_every",
                       "lr_warmup_steps")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:

@@ -17,7 +17,7 @@ from .plots import plot_reward_curve, save_before_after_grid
 from .rewards import RewardFn
 from .run_log import write_metrics
 from .t2i_model import load_t2i_model
-from .trainer import evaluate, train as train_lora
+from .trainer import eval_entries, evaluate, train as train_lora
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -74,8 +74,9 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
     grid = save_before_after_grid(before[:n], after[:n], grid_prompts, before_scores[:n],
                                   after_scores[:n], Path(out_dir) / "before_after.png", columns=12)
     evals = result.evals
-    extra = {} if report is None else {"held_out_report_start": report(before, shown),
-                                       "held_out_report_end": report(after, shown)}
+    scored = eval_entries(shown, train)  # the prompt of each image (eval_latents per prompt)
+    extra = {} if report is None else {"held_out_report_start": report(before, scored),
+                                       "held_out_report_end": report(after, scored)}
     return {**extra,
         "lora": str(result.lora_path), "metrics_csv": str(csv_path), "metrics_json": str(json_path),
         "reward_curve": str(curve), "before_after": str(grid),

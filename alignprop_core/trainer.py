@@ -72,14 +72,23 @@ def autocast_context(device: torch.device, mixed_precision: str) -> contextlib.A
 def evaluate(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],
              sampler: SamplerConfig, train: TrainConfig, return_images: bool = False
              ) -> tuple[list[float], torch.Tensor | None]:
-    """Reward of each held-out prompt from fixed latents (seeded by train.eval_seed).
+    """Reward of each held-out image, sampled from fixed latents (seeded by train.eval_seed).
+
+    Every prompt is scored train.eval_latents times, each time from its own latent; the images
+    follow `eval_entries(prompts, train)` (the prompt list repeated), so the first len(prompts) are
+    the same whatever eval_latents is.
 
     Returns:
-        (per-prompt rewards, images (N,3,H,W) on the CPU if return_images else None)
+        (per-image rewards, images (N,3,H,W) on the CPU if return_images else None)
     """
     gen = torch.Generator().manual_seed(train.eval_seed)
     with _frozen_reward_stats(reward_fn):
-        return _evaluate(backend, reward_fn, prompts, sampler, train, return_images, gen)
+        return _evaluate(backend, reward_fn, eval_entries(prompts, train), sampler, train, return_images, gen)
+
+
+def eval_entries(prompts: Sequence[str], train: TrainConfig) -> list[str]:
+    """The prompt of each image `evaluate` samples: the list, train.eval_latents times over."""
+    return list(prompts) * train.eval_latents
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def prompt_lists(spec: EfficiencySpec) -> tuple[list[str], list[str]]:
     train_p = shipped_prompts(f"{name}_train" if name == "toy" else name)
     eval_p = shipped_prompts(f"{name}_eval")
     eval_p = eval_p[:spec.eval_prompts] if spec.eval_prompts else eval_p
-    return train_p, eval_p * spec.eval_latents  # evaluate draws one latent per entry
+    return train_p, eval_p  # each scored spec.eval_latents times (TrainConfig.eval_latents)
 
 
 def train_subset(train_p: list[str], n: int) -> list[str]:
@@ -106,9 +106,11 @@ def _scorer(backend, reward_fn, sampler: SamplerConfig, tcfg: TrainConfig, eval_
     """() -> {"reward": held-out mean[, "train_reward": training-subset mean]} at the current weights."""
     def score() -> dict:
         out = {}
-        for key, prompts in (("reward", eval_p), ("train_reward", train_eval_p)):
+        # the held-out prompts with tcfg.eval_latents images each, the training subset with one
+        for key, prompts, cfg in (("reward", eval_p, tcfg),
+                                  ("train_reward", train_eval_p, replace(tcfg, eval_latents=1))):
             if prompts:
-                scores, _ = evaluate(backend, reward_fn, prompts, sampler, tcfg)
+                scores, _ = evaluate(backend, reward_fn, prompts, sampler, cfg)
                 out[key] = sum(scores) / len(scores)
         return out
     return score
@@ -118,7 +120,7 @@ def _eval_configs(spec: EfficiencySpec) -> tuple[SamplerConfig, TrainConfig]:
     sampler = SamplerConfig(steps=spec.steps, guidance_scale=spec.guidance, truncation="uniform",
                             k_min=spec.k_min, k_max=spec.k_max)
     tcfg = TrainConfig(reward=spec.reward, width=spec.size, height=spec.size, seed=spec.seed,
-                       eval_batch_size=12, batch_size=spec.alignprop_batch,
+                       eval_latents=spec.eval_latents, eval_batch_size=12, batch_size=spec.alignprop_batch,
                        lr=spec.alignprop_lr, lr_warmup_steps=spec.alignprop_warmup,
                        lr_schedule=spec.alignprop_schedule, reward_augment=spec.alignprop_reward_augment,
                        steps=max(1, spec.alignprop_queries // spec.alignprop_batch),

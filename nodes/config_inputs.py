@@ -20,10 +20,15 @@ BIG = 2 ** 31 - 1
 
 
 def config_inputs(cls: type, skip: tuple[str, ...] = (), prefix: str = "",
-                  limits: dict[str, tuple[float, float, float]] | None = None) -> list:
+                  limits: dict[str, tuple[float, float, float]] | None = None,
+                  optional: tuple[str, ...] = ()) -> list:
     """One node input per dataclass field (except `skip`), defaults taken from `cls()`.
 
     `limits` gives (min, max, step) for numeric fields; other numbers are only bounded below by 0.
+    Fields in `optional` become optional inputs: a field added after a node shipped goes there, so
+    workflows saved before it still validate (the API format) and keep their widget values in
+    place (the UI format lists optional widgets after the required ones); a missing one keeps
+    the dataclass default.
     """
     limits = limits or {}
     defaults = cls()
@@ -32,21 +37,22 @@ def config_inputs(cls: type, skip: tuple[str, ...] = (), prefix: str = "",
         if f.name in skip:
             continue
         name, default, tip = prefix + f.name, getattr(defaults, f.name), f.metadata.get("help", "")
+        common = dict(default=default, tooltip=tip, optional=f.name in optional)
         if f.name in CHOICES:
-            inputs.append(io.Combo.Input(name, options=list(CHOICES[f.name]), default=default, tooltip=tip))
+            inputs.append(io.Combo.Input(name, options=list(CHOICES[f.name]), **common))
         elif isinstance(default, bool):
-            inputs.append(io.Boolean.Input(name, default=default, tooltip=tip))
+            inputs.append(io.Boolean.Input(name, **common))
         elif isinstance(default, int):
             lo, hi, step = limits.get(f.name, (0, BIG, 1))
-            inputs.append(io.Int.Input(name, default=default, min=int(lo), max=int(hi), step=int(step), tooltip=tip))
+            inputs.append(io.Int.Input(name, min=int(lo), max=int(hi), step=int(step), **common))
         elif isinstance(default, float):
             lo, hi, step = limits.get(f.name, (0.0, 1e9, 0.001))
-            inputs.append(io.Float.Input(name, default=default, min=lo, max=hi, step=step, round=False,
-                                         tooltip=tip))
+            inputs.append(io.Float.Input(name, min=lo, max=hi, step=step, round=False, **common))
         elif isinstance(default, str):
-            inputs.append(io.String.Input(name, default=default, tooltip=tip))
+            inputs.append(io.String.Input(name, **common))
         elif isinstance(default, tuple):
-            inputs.append(io.String.Input(name, default=", ".join(default), tooltip=tip + " (comma separated)"))
+            inputs.append(io.String.Input(name, **{**common, "default": ", ".join(default),
+                                                   "tooltip": tip + " (comma separated)"}))
         else:
             raise TypeError(f"no node input type for {cls.__name__}.{f.name}")
     return inputs

@@ -33,12 +33,13 @@ from .sampler_nodes import Sampler
 
 TRAIN_LIMITS = {"steps": (1, 100000, 1), "batch_size": (1, 64, 1), "grad_accum": (1, 1024, 1),
                 "lr": (1e-7, 1.0, 1e-7), "width": (8, 4096, 8), "height": (8, 4096, 8),
-                "eval_batch_size": (1, 64, 1), "max_grad_norm": (0.0, 1000.0, 0.01),
+                "eval_batch_size": (1, 64, 1), "eval_latents": (1, 64, 1), "max_grad_norm": (0.0, 1000.0, 0.01),
                 "weight_decay": (0.0, 1.0, 1e-5), "adam_eps": (1e-12, 1e-3, 1e-12),
                 "adam_beta1": (0.0, 0.9999, 0.001), "adam_beta2": (0.0, 0.9999, 0.0001),
                 "reward_target": (-1e6, 1e6, 0.01), "seed": (0, 2 ** 63 - 1, 1),
                 "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1),
                 "lr_warmup_steps": (0, 100000, 1)}
+ADDED_LATER = ("eval_latents",)  # TrainConfig fields newer than the node: optional, see config_inputs
 LORA_LIMITS = {"rank": (1, 256, 1), "alpha": (0.01, 1024.0, 0.01)}
 
 
@@ -99,7 +100,7 @@ class AlignPropTrainer(io.ComfyNode):
                              tooltip="show a preview image on the node every N training steps: the first "
                                      "held-out prompt from its fixed evaluation latent, sampled with the "
                                      "current LoRA (costs one sampling run each time); 0 turns it off"),
-                *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS),
+                *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS, optional=ADDED_LATER),
                 *config_inputs(LoraConfig, prefix="lora_", limits=LORA_LIMITS),
             ],
             outputs=[io.Model.Output(display_name="model"), Lora.Output(display_name="lora"),
@@ -130,7 +131,7 @@ class AlignPropTrainer(io.ComfyNode):
 
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
-        preview_cfg = dataclasses.replace(cfg, eval_batch_size=1)
+        preview_cfg = dataclasses.replace(cfg, eval_batch_size=1, eval_latents=1)
 
         def preview() -> tuple[tuple, float]:
             """ComfyUI's preview tuple for the first held-out prompt, and its reward."""

@@ -63,10 +63,23 @@ def test_train_subset_spreads_over_the_list():
     assert efficiency.train_subset(prompts[:5], 36) == prompts[:5]
 
 
-def test_eval_latents_repeat_every_held_out_prompt():
+def test_eval_latents_score_every_held_out_prompt_that_often_and_the_training_subset_once():
     spec = efficiency.EfficiencySpec(reward="toy_count", eval_prompts=3, eval_latents=2)
     _, held_out = efficiency.prompt_lists(spec)
-    assert held_out[:3] == held_out[3:] and len(held_out) == 6
+    assert len(held_out) == 3
+    sampler, tcfg = efficiency._eval_configs(spec)
+    assert tcfg.eval_latents == 2
+    seen = []
+
+    def fake_evaluate(backend, reward_fn, prompts, sampler, train):
+        seen.append((list(prompts), train.eval_latents))
+        return [float(len(p)) for p in prompts] * train.eval_latents, None
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(efficiency, "evaluate", fake_evaluate)
+        out = efficiency._scorer(None, None, sampler, tcfg, held_out, ["a", "bb"])()
+    assert seen == [(held_out, 2), (["a", "bb"], 1)]
+    assert out["train_reward"] == 1.5
 
 
 def test_auto_prompts_are_the_toy_lists_for_the_toy_world_or_a_toy_reward():

@@ -44,6 +44,7 @@ def test_lora_config_errors(kwargs, match):
     (dict(adam_beta1=1.0), r"adam_beta1"),
     (dict(lr_schedule="step"), r"lr_schedule='step' is not known; use one of constant, linear, cosine"),
     (dict(lr_warmup_steps=-1), r"lr_warmup_steps must be >= 0"),
+    (dict(eval_latents=0), r"TrainConfig.eval_latents must be > 0"),
 ])
 def test_train_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -10,7 +10,7 @@ from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.lora import lora_parameters, lora_state_dict
 from alignprop_core.lora_io import load_lora
 from alignprop_core.rewards import make_reward
-from alignprop_core.trainer import learning_rate, train
+from alignprop_core.trainer import evaluate, learning_rate, train
 from tiny_models import make_backend
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow", "a fish", "a bird"]
@@ -54,6 +54,27 @@ def test_reward_rises_on_held_out_prompts_and_base_is_untouched():
         stem, _, leaf = key.rpartition(".")
         live_key = key if key in after else f"{stem}.base_layer.{leaf}"
         assert torch.equal(after[live_key], value), key
+
+
+def test_eval_latents_scores_each_held_out_prompt_on_its_own_latents():
+    backend = make_backend(torch.float32)
+    sampler, _, one = _configs(eval_batch_size=3)
+    three = TrainConfig(**{**one.__dict__, "eval_latents": 3})
+    reward = make_reward("color_target")
+    s1, im1 = evaluate(backend, reward, EVAL, sampler, one, return_images=True)
+    s3, im3 = evaluate(backend, reward, EVAL, sampler, three, return_images=True)
+    n = len(EVAL)
+    assert len(s1) == n and len(s3) == 3 * n and im3.shape[0] == 3 * n
+    # the first latent of each prompt is the one eval_latents=1 uses (up to float rounding: the
+    # batches are cut differently); the others are new draws
+    torch.testing.assert_close(im3[:n], im1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(s3[:n]), torch.tensor(s1), atol=1e-5, rtol=0)
+    for k in (1, 2):
+        assert (im3[k * n:(k + 1) * n] - im1).abs().amax() > 0.05
+    # and train() averages the held-out reward over all of them
+    result = train(backend, reward, PROMPTS, EVAL, sampler, LoraConfig(rank=4, alpha=4.0),
+                   TrainConfig(**{**three.__dict__, "steps": 1, "eval_every": 0}))
+    assert math.isclose(result.evals[0]["eval_reward"], sum(s3) / len(s3), rel_tol=1e-6)
 
 
 def test_same_seed_gives_identical_lora_and_other_seed_differs():

@@ -24,7 +24,7 @@ TRAIN = {"loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "s
          "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0,
          "width": 64, "height": 64, "negative_prompt": "", "mixed_precision": "no", "seed": 0, "eval_every": 0,
          "eval_seed": 1234, "eval_batch_size": 2, "save_every": 0, "lora_rank": 4, "lora_alpha": 4.0,
-         "lora_target_modules": "to_q, to_k, to_v, to_out.0", "lora_init_seed": 0}
+         "lora_target_modules": "to_q, to_k, to_v, to_out.0", "lora_init_seed": 0}  # no eval_latents: optional
 RES_TARGETS = "to_q, to_k, to_v, to_out.0, conv1, conv2, time_emb_proj, conv_shortcut"  # + res blocks
 
 
@@ -91,6 +91,9 @@ def test_node_list_and_inputs(server):
             "AlignProp_CLIPScoreReward", "AlignProp_CompressibilityReward", "AlignProp_ObjectCountReward"} <= set(ours)
     trainer = ours["AlignProp_Trainer"]["input"]
     assert {"model", "clip", "vae", "reward", "prompts", "lora_name"} <= set(trainer["required"])
+    # added after the node shipped: optional, so older workflows (like TRAIN, which leaves it out)
+    # still validate, and the UI lists it after every older widget
+    assert "eval_latents" in trainer["optional"] and "eval_latents" not in trainer["required"]
     for name, node in ours.items():
         assert node["category"].startswith("AlignProp/"), name
         for spec in {**node["input"].get("required", {}), **node["input"].get("optional", {})}.values():
