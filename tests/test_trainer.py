@@ -1,6 +1,7 @@
 """The AlignProp loop on a tiny model: reward rises, runs are reproducible, resume is exact."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -59,7 +60,7 @@ def test_reward_rises_on_held_out_prompts_and_base_is_untouched():
 def test_eval_latents_scores_each_held_out_prompt_on_its_own_latents():
     backend = make_backend(torch.float32)
     sampler, _, one = _configs(eval_batch_size=3)
-    three = TrainConfig(**{**one.__dict__, "eval_latents": 3})
+    three = dataclasses.replace(one, eval_latents=3)
     reward = make_reward("color_target")
     s1, im1 = evaluate(backend, reward, EVAL, sampler, one, return_images=True)
     s3, im3 = evaluate(backend, reward, EVAL, sampler, three, return_images=True)
@@ -73,7 +74,7 @@ def test_eval_latents_scores_each_held_out_prompt_on_its_own_latents():
         assert (im3[k * n:(k + 1) * n] - im1).abs().amax() > 0.05
     # and train() averages the held-out reward over all of them
     result = train(backend, reward, PROMPTS, EVAL, sampler, LoraConfig(rank=4, alpha=4.0),
-                   TrainConfig(**{**three.__dict__, "steps": 1, "eval_every": 0}))
+                   dataclasses.replace(three, steps=1, eval_every=0))
     assert math.isclose(result.evals[0]["eval_reward"], sum(s3) / len(s3), rel_tol=1e-6)
 
 
