@@ -17,6 +17,8 @@ the target module. Given an ``arch``, ``save_lora`` writes the module naming tha
 of the other naming; every key and name conversion lives in ``alignprop_core.lora_keys``. Run
 settings (steps, base model, ...) go in the safetensors metadata, never in the file name.
 ``save_lora`` writes a model's LoRA, ``save_lora_file`` a ``LoraFile`` (e.g. a mix).
+``check_lora_fits`` refuses a file with NaN/Inf values or factors that do not fit the model's layers
+(``alignprop_core.lora_check``) before ``apply_lora_file`` injects anything.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .lora import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
+from .lora_check import check_lora_finite, check_module_factors
 from .lora_keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
                         check_arch, check_naming, convert_names, kohya_name, lora_metadata, naming_of,
                         peft_to_kohya)
@@ -264,9 +267,13 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: bad suffix, dtype or arch, inconsistent ranks, or a NaN/Inf tensor.
     """
     path = _check_path(path)
     _resolve_dtype(dtype)
+    check_lora_finite(lora.state)
     groups = _group_kohya(lora.state, "lora_unet")
     _rank_alpha(groups)  # refuse to write an inconsistent LoRA
     naming = naming_of(groups) if arch is not None else None
@@ -312,21 +319,50 @@ def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraF
     return LoraFile(state=state, rank=rank, alpha=alpha, target_modules=targets, metadata=metadata)
 
 
+def _fitted(lora: LoraFile, module: nn.Module) -> tuple[dict[str, torch.Tensor], int, float]:
+    """``kohya_to_peft`` of a LoRA checked to be finite and to fit ``module`` shape for shape."""
+    check_lora_finite(lora.state)
+    state, rank, alpha = kohya_to_peft(lora.state, module)
+    # Renaming keeps the tensor objects, so each peft key finds the key the user's file has.
+    file_key = {id(value): key for key, value in lora.state.items()}
+    check_module_factors(state, module, {k: file_key.get(id(v), k) for k, v in state.items()})
+    return state, rank, alpha
+
+
+def check_lora_fits(lora: LoraFile, module: nn.Module) -> None:
+    """Check, before anything is injected, that ``lora`` can be applied to ``module``.
+
+    Every tensor must be finite; every LoRA module must exist in ``module`` (after LDM <-> diffusers
+    renaming) and its factors must fit the layer: Linear ``(r, in)`` / ``(out, r)``, Conv2d
+    ``(r, in, kh, kw)`` / ``(out, r, 1, 1)``. ``module`` is left untouched.
+
+    Args:
+        lora: a loaded or mixed ``LoraFile``.
+        module: the model it is meant for (a diffusers UNet or ComfyUI's ``diffusion_model``).
+
+    Raises:
+        ValueError: naming the first non-finite key, the modules missing from ``module``, or the
+            first LoRA key whose shape does not fit, with its shape and the layer's.
+    """
+    _fitted(lora, module)
+
+
 def apply_lora_file(module: nn.Module, lora: LoraFile) -> None:
     """Put the weights of ``lora`` into ``module``, injecting LoRA layers first if there are none.
 
     Fresh injection targets exactly the module paths present in the file, so file and model match
-    one to one. A module that already has LoRA must have the same rank, alpha and modules.
+    one to one. A module that already has LoRA must have the same rank, alpha and modules. The
+    checks of ``check_lora_fits`` run first, so a broken or foreign file changes nothing.
 
     Args:
         module: the model (modified in place).
         lora: a loaded or mixed ``LoraFile``.
 
     Raises:
-        ValueError: if the file does not fit the model or the existing LoRA (nothing is half-applied
-            on a fresh module: injected layers are removed again on failure).
+        ValueError: if the file is not finite or does not fit the model or the existing LoRA (nothing
+            is half-applied on a fresh module: injected layers are removed again on failure).
     """
-    state, rank, alpha = kohya_to_peft(lora.state, module)
+    state, rank, alpha = _fitted(lora, module)
     if has_lora(module):
         have = lora_rank_alpha(module)
         if have[0] != rank or not math.isclose(have[1], alpha):
