@@ -6,6 +6,8 @@ fields, so a setting means the same thing everywhere. Every field carries its me
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields, asdict
 from typing import Any
 
@@ -19,6 +21,38 @@ REWARD_AUGMENTS = ("none", "hflip", "dihedral")  # alignprop_core.augment holds 
 def _help(text: str, **kw: Any) -> Any:
     """A dataclass field whose help text is kept for the CLI and the node tooltips."""
     return field(metadata={"help": text}, **kw)
+
+
+def check_finite(value: Any, name: str) -> Any:
+    """`value` unchanged if it is a finite real number, else a ValueError naming `name`.
+
+    Range checks alone let NaN through (every comparison with NaN is False), so numeric inputs
+    pass here first; node code reuses it for inputs that are not config fields.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}); "
+                         "give a plain number.")
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}; give a finite number.")
+    return value
+
+
+def _check_types(obj: Any) -> None:
+    """Every field holds a value of its declared kind; numbers are finite, integers whole."""
+    for f in fields(obj):
+        name, value = f"{type(obj).__name__}.{f.name}", getattr(obj, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "float":
+            check_finite(value, name)
+        elif kind == "int":
+            check_finite(value, name)
+            if not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); "
+                                 "give a whole number.")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__}).")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{name} must be text, got {value!r} ({type(value).__name__}).")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -64,6 +98,7 @@ class SamplerConfig:
     checkpoint_vae: bool = _help("gradient-checkpoint the VAE decode", default=True)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "steps")
         _non_negative(self, "eta", "k_std")
         _one_of(self, "truncation", TRUNCATION_STRATEGIES)
@@ -95,6 +130,10 @@ class LoraConfig:
     init_seed: int = _help("seed for the LoRA initialisation (same seed, same initial LoRA)", default=0)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+            raise ValueError(f"LoraConfig.target_modules must be a sequence of module names, got "
+                             f"{self.target_modules!r}; give e.g. ('to_q', 'to_k', 'to_v', 'to_out.0').")
         self.target_modules = tuple(self.target_modules)
         _positive(self, "rank", "alpha")
         if not self.target_modules:
@@ -149,6 +188,7 @@ class TrainConfig:
                             default=0)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _one_of(self, "loss", LOSS_SHAPES)
         _one_of(self, "mixed_precision", MIXED_PRECISION)
         _one_of(self, "lr_schedule", LR_SCHEDULES)
