@@ -42,7 +42,7 @@ def _progress(total: int):
 def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
                    eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig,
                    train: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, overwrite: bool = False) -> dict[str, Any]:
     """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`."""
     if device.type == "cpu" and train.mixed_precision == "fp16":
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
@@ -59,7 +59,7 @@ def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
     try:
         result = train_lora(backend, reward_fn, prompts, eval_prompts, sampler, lora, train,
                             out_dir=out_dir, lora_name=lora_name, resume_from=resume_from,
-                            on_step=on_step)
+                            on_step=on_step, overwrite=overwrite)
     finally:
         bar.close()
 

@@ -10,6 +10,7 @@ through the `on_step` and `should_stop` callbacks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import warnings
@@ -24,6 +25,7 @@ from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
 from .denoiser import DiffusionBackend
 from .lora import add_lora, lora_state_dict, set_lora_state_dict
 from .lora_io import LoraFile, apply_lora_file, save_lora
+from .outputs import check_writable, claim, lora_file_name, partial_path
 from .rewards import RewardFn
 from .sampler import draw_truncation, sample_images
 from .train_state import TrainState, load_train_state, save_train_state
@@ -35,7 +37,7 @@ OnStep = Callable[[int, dict[str, Any]], None]
 class TrainResult:
     """What a run produced."""
 
-    lora_path: Path | None  # the final LoRA file (None when no output folder was given)
+    lora_path: Path | None  # the LoRA written: the final name, or <name>-partial if stopped early
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics of every optimiser step
     evals: list[dict[str, Any]] = field(default_factory=list)  # held-out reward at eval points
     stopped_early: bool = False  # should_stop() or Ctrl-C ended the run before train.steps
@@ -149,7 +151,7 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
           out_dir: str | Path | None = None, lora_name: str = "alignprop_lora.safetensors",
           resume_from: str | Path | None = None, on_step: OnStep | None = None,
           should_stop: Callable[[], bool] | None = None, init_lora: LoraFile | None = None,
-          state_dir: str | Path | None = None) -> TrainResult:
+          state_dir: str | Path | None = None, overwrite: bool = False) -> TrainResult:
     """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward_fn`.
 
     Args:
@@ -158,21 +160,31 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
         prompts / eval_prompts: training prompts and held-out prompts for evaluation.
         sampler, lora, train: the three configs.
         out_dir: where the LoRA (and, with train.save_every, the training state) are written.
-        lora_name: file name of the final LoRA inside out_dir.
+        lora_name: file name of the final LoRA inside out_dir (.safetensors is added if missing). A
+            run that is stopped early or fails writes `<name>-partial.safetensors` instead, so it
+            never replaces a finished LoRA of that name.
         resume_from: a train_state.pt to continue from exactly.
         on_step: called after every optimiser step (and evaluation) with (step, metrics).
         should_stop: polled at step boundaries; True ends the run and still saves the LoRA.
         init_lora: a LoRA file to continue from (its rank, alpha and modules must match `lora`).
         state_dir: where train_state.pt goes (default: out_dir).
+        overwrite: replace an existing file at out_dir/lora_name; without it that is refused
+            (FileExistsError) before any work.
 
     Returns:
         TrainResult with the LoRA path and the metric history.
     """
+    # 0. everything that can be refused is refused before the first sample
     _validate_inputs(backend, prompts, eval_prompts, train)
     run_config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(train)}
-    state = load_train_state(resume_from) if resume_from is not None else None  # fail before any work
+    state = load_train_state(resume_from) if resume_from is not None else None
     out = Path(out_dir) if out_dir is not None else None
     state_out = Path(state_dir) if state_dir is not None else out
+    if out is not None:
+        lora_name = lora_file_name(lora_name, "lora_name")
+        claim(check_writable(out) / lora_name, overwrite, "the LoRA file")
+    if state_out is not None:
+        check_writable(state_out, "the training-state folder")
 
     # 1. LoRA on the denoiser; only its parameters train (kept in fp32 by add_lora)
     params = add_lora(backend.lora_target, lora)
@@ -221,16 +233,19 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
         if on_step is not None:
             on_step(step, dict(evals[-1]))
 
-    if step == 0:
+    if step == 0 and not evals:  # a run stopped during its step-0 evaluation has it already
         run_eval()
     stopped = False
+    before_step = None  # random and reward state at the start of the step under way, if any
     try:
         while step < train.steps:
             if should_stop is not None and should_stop():
                 stopped = True
                 break
+            before_step = _snapshot(gen, reward_fn)
             metrics = _optimizer_step(backend, reward_fn, prompts, sampler, train, params, optimizer,
                                       scaler, gen, step)
+            before_step = None
             step += 1
             metrics["step"] = step
             history.append(metrics)
@@ -243,18 +258,41 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
                 save(f"{Path(lora_name).stem}-step{step:05d}.safetensors")
     except KeyboardInterrupt:
         stopped = True
-        warnings.warn(f"training interrupted at step {step}; saving the LoRA trained so far.")
-    except BaseException:
-        # e.g. a host's cancel raised from on_step: keep what was trained (the LoRA is only ever
-        # updated by a completed optimiser step), then let the caller see the original error
-        warnings.warn(f"training stopped by an error at step {step}; saving the LoRA trained so far.")
-        save(lora_name)
+        _restore(before_step, gen, reward_fn)
+        warnings.warn(f"training interrupted at step {step}; saving the LoRA trained so far as "
+                      f"{partial_path(lora_name)}.")
+    except BaseException as err:
+        # keep what was trained (the LoRA only ever changes by a completed optimiser step) under the
+        # partial name, then let the caller see the original error
+        _restore(before_step, gen, reward_fn)
+        warnings.warn(f"training stopped by {type(err).__name__} at step {step}; saving the LoRA "
+                      f"trained so far as {partial_path(lora_name)}.")
+        save(partial_path(lora_name).name)
         save_state()
         raise
-    path = save(lora_name)
     if stopped:
         save_state()
+    path = save(partial_path(lora_name).name if stopped else lora_name)
     return TrainResult(lora_path=path, history=history, evals=evals, stopped_early=stopped)
+
+
+def _snapshot(gen: torch.Generator, reward_fn: RewardFn) -> tuple[torch.Tensor, dict | None]:
+    """What a step consumes besides the weights: the random stream and a reward's running statistics."""
+    stats = reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None
+    return gen.get_state(), (copy.deepcopy(stats) if stats is not None else None)
+
+
+def _restore(snapshot: tuple[torch.Tensor, dict | None] | None, gen: torch.Generator,
+             reward_fn: RewardFn) -> None:
+    """Undo what an unfinished step consumed, so the saved state resumes exactly where it stopped.
+
+    The LoRA and AdamW need nothing: they only change in the step's last call, `optimizer.step`.
+    """
+    if snapshot is None:
+        return
+    gen.set_state(snapshot[0])
+    if snapshot[1] is not None:
+        reward_fn.load_state_dict(snapshot[1])
 
 
 def _optimizer_step(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str],

@@ -240,8 +240,81 @@ def test_an_error_from_on_step_still_saves_the_lora_then_propagates(tmp_path):
         if step == 3 and "eval_reward" not in metrics:
             raise Cancelled()
 
-    with pytest.raises(Cancelled), pytest.warns(UserWarning, match="stopped by an error at step 3"):
+    with pytest.raises(Cancelled), pytest.warns(UserWarning, match="stopped by Cancelled at step 3"):
         _run(tmp_path, steps=20, on_step=cancel_at_3)
-    lora = load_lora(tmp_path / "alignprop_lora.safetensors")
+    lora = load_lora(tmp_path / "alignprop_lora-partial.safetensors")
     assert lora.metadata["alignprop.step"] == "3"
     assert (tmp_path / "train_state.pt").exists()
+    assert not (tmp_path / "alignprop_lora.safetensors").exists()  # the final name is for finished runs
+
+
+def test_a_failed_or_stopped_run_never_replaces_a_finished_lora(tmp_path):
+    _run(tmp_path, steps=2, eval_every=0)
+    finished = (tmp_path / "alignprop_lora.safetensors").read_bytes()
+
+    # overwrite allows replacing it with a finished run, never with an unfinished one
+    with pytest.raises(RuntimeError, match="reward broke"), pytest.warns(UserWarning):
+        _run(tmp_path, steps=2, eval_every=0, overwrite=True,
+             reward=_fails_after_calls(make_reward("color_target"), 1))
+    assert (tmp_path / "alignprop_lora.safetensors").read_bytes() == finished
+    assert load_lora(tmp_path / "alignprop_lora-partial.safetensors").metadata["alignprop.step"] == "0"
+    _, result = _run(tmp_path, steps=5, eval_every=0, overwrite=True, should_stop=_stop_after(1))
+    assert result.lora_path.name == "alignprop_lora-partial.safetensors"
+    assert (tmp_path / "alignprop_lora.safetensors").read_bytes() == finished
+
+
+def _fails_after_calls(reward, n):
+    calls = {"n": 0}
+
+    def fn(images, prompts):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise RuntimeError("reward broke")
+        return reward(images, prompts)
+
+    return fn
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({}, FileExistsError, "alignprop_lora.safetensors already exists"),
+    ({"lora_name": "x.bin"}, ValueError, "ends in .bin"),
+    ({"lora_name": "dir/"}, ValueError, "names a folder"),
+    ({"lora_name": "a\nb"}, ValueError, "control character"),
+    ({"lora_name": "n" * 300}, ValueError, "300 bytes long"),
+])
+def test_output_names_are_refused_before_any_work(tmp_path, kw, error, message):
+    (tmp_path / "alignprop_lora.safetensors").write_bytes(b"keep me")
+    seen = []
+    with pytest.raises(error, match=message):
+        _run(tmp_path, steps=2, on_step=lambda step, m: seen.append(step), **kw)
+    assert seen == []  # not even the step-0 evaluation ran
+    assert (tmp_path / "alignprop_lora.safetensors").read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alignprop_lora.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["sampling", "reward"])
+def test_an_interrupt_inside_a_step_resumes_to_the_uninterrupted_lora(tmp_path, where):
+    # Ctrl-C lands anywhere inside step 3: the state saved must not have consumed that step's draws
+    def mix():
+        return make_reward("mixture", spec="smoothness:1, color_target:0.5", standardize=True)
+
+    full, _ = _run(tmp_path / "full", steps=6, eval_every=3, reward=mix())
+    calls = {"n": 0}
+    reward = mix()
+
+    def interrupting(images, prompts):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the step-0 evaluation is one call (4 prompts, one batch), steps 1-2 two
+            if where == "reward":
+                reward(images, prompts)  # the mixture's statistics move, then the interrupt comes
+            raise KeyboardInterrupt
+        return reward(images, prompts)
+
+    interrupting.state_dict, interrupting.load_state_dict = reward.state_dict, reward.load_state_dict
+    with pytest.warns(UserWarning, match="interrupted at step 2"):
+        _, half = _run(tmp_path / "half", steps=6, eval_every=3, reward=interrupting)
+    assert half.stopped_early and half.lora_path.name == "alignprop_lora-partial.safetensors"
+    resumed, _ = _run(tmp_path / "resumed", steps=6, eval_every=3, reward=reward,
+                      resume_from=tmp_path / "half" / "train_state.pt")
+    sa, sb = lora_state_dict(full.lora_target), lora_state_dict(resumed.lora_target)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
