@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .conditioning import batch_conds, can_batch
 from .config import SamplerConfig
 from .denoiser import Cond, Denoiser, DiffusionBackend
 from .schedule import NoiseSchedule, ddim_step
@@ -39,19 +40,25 @@ def draw_truncation(cfg: SamplerConfig, generator: torch.Generator) -> int:
 
 
 def _cat_cond(uncond: Cond, cond: Cond) -> Cond:
-    if uncond.keys() != cond.keys():
-        raise ValueError(f"conditioning keys differ: {sorted(uncond)} vs {sorted(cond)}.")
-    return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    """The two CFG branches as one batch; contexts of different token lengths (a long prompt or
+    negative prompt) are repeated to a common length, which leaves cross-attention unchanged."""
+    return batch_conds([uncond, cond])
 
 
 def guided_prediction(denoiser: Denoiser, x_t: torch.Tensor, t: int, cond: Cond,
                       uncond: Cond | None, guidance_scale: float) -> torch.Tensor:
-    """Denoiser output with classifier-free guidance, both branches in one batched call."""
+    """Denoiser output with classifier-free guidance, both branches in one batched call.
+
+    When batching would repeat the shorter context too often (ComfyUI's limit, see
+    `conditioning.can_batch`), the branches run as two calls instead, with the same result.
+    """
+    ts = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     if uncond is None:
-        ts = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         return denoiser(x_t, ts, cond)
-    ts = torch.full((2 * x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    out_u, out_c = denoiser(torch.cat([x_t, x_t]), ts, _cat_cond(uncond, cond)).chunk(2)
+    if can_batch([uncond, cond]):
+        out_u, out_c = denoiser(torch.cat([x_t, x_t]), torch.cat([ts, ts]), _cat_cond(uncond, cond)).chunk(2)
+    else:
+        out_u, out_c = denoiser(x_t, ts, uncond), denoiser(x_t, ts, cond)
     return out_u + guidance_scale * (out_c - out_u)
 
 

@@ -6,16 +6,17 @@ It turns what CheckpointLoaderSimple returns into an `alignprop_core.denoiser.Di
 - schedule: alphas_cumprod = 1 / (1 + sigma^2) from the model's own `model_sampling` sigmas, with
   the SD1.x/SDXL DDIM timestep rule (leading spacing, offset 1);
 - prompts: CLIP.tokenize + encode_from_tokens (SDXL adds the pooled text and size embedding `y`);
+  contexts of different token lengths (long prompts) are batched by the core's `conditioning`;
 - decode: the VAE's `first_stage_model.decode` called directly, because `VAE.decode` runs without grad.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Sequence
 
 import torch
 
+from alignprop_core.conditioning import concat_token_sequences
 from alignprop_core.denoiser import Cond, DiffusionBackend
 from alignprop_core.schedule import NoiseSchedule
 
@@ -50,13 +51,6 @@ def noise_schedule(model) -> NoiseSchedule:
                          final_alpha_cumprod=float(alphas_cumprod[0]))
 
 
-def _lcm_repeat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Batch contexts of different token lengths (long prompts) the way ComfyUI's CONDCrossAttn does."""
-    lengths = [t.shape[1] for t in tensors]
-    lcm = math.lcm(*lengths)
-    return torch.cat([t.repeat(1, lcm // t.shape[1], 1) for t in tensors])
-
-
 def prompt_encoder(model, clip, family: str, width: int, height: int):
     """prompts -> {"context": (B, L, D)} (+ "y": (B, 2816) for SDXL), cached per prompt."""
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -74,7 +68,8 @@ def prompt_encoder(model, clip, family: str, width: int, height: int):
 
     def encode(prompts: Sequence[str]) -> Cond:
         pairs = [encode_one(p) for p in prompts]
-        cond = {"context": _lcm_repeat([c for c, _ in pairs])}
+        # long prompts have more tokens: repeated to a common length, as ComfyUI's CONDCrossAttn does
+        cond = {"context": concat_token_sequences([c for c, _ in pairs], "context")}
         if family == "SDXL":
             cond["y"] = torch.cat([y for _, y in pairs])
         return cond

@@ -7,17 +7,21 @@ in which the LoRA is perturbed in the last denoising step only.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from alignprop_core.config import LoraConfig, SamplerConfig
+from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.denoiser import unet_denoiser
 from alignprop_core.lora import add_lora, lora_parameters
 from alignprop_core.rewards import make_reward
-from alignprop_core.sampler import draw_truncation, sample_images, sample_latents
-from tiny_models import SD15_SCHEDULER, make_backend
+from alignprop_core.sampler import draw_truncation, guided_prediction, sample_images, sample_latents
+from alignprop_core.trainer import train
+from tiny_models import CONTEXT_DIM, SD15_SCHEDULER, make_backend
 
 PROMPTS = ["a cat", "a dog"]
 
@@ -227,3 +231,89 @@ def test_checkpointed_window_adds_a_constant_small_graph_per_step(lora_backend):
     plain_per_step = (nodes(5, False) - nodes(1, False)) / 4
     assert plain_per_step > 50  # the UNet step itself is hundreds of ops
     assert per_step <= 2, per_step  # the checkpoint node (+ at most one glue op)
+
+
+# Long prompts: a text encoder gives them more context tokens (CLIP: 77 per 75-token chunk).
+
+def _varlen_encoder(dtype, repeat_to=None):
+    """A fake text encoder with 4 context tokens per word (an empty prompt: 4); with `repeat_to`,
+    each context is repeated up to that many tokens (what batching long prompts must equal)."""
+
+    def one(prompt):
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
+        tokens = 4 * max(1, len(prompt.split()))
+        ctx = torch.randn(1, tokens, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64).to(dtype)
+        return ctx if repeat_to is None else ctx.repeat(1, repeat_to // tokens, 1)
+
+    def encode(prompts):
+        contexts = [one(p) for p in prompts]
+        if repeat_to is None and len({c.shape[1] for c in contexts}) > 1:
+            from alignprop_core.conditioning import concat_token_sequences
+            return {"context": concat_token_sequences(contexts)}
+        return {"context": torch.cat(contexts)}
+
+    return encode
+
+
+def _counting(denoiser):
+    calls = []
+
+    def counted(x, t, cond):
+        calls.append(cond["context"].shape)
+        return denoiser(x, t, cond)
+
+    return counted, calls
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_repeating_context_tokens_leaves_the_unet_output_unchanged(backend64):
+    """Why long prompts can be batched: cross-attention over n copies of the tokens is the same."""
+    x, t = _x_T(backend64), torch.tensor([500, 300])
+    ctx = torch.randn(2, 4, CONTEXT_DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    once = backend64.denoiser(x, t, {"context": ctx})
+    twice = backend64.denoiser(x, t, {"context": ctx.repeat(1, 2, 1)})
+    torch.testing.assert_close(once, twice, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("cond_len, uncond_len, calls_expected", [(8, 4, 1), (20, 4, 2), (4, 12, 1)])
+def test_guidance_with_contexts_of_different_lengths(backend64, cond_len, uncond_len, calls_expected):
+    """Batched (lcm up to 4x the shorter, as ComfyUI) or as two calls: equal to both repeated to the lcm."""
+    g = torch.Generator().manual_seed(1)
+    cond = {"context": torch.randn(2, cond_len, CONTEXT_DIM, generator=g, dtype=torch.float64)}
+    uncond = {"context": torch.randn(2, uncond_len, CONTEXT_DIM, generator=g, dtype=torch.float64)}
+    lcm = math.lcm(cond_len, uncond_len)
+    denoiser, calls = _counting(backend64.denoiser)
+    out = guided_prediction(denoiser, _x_T(backend64), 400, cond, uncond, 3.0)
+    assert len(calls) == calls_expected
+    same_length = {k: {"context": c["context"].repeat(1, lcm // c["context"].shape[1], 1)}
+                   for k, c in (("cond", cond), ("uncond", uncond))}
+    ref = guided_prediction(backend64.denoiser, _x_T(backend64), 400, same_length["cond"],
+                            same_length["uncond"], 3.0)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sampling_prompts_of_different_token_lengths(backend64):
+    """Two prompts of 8 and 20 tokens and a 4-token negative prompt: the images equal those of an
+    encoder that repeats every context to 40 tokens itself."""
+    prompts, cfg = ["a cat", "a cat on a mat"], SamplerConfig(steps=2, guidance_scale=3.0, eta=1.0)
+    images = {}
+    for repeat_to in (None, 40):
+        backend = dataclasses.replace(backend64, encode_prompts=_varlen_encoder(torch.float64, repeat_to))
+        images[repeat_to] = sample_images(backend, prompts, cfg, _x_T(backend), negative_prompt="",
+                                          generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(images[None], images[40], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_with_a_long_negative_prompt_and_prompts_of_different_lengths(backend32):
+    backend = dataclasses.replace(backend32, encode_prompts=_varlen_encoder(torch.float32))
+    sampler = SamplerConfig(steps=2, guidance_scale=3.0, k=1)
+    cfg = TrainConfig(steps=1, batch_size=2, width=16, height=16, eval_every=0, eval_batch_size=2,
+                      negative_prompt="blurry low quality ugly")
+    result = train(backend, make_reward("color_target"), ["a cat", "a cat on a mat"],
+                   ["a fox in a field", "owl"], sampler, LoraConfig(rank=2, alpha=2.0), cfg)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
+    assert [e["step"] for e in result.evals] == [0, 1]
