@@ -5,13 +5,22 @@ Every field of SamplerConfig, LoraConfig and TrainConfig is a flag (`--sampler-s
 A run writes the LoRA (.safetensors), metrics.csv / metrics.json, reward_curve.png and
 before_after.png into --out. `demo` trains on the shipped toy world (a shapes model pretrained by
 `alignprop_core.toy.pretrain`) toward the toy_count reward: draw as many shapes as the prompt asks.
+
+Every error is one line, ``alignprop: error: ...`` on stderr, exit code 2 (``--debug`` adds the
+traceback). Files, the device, the reward and its arguments and the output names are checked before
+any model is loaded, so a typo fails in a second, not after loading or training.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
+import os
+import re
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,11 +28,35 @@ from typing import Any, Sequence
 import torch
 
 from .config import LoraConfig, SamplerConfig, TrainConfig
+from .outputs import check_writable, claim, lora_file_name
 from .prompts import read_prompts, shipped_prompts
 from .rewards import REWARDS, make_reward
+from .train_state import load_train_state
 
 # (flag prefix, dataclass): TrainConfig fields have no prefix
 CONFIGS: tuple[tuple[str, type], ...] = (("sampler-", SamplerConfig), ("lora-", LoraConfig), ("", TrainConfig))
+MODEL_HINT = ("give a local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, "
+              "tokenizer/, scheduler/); single-file checkpoints (.safetensors, .ckpt) are not supported")
+# errors whose message is written for users; any other exception also shows its type
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error format (argparse prints the usage block otherwise)."""
+
+    def error(self, message: str):
+        self.exit(2, f"alignprop: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of the float flags: NaN and infinity would poison a run silently."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
@@ -41,14 +74,22 @@ def _add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
             group.add_argument(flag, dest=dest, nargs="+", default=list(default), help=help_text)
         else:
             kw = {"choices": sorted(REWARDS)} if f.name == "reward" else {}
-            group.add_argument(flag, dest=dest, type=type(default), default=default, help=help_text, **kw)
+            kind = _finite_float if isinstance(default, float) else type(default)
+            group.add_argument(flag, dest=dest, type=kind, default=default, help=help_text, **kw)
 
 
 def _configs_from_args(args: argparse.Namespace) -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
     built = []
     for prefix, cls in CONFIGS:
         p = prefix.replace("-", "_")
-        built.append(cls(**{f.name: getattr(args, p + f.name) for f in fields(cls)}))
+        try:
+            built.append(cls(**{f.name: getattr(args, p + f.name) for f in fields(cls)}))
+        except ValueError as err:
+            # the configs name their fields ("TrainConfig.lr"); here the user typed a flag ("--lr")
+            flag = {f"{c.__name__}.{f.name}": "--" + pre + f.name.replace("_", "-")
+                    for pre, c in CONFIGS for f in fields(c)}
+            raise ValueError(re.sub(r"\b(?:SamplerConfig|LoraConfig|TrainConfig)\.\w+",
+                                    lambda m: flag.get(m.group(0), m.group(0)), str(err))) from err
     return tuple(built)  # type: ignore[return-value]
 
 
@@ -57,12 +98,13 @@ def parse_reward_args(pairs: Sequence[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"reward argument {pair!r} is not key=value; write e.g. target=[1,0,0].")
+        if not sep or not key.strip():
+            raise ValueError(f"--reward-arg {pair!r} is not KEY=VALUE; write e.g. --reward-arg "
+                             "target=[1,0,0].")
         try:
-            out[key] = json.loads(value)
+            out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            out[key.strip()] = value
     return out
 
 
@@ -80,7 +122,7 @@ def demo_preset() -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignprop", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="alignprop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, defaults in (("train", (SamplerConfig(), LoraConfig(), TrainConfig())),
                            ("demo", demo_preset())):
@@ -101,40 +143,168 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword argument of the reward factory (JSON value), repeatable")
         p.add_argument("--out", type=Path, default=Path("outputs") / name, help="output folder")
-        p.add_argument("--lora-name", default="alignprop_lora.safetensors", help="LoRA file name in --out")
+        p.add_argument("--lora-name", default="alignprop_lora.safetensors",
+                       help="LoRA file name in --out (.safetensors is added when missing)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the LoRA file in --out if it exists (otherwise the run is refused)")
         p.add_argument("--resume", type=Path, default=None, help="train_state.pt to resume from")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda, cuda:N, mps or xpu (default: cuda when available, else cpu)")
         p.add_argument("--threads", type=int, default=1 if name == "demo" else 0,
                        help="torch CPU threads (0 = torch's default); small models run fastest on one "
                             f"(default: {1 if name == 'demo' else 0})")
+        p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
         for prefix, cls in CONFIGS:
             _add_config_flags(p, prefix, cls, defaults[[c for _, c in CONFIGS].index(cls)])
     return parser
 
 
+def check_device(name: str, train: TrainConfig) -> torch.device:
+    """The torch device `--device name` means, if this machine has it; ValueError otherwise."""
+    hint = "use cpu, cuda, cuda:N, mps or xpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name torch knows; {hint}.") from None
+    if device.type == "cpu":
+        if train.mixed_precision == "fp16":
+            raise ValueError("--mixed-precision fp16 needs a CUDA device; use bf16 or no with --device cpu.")
+        return device
+    backend = getattr(torch, device.type, None) if device.type in ("cuda", "mps", "xpu") else None
+    if backend is None:
+        raise ValueError(f"--device {name!r} cannot run training; {hint}.")
+    if not backend.is_available():
+        raise ValueError(f"--device {name}: no {device.type} device is usable on this machine "
+                         f"(torch.{device.type}.is_available() is False); use --device cpu.")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), numbered "
+                         f"from 0; use {device.type}:0 to {device.type}:{count - 1}.")
+    return device
+
+
+def check_model_dir(path: Path, train: TrainConfig) -> None:
+    """`path` looks like a diffusers model folder and its VAE factor divides --width and --height."""
+    if path.is_file():
+        raise NotADirectoryError(f"--model {path} is a file, not a folder; {MODEL_HINT}.")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {path} does not exist; {MODEL_HINT}.")
+    for needed in ("model_index.json", "vae/config.json"):
+        if not (path / needed).is_file():
+            raise FileNotFoundError(f"--model {path} has no {needed}; {MODEL_HINT}.")
+    try:
+        channels = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
+        factor = 2 ** (len(channels) - 1)  # each VAE block after the first halves the image
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--model {path}: vae/config.json cannot be read ({type(err).__name__}: {err}); "
+                         f"{MODEL_HINT}.") from err
+    if train.width % factor or train.height % factor:
+        raise ValueError(f"--width {train.width} and --height {train.height} must be multiples of the VAE "
+                         f"factor {factor} of --model {path}; round them to a multiple of {factor}.")
+
+
+def check_reward_args(name: str, kwargs: dict[str, Any]) -> None:
+    """The `--reward-arg`s fit the reward factory's signature (checked without building it)."""
+    params = inspect.signature(REWARDS[name]).parameters
+    takes = ", ".join(p + (" (required)" if params[p].default is inspect.Parameter.empty else "")
+                      for p in params)
+    unknown = [key for key in kwargs if key not in params]
+    missing = [p for p in params if params[p].default is inspect.Parameter.empty and p not in kwargs]
+    if unknown:
+        raise ValueError(f"--reward-arg {unknown[0]} is not an argument of the {name} reward; it takes "
+                         f"{takes}.")
+    if missing:
+        raise ValueError(f"--reward {name} needs --reward-arg {missing[0]}=... (for a weight file, its "
+                         f"local path); it takes {takes}.")
+
+
+def _build_reward(name: str, kwargs: dict[str, Any]):
+    """make_reward, with argument errors told as errors of the command line's reward flags."""
+    try:
+        return make_reward(name, **kwargs)
+    except TypeError as err:  # e.g. a list where the factory wants a number
+        raise ValueError(f"--reward {name} cannot be built from --reward-arg {kwargs}: {err}; check "
+                         "each value's type (JSON: 3, 0.5, [1,0,0], true; anything else is a string).") \
+            from err
+    except ValueError as err:
+        raise ValueError(f"--reward {name}: {err}") from err
+
+
+def check_outputs(args: argparse.Namespace) -> str:
+    """The LoRA file name, checked; --out made writable; an existing LoRA refused without --overwrite."""
+    name = lora_file_name(args.lora_name, "--lora-name")
+    if "/" in name or "\\" in name or os.sep in name:
+        raise ValueError(f"--lora-name {args.lora_name!r} contains a path separator; it is a file name "
+                         "inside --out: give the folder with --out and only the name with --lora-name.")
+    claim(check_writable(args.out, "--out") / name, args.overwrite, "the LoRA file (--out/--lora-name)")
+    return name
+
+
+def _missing_parent(folder: Path) -> Path | None:
+    """The outermost folder of `folder` that does not exist yet (None if `folder` exists)."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _remove_if_empty(folder: Path, outermost: Path) -> None:
+    """Undo `check_writable`'s mkdir after a failed run: remove the folders it made, if still empty."""
+    for candidate in (folder, *folder.parents):
+        try:
+            candidate.rmdir()  # fails, harmlessly, on a folder that holds anything
+        except OSError:
+            return
+        if candidate == outermost:
+            return
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Execute a parsed `train` or `demo` command; returns a summary dict (also printed)."""
-    from .reporting import run_and_report  # torch-heavy imports only once the arguments are valid
-
+    # 1. cheap checks, in the order a user reads the command line; no model is loaded yet
     sampler, lora, train = _configs_from_args(args)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}.")
+    device = check_device(args.device, train)
     demo = args.command == "demo"
-    prompts = read_prompts(args.prompts) if args.prompts else shipped_prompts("toy_train")
-    eval_prompts = (read_prompts(args.eval_prompts) if args.eval_prompts
+    prompts = read_prompts(args.prompts, "--prompts file") if args.prompts else shipped_prompts("toy_train")
+    eval_prompts = (read_prompts(args.eval_prompts, "--eval-prompts file") if args.eval_prompts
                     else shipped_prompts("toy_eval" if demo else "animals_eval"))
-    reward_fn = make_reward(train.reward, **parse_reward_args(args.reward_arg))
     if args.model is None:
         from .toy import toy_model_dir
 
         args.model = toy_model_dir()
-    if not args.model.is_dir():
-        raise FileNotFoundError(f"--model {args.model} does not exist; give a local diffusers-format "
-                                "model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                                "scheduler/).")
-    return run_and_report(args.model, reward_fn, prompts, eval_prompts, sampler, lora, train,
-                          out_dir=args.out, lora_name=args.lora_name, resume_from=args.resume,
-                          device=torch.device(args.device))
+    check_model_dir(args.model, train)
+    reward_kwargs = parse_reward_args(args.reward_arg)
+    check_reward_args(train.reward, reward_kwargs)
+    if args.resume is not None:
+        load_train_state(args.resume)  # read again by the trainer; here only to fail early
+    created = _missing_parent(args.out)
+    try:
+        lora_name = check_outputs(args)
+        # 2. the reward (may load a reward model), then the diffusion model and the run itself
+        reward_fn = _build_reward(train.reward, reward_kwargs)
+        from .reporting import run_and_report  # torch-heavy imports only once the arguments are valid
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        return run_and_report(args.model, reward_fn, prompts, eval_prompts, sampler, lora, train,
+                              out_dir=args.out, lora_name=lora_name, resume_from=args.resume,
+                              device=device, overwrite=args.overwrite)
+    except BaseException:
+        if created is not None:
+            _remove_if_empty(args.out, created)
+        raise
+
+
+def error_line(err: BaseException) -> str:
+    """One line for stderr: the message of an error meant for users, else its type and message."""
+    text = " ".join(str(err).split())
+    if isinstance(err, USER_ERRORS) and text:
+        return f"alignprop: error: {text}"
+    return f"alignprop: error: {type(err).__name__}: {text or 'no message'} (run with --debug for details)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,8 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         summary = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"alignprop: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:  # during training the trainer catches it and saves; this is before/after
+        print("alignprop: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the command line never shows a traceback unasked
+        if args.debug:
+            traceback.print_exc()
+        print(error_line(err), file=sys.stderr)
         return 2
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - started, 1)}, indent=1))
     print(_headline(args.reward, summary), file=sys.stderr)

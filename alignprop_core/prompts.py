@@ -14,13 +14,22 @@ def parse_prompts(text: str, source: str = "prompt text") -> list[str]:
     return prompts
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a UTF-8 text file, one per line."""
+def read_prompts(path: str | Path, what: str = "prompt file") -> list[str]:
+    """Prompts from a UTF-8 text file, one per line; errors name `what` (e.g. "--prompts file")."""
     path = Path(path)
+    hint = "give a text file with one prompt per line."
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file; {hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; give a text file with one prompt "
-                                "per line.")
-    return parse_prompts(path.read_text(encoding="utf-8"), source=f"prompt file {path}")
+        raise FileNotFoundError(f"{what} {path} does not exist; {hint}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drops the BOM some editors write
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                         f"offset {err.start}); save it as UTF-8.") from err
+    except OSError as err:
+        raise OSError(f"{what} {path} cannot be read ({err.strerror or err}); {hint}") from err
+    return parse_prompts(text, source=f"{what} {path}")
 
 
 def shipped_prompts(name: str) -> list[str]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .rewards.clip_loading import load_error_reason
 
 
 @dataclass
@@ -59,18 +62,42 @@ def save_train_state(path: str | os.PathLike, state: TrainState) -> Path:
 
 
 def load_train_state(path: str | os.PathLike) -> TrainState:
-    """Read a state written by `save_train_state` (no pickled code is ever executed)."""
+    """Read a state written by `save_train_state` (no pickled code is ever executed).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: `path` is a folder, empty, damaged, holds pickled objects other than tensors and
+            plain data (refused, never run), or is not an AlignProp training state.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"training state {path} does not exist; give a file written by a "
                                 "run with save_every > 0 (it is named train_state.pt in the output folder).")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"step", "lora", "optimizer", "generator"} - set(raw)
-    if missing:
-        raise ValueError(f"{path} is not an AlignProp training state (missing {sorted(missing)}).")
-    return TrainState(step=int(raw["step"]), lora=raw["lora"], optimizer=raw["optimizer"],
-                      scaler=raw.get("scaler", {}), generator=raw["generator"],
-                      history=json.loads(raw.get("history", "[]")),
-                      evals=json.loads(raw.get("evals", "[]")),
-                      config=json.loads(raw.get("config", "{}")),
-                      reward_state=json.loads(raw.get("reward_state", "{}")))
+    if path.is_dir():
+        raise ValueError(f"training state {path} is a folder; give the train_state.pt file inside it.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"training state {path} is empty (0 bytes); give a train_state.pt written by a "
+                         "run with save_every > 0, or start without resuming.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notice on raw pickles
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure means: not a state we can read safely
+        raise ValueError(f"training state {path} cannot be read safely ({load_error_reason(err)}); give "
+                         "a train_state.pt written by AlignProp (pickled code is refused, never run), "
+                         "or start without resuming.") from err
+    missing = sorted({"step", "lora", "optimizer", "generator"} - set(raw)) if isinstance(raw, dict) else []
+    if not isinstance(raw, dict) or missing:
+        found = f"missing {missing}" if missing else f"it holds a {type(raw).__name__}, not a dict"
+        raise ValueError(f"training state {path} is not an AlignProp training state ({found}); give "
+                         "the train_state.pt of a run with save_every > 0.")
+    try:
+        return TrainState(step=int(raw["step"]), lora=raw["lora"], optimizer=raw["optimizer"],
+                          scaler=raw.get("scaler", {}), generator=raw["generator"],
+                          history=json.loads(raw.get("history", "[]")),
+                          evals=json.loads(raw.get("evals", "[]")),
+                          config=json.loads(raw.get("config", "{}")),
+                          reward_state=json.loads(raw.get("reward_state", "{}")))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"training state {path} has a malformed field ({type(err).__name__}: {err}); "
+                         "give an unmodified train_state.pt, or start without resuming.") from err

@@ -1,17 +1,34 @@
-"""The command line: a short real run writes every artefact; bad input gives a clear error, exit 2."""
+"""The command line: a short real run writes every artefact; every bad invocation is one line
+`alignprop: error: ...` on stderr with exit code 2, names the flag or file, and writes nothing."""
 from __future__ import annotations
 
 import csv
 import json
+import pickle
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
+from alignprop_core import reporting
 from alignprop_core.cli import main
 from alignprop_core.lora_io import load_lora
 from alignprop_core.tiny_model import ensure_tiny_model_dir
+from alignprop_core.train_state import TrainState, save_train_state
 
 FAST = ["--sampler-steps", "3", "--sampler-k", "2", "--steps", "3", "--batch-size", "2",
         "--width", "16", "--height", "16", "--eval-every", "2", "--lr", "1e-2"]
+
+
+class WritesMarker:
+    """Unpickling this would create a file: a stand-in for a pickle that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +43,221 @@ def prompt_file(tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, model_dir):
+    """Every bad input of the table, written once."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    f = {"root": root, "marker": root / "PICKLE_RAN"}
+    torch.save({"state": WritesMarker(f["marker"])}, root / "hostile.pt")
+    with open(root / "hostile_raw.pt", "wb") as out:
+        pickle.dump(WritesMarker(f["marker"]), out)
+    torch.save({"step": WritesMarker(f["marker"])}, root / "legacy.pt", _use_new_zipfile_serialization=False)
+    (root / "empty.pt").write_bytes(b"")
+    torch.save({"step": 1, "lora": {"a": torch.zeros(64)}}, root / "whole.pt")
+    data = (root / "whole.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (root / "random.pt").write_bytes(torch.randint(0, 256, (400,), dtype=torch.uint8,
+                                                   generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    save_train_state(root / "train_state.pt", TrainState(step=1, lora={"a": torch.zeros(2)}, optimizer={},
+                                                         scaler={}, generator=torch.Generator().get_state()))
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (root / "no_prompts.txt").write_text("# only a comment\n\n")
+    (root / "a_folder").mkdir()
+    (root / "not_a_model").mkdir()
+    (root / "model.safetensors").write_bytes(b"not a folder")
+    # the tiny model with a VAE of 4 blocks (factor 8): the check reads the config, loads nothing
+    vae8 = root / "vae8"
+    shutil.copytree(model_dir, vae8)
+    config = json.loads((vae8 / "vae" / "config.json").read_text())
+    config["block_out_channels"] = [8, 8, 8, 8]
+    (vae8 / "vae" / "config.json").write_text(json.dumps(config))
+    (root / "existing").mkdir()
+    (root / "existing" / "alignprop_lora.safetensors").write_bytes(b"a finished LoRA")
+    (root / "out_is_a_file").write_text("x")
+    return f
+
+
+def _resume(name):
+    return lambda f: ["--resume", str(f["root"] / name)]
+
+
+# (id, extra flags (a function of the fixture `files` when it needs a path), excerpts of the message)
+BAD = [
+    ("resume-hostile-pickle", _resume("hostile.pt"), ["hostile.pt", "cannot be read safely", "GLOBAL"]),
+    ("resume-hostile-raw-pickle", _resume("hostile_raw.pt"), ["hostile_raw.pt", "cannot be read safely"]),
+    ("resume-legacy-format", _resume("legacy.pt"), ["legacy.pt", "cannot be read safely"]),
+    ("resume-empty", _resume("empty.pt"), ["empty.pt", "is empty"]),
+    ("resume-truncated", _resume("truncated.pt"), ["truncated.pt", "cannot be read safely"]),
+    ("resume-random-bytes", _resume("random.pt"), ["random.pt", "cannot be read safely"]),
+    ("resume-not-a-state", _resume("tensor.pt"), ["tensor.pt", "not an AlignProp training state"]),
+    ("resume-missing", _resume("missing.pt"), ["missing.pt", "does not exist"]),
+    ("resume-folder", _resume("a_folder"), ["a_folder", "is a folder"]),
+    ("reward-arg-unknown-keyword", ["--reward-arg", "colour=[1,0,0]"],
+     ["--reward-arg colour", "color_target", "takes target"]),
+    ("reward-arg-not-key-value", ["--reward-arg", "target"], ["--reward-arg 'target'", "KEY=VALUE"]),
+    ("reward-arg-wrong-value", ["--reward-arg", "target=[1,2]"], ["--reward color_target", "three numbers"]),
+    ("reward-arg-wrong-type", ["--reward", "toy_count", "--reward-arg", "temperature=[1]"],
+     ["--reward toy_count", "--reward-arg", "type"]),
+    ("aesthetic-without-weights", ["--reward", "aesthetic"], ["--reward aesthetic", "head_path"]),
+    ("aesthetic-missing-head", lambda f: ["--reward", "aesthetic", "--reward-arg",
+                                          f"head_path={f['root'] / 'head.pth'}", "--reward-arg",
+                                          f"clip_checkpoint={f['root'] / 'clip.bin'}"],
+     ["head.pth", "sac+logos+ava1-l14-linearMSE.pth"]),
+    ("aesthetic-hostile-head", lambda f: ["--reward", "aesthetic", "--reward-arg",
+                                          f"head_path={f['root'] / 'hostile.pt'}", "--reward-arg",
+                                          f"clip_checkpoint={f['root'] / 'whole.pt'}"],
+     ["hostile.pt", "can be read safely"]),
+    ("reward-unknown", ["--reward", "aesthetics_v9"], ["--reward", "invalid choice", "aesthetics_v9"]),
+    ("mixture-unknown-part", ["--reward", "mixture", "--reward-arg", "spec=bogus:1"],
+     ["--reward mixture", "bogus"]),
+    ("device-bogus", ["--device", "bogus"], ["--device 'bogus'", "cpu, cuda"]),
+    ("device-meta", ["--device", "meta"], ["--device 'meta'"]),
+    ("device-cuda-index", ["--device", "cuda:99"], ["--device cuda:99"]),
+    ("fp16-on-cpu", ["--device", "cpu", "--mixed-precision", "fp16"], ["--mixed-precision fp16", "bf16"]),
+    ("model-is-a-file", lambda f: ["--model", str(f["root"] / "model.safetensors")],
+     ["model.safetensors", "is a file, not a folder", "diffusers-format"]),
+    ("model-missing", lambda f: ["--model", str(f["root"] / "nope")], ["--model", "nope does not exist"]),
+    ("model-not-diffusers", lambda f: ["--model", str(f["root"] / "not_a_model")],
+     ["not_a_model", "model_index.json"]),
+    ("prompts-is-a-folder", lambda f: ["--prompts", str(f["root"] / "a_folder")],
+     ["--prompts file", "a_folder is a folder"]),
+    ("prompts-not-utf8", lambda f: ["--prompts", str(f["root"] / "latin1.txt")],
+     ["--prompts file", "latin1.txt is not UTF-8 text", "save it as UTF-8"]),
+    ("prompts-empty", lambda f: ["--prompts", str(f["root"] / "no_prompts.txt")],
+     ["no_prompts.txt", "holds no prompts"]),
+    ("prompts-missing", lambda f: ["--prompts", str(f["root"] / "nope.txt")], ["nope.txt", "does not exist"]),
+    ("eval-prompts-not-utf8", lambda f: ["--eval-prompts", str(f["root"] / "latin1.txt")],
+     ["--eval-prompts file", "latin1.txt"]),
+    ("lora-name-bin", ["--lora-name", "x.bin"], ["--lora-name", "x.bin", "x.safetensors"]),
+    ("lora-name-with-folder", ["--lora-name", "sub/x"], ["--lora-name 'sub/x'", "path separator"]),
+    ("lora-name-empty", ["--lora-name", " "], ["--lora-name", "empty"]),
+    ("out-is-a-file", lambda f: ["--out", str(f["root"] / "out_is_a_file")],
+     ["--out", "out_is_a_file", "is a file"]),
+    ("out-holds-the-lora", lambda f: ["--out", str(f["root"] / "existing")],
+     ["alignprop_lora.safetensors already exists", "--overwrite"]),
+    ("resume-into-existing-lora", lambda f: ["--out", str(f["root"] / "existing"), "--resume",
+                                             str(f["root"] / "train_state.pt")],
+     ["alignprop_lora.safetensors already exists", "--overwrite"]),
+    ("max-grad-norm-nan", ["--max-grad-norm", "nan"], ["--max-grad-norm", "finite", "nan"]),
+    ("lr-inf", ["--lr", "inf"], ["--lr", "finite"]),
+    ("sampler-eta-nan", ["--sampler-eta", "nan"], ["--sampler-eta", "finite"]),
+    ("reward-target-minus-inf", ["--reward-target=-inf"], ["--reward-target", "finite"]),
+    ("lr-zero", ["--lr", "0"], ["--lr must be > 0"]),
+    ("lora-rank-zero", ["--lora-rank", "0"], ["--lora-rank must be > 0"]),
+    ("sampler-k-outside", ["--sampler-k", "9"], ["--sampler-k=9 is outside [1, steps=3]"]),
+    ("guidance-below-one", ["--sampler-guidance-scale", "0.5"], ["--sampler-guidance-scale=0.5 is below 1"]),
+    ("truncation-unknown", ["--sampler-truncation", "random"], ["--sampler-truncation='random' is not known"]),
+    ("width-odd-on-vae2", ["--width", "15"], ["--width 15", "multiples of the VAE factor 2"]),
+    ("width-30-on-vae8", lambda f: ["--model", str(f["root"] / "vae8"), "--width", "30"],
+     ["--width 30", "VAE factor 8", "vae8"]),
+    ("steps-not-int", ["--steps", "ten"], ["--steps", "'ten'"]),
+    ("threads-negative", ["--threads", "-1"], ["--threads must be >= 0"]),
+]
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def _tree(folder: Path) -> list[tuple[str, bytes]] | None:
+    if not folder.exists():
+        return None
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else b"")
+                  for p in folder.rglob("*"))
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("a bad invocation reached model loading")
+
+
+@pytest.mark.parametrize("flags, excerpts", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(flags, excerpts, model_dir, prompt_file,
+                                                               files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(reporting, "run_and_report", _must_not_load)
+    flags = flags(files) if callable(flags) else flags
+    out = Path(flags[flags.index("--out") + 1]) if "--out" in flags else tmp_path / "out"
+    before = _tree(out)
+    argv = ["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out", str(out),
+            "--reward", "color_target", "--device", "cpu", *FAST, *flags]
+    code, err = _run(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and "weights_only=False" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alignprop: error: "), err
+    for excerpt in excerpts:
+        assert excerpt in err, (excerpt, err)
+    assert _tree(out) == before
+    assert not files["marker"].exists(), "a pickle ran code"
+
+
+def test_cuda_without_a_gpu_is_named(model_dir, prompt_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, err = _run(["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out",
+                      str(tmp_path / "out"), "--device", "cuda"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device cuda: no cuda device" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(model_dir, prompt_file, files, tmp_path, capsys):
+    argv = ["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out", str(tmp_path),
+            "--resume", str(files["root"] / "truncated.pt")]
+    code, err = _run([*argv, "--debug"], capsys)
+    assert code == 2 and "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("alignprop: error: training state")
+
+
+def test_unexpected_errors_are_one_line_too(model_dir, prompt_file, tmp_path, capsys, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(reporting, "run_and_report", fails)
+    code, err = _run(["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out",
+                      str(tmp_path / "new" / "out"), *FAST], capsys)
+    assert code == 2
+    assert err == ("alignprop: error: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB "
+                   "(run with --debug for details)\n")
+    assert not (tmp_path / "new").exists()  # the folders the run made for its output are gone again
+
+
+def test_interrupt_before_training_exits_130(model_dir, prompt_file, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reporting, "run_and_report", interrupted)
+    code, err = _run(["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out",
+                      str(tmp_path / "out"), *FAST], capsys)
+    assert (code, err) == (130, "alignprop: interrupted.\n")
+
+
+def test_overwrite_and_the_checked_name_reach_the_trainer(model_dir, prompt_file, files, tmp_path, capsys,
+                                                          monkeypatch):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(reporting, "run_and_report", record)
+    out = tmp_path / "existing"
+    shutil.copytree(files["root"] / "existing", out)
+    argv = ["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out", str(out),
+            "--lora-name", "alignprop_lora", *FAST]
+    assert _run(argv, capsys)[0] == 2
+    assert _run([*argv, "--overwrite"], capsys)[0] == 0
+    assert seen["overwrite"] is True and seen["lora_name"] == "alignprop_lora.safetensors"
+
+
 def test_train_writes_lora_metrics_and_plots(model_dir, prompt_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--model", str(model_dir), "--prompts", str(prompt_file),
-                 "--eval-prompts", str(prompt_file), "--out", str(out), "--reward", "smoothness", *FAST])
+    argv = ["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--eval-prompts",
+            str(prompt_file), "--out", str(out), "--reward", "smoothness", *FAST]
+    code = main(argv)
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3
@@ -41,36 +269,10 @@ def test_train_writes_lora_metrics_and_plots(model_dir, prompt_file, tmp_path, c
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
     assert rows[2]["eval_reward"] != "" and rows[1]["eval_reward"] == ""
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--sampler-truncation", "random"], "invalid choice|is not known"),
-    (["--sampler-k", "9"], "k=9 is outside [1, steps=3]"),
-    (["--lr", "0"], "lr must be > 0"),
-    (["--lora-rank", "0"], "rank must be > 0"),
-    (["--sampler-guidance-scale", "0.5"], "guidance_scale=0.5 is below 1"),
-    (["--width", "15"], "multiples of the VAE factor 2"),
-])
-def test_bad_settings_are_named(model_dir, prompt_file, tmp_path, capsys, flags, message):
-    argv = ["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out", str(tmp_path),
-            *FAST, *flags]
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse rejects unknown choices itself
-        code = exit_.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert any(part in err for part in message.split("|")), err
-    assert not (tmp_path / "alignprop_lora.safetensors").exists()
-
-
-def test_missing_model_dir_and_empty_prompt_file(prompt_file, tmp_path, capsys):
-    assert main(["train", "--model", str(tmp_path / "nope"), "--prompts", str(prompt_file)]) == 2
-    assert "nope does not exist" in capsys.readouterr().err
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n# only a comment\n")
-    assert main(["train", "--model", str(tmp_path), "--prompts", str(empty)]) == 2
-    assert "holds no prompts" in capsys.readouterr().err
+    # the same command again would replace the finished LoRA: refused before loading, allowed when asked
+    code, err = _run(argv, capsys)
+    assert code == 2 and "already exists" in err, err
+    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -71,12 +71,12 @@ def load_aesthetic_head(head_path: str | Path, device: str | torch.device = "cpu
     """
     path = require_file(head_path, "LAION aesthetic head", AESTHETIC_HEAD_FILE, "3.7 MB",
                         AESTHETIC_HEAD_SOURCE)
+    sd = read_state_dict(path)  # first: an unreadable file is an error, not a warning about its md5
     md5 = file_md5(path)
     if md5 != AESTHETIC_HEAD_MD5:
         warnings.warn(f"aesthetic head {path} has md5 {md5}, not {AESTHETIC_HEAD_MD5} of the published "
                       f"{AESTHETIC_HEAD_FILE}; scores will not be on the LAION aesthetic scale unless this "
                       "is an intended replacement.", UserWarning, stacklevel=3)
-    sd = read_state_dict(path)
     if "layers.0.weight" not in sd:
         raise ValueError(f"{path} is not an aesthetic head: expected keys "
                          f"layers.{{0,2,4,6,7}}.{{weight,bias}}, got {sorted(sd)[:6]}.")

@@ -18,6 +18,7 @@ import logging
 import math
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -81,20 +82,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             pickled model object, which are not loaded because unpickling can run code).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            # mmap keeps a multi-GB checkpoint out of RAM until load_state_dict copies it.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise ValueError(_unsafe_message(path, err)) from err
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except (pickle.UnpicklingError, AttributeError, TypeError) as err:
-            raise ValueError(_unsafe_message(path, err)) from err
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load_weights(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -104,13 +92,68 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable .safetensors file ({load_error_reason(err)}); it is "
+                         "damaged or incomplete: download or copy it again.") from err
+
+
+def _torch_load_weights(path: Path) -> Any:
+    """torch.load with weights_only=True; every failure becomes a ValueError naming the file."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes); download or copy the checkpoint again.")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of raw pickles just before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                # mmap keeps a multi-GB checkpoint out of RAM until load_state_dict copies it.
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        raise ValueError(_unsafe_message(path, err)) from err
+    except Exception as err:  # noqa: BLE001 - any other failure means a damaged or foreign file
+        raise ValueError(f"{path} could not be read as a PyTorch state dict ({load_error_reason(err)}); "
+                         "the file is damaged or not a checkpoint: download it again or use its "
+                         ".safetensors version.") from err
+
+
+def load_error_reason(err: BaseException) -> str:
+    """The informative part of a torch.load / safetensors error, as one short clause.
+
+    torch's weights-only refusal is a paragraph that advises retrying with the unsafe loader; only
+    the line saying what was refused is kept (e.g. "Trying to load unsupported GLOBAL posix.system").
+    """
+    marker = "WeightsUnpickler error:"
+    lines = [line.split(marker)[-1].strip() for line in str(err).splitlines()]
+    useful = [line for line in lines if line and "weights_only" not in line
+              and not line.startswith(("Weights only load failed", "Check the documentation"))]
+    if "TorchScript" in str(err):
+        reason = "it is a TorchScript archive"
+    elif useful:
+        reason = useful[0].split(". ")[0].rstrip(".")
+    elif isinstance(err, EOFError):
+        reason = "the file ends before its data does"
+    elif str(err).strip():
+        reason = "it holds Python objects other than tensors"
+    else:
+        return type(err).__name__
+    return f"{type(err).__name__}: {reason}"
+
+
 def _unsafe_message(path: Path, err: Exception) -> str:
-    # Only torch's first sentence: the rest suggests weights_only=False, which is what we refuse.
-    reason = str(err).strip().split(". ")[0].splitlines()[0]
-    return (f"{path} could not be read as a plain state dict with torch.load(weights_only=True) "
-            f"({type(err).__name__}: {reason}). "
-            "TorchScript archives (e.g. OpenAI's ViT-L-14.pt) and pickled model objects are not loaded "
-            "because unpickling can run code; use a .safetensors or state-dict checkpoint instead.")
+    return (f"{path} is not a PyTorch state dict that can be read safely with torch.load(weights_only=True) "
+            f"({load_error_reason(err)}); TorchScript archives (e.g. OpenAI's ViT-L-14.pt) and pickled "
+            "model objects are refused because unpickling can run code: use the .safetensors version "
+            "or re-save it with torch.save(model.state_dict()).")
 
 
 def _vit_signature(sd: dict[str, torch.Tensor]) -> dict[str, int] | None:
