@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .rewards.clip_loading import load_error_reason
+from .rewards.clip_loading import load_error_reason, quiet_pickle_protocol_warning
 
 
 @dataclass
@@ -79,8 +78,7 @@ def load_train_state(path: str | os.PathLike) -> TrainState:
         raise ValueError(f"training state {path} is empty (0 bytes); give a train_state.pt written by a "
                          "run with save_every > 0, or start without resuming.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notice on raw pickles
+        with quiet_pickle_protocol_warning():
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure means: not a state we can read safely
         raise ValueError(f"training state {path} cannot be read safely ({load_error_reason(err)}); give "

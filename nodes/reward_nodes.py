@@ -4,19 +4,28 @@ Each loader resolves file names in models/reward_models (or models/clip_vision),
 that a standard ComfyUI loader loaded (the aesthetic reward's CLIP_VISION), calls one core factory
 and outputs an ALIGNPROP_REWARD: a dict {"name", "fn"} whose fn maps images (B,3,H,W) in [0,1] and
 prompts to scores (B,).
+
+ComfyUI 0.3.75 does not hold an API prompt's dropdown values to their options, nor refuse NaN or
+infinity in a FLOAT input, so each node checks its own before calling the core (a file dropdown
+through `existing_path`: the name must exist inside its model folder).
 """
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io, ui
 
+from alignprop_core.config import check_finite
 from alignprop_core.rewards import make_reward
 from alignprop_core.rewards.mixture import make_mixture
 
+from .choices import check_choice
 from .paths import NO_FILE, REWARD_FOLDER, existing_path, model_dirs, weight_files
 
 Reward = io.Custom("ALIGNPROP_REWARD")
 CATEGORY = "AlignProp/rewards"
+# Compressibility direction -> core reward name
+JPEG_DIRECTIONS = {"compressible": "jpeg_compressibility", "incompressible": "jpeg_incompressibility"}
+SIMPLE_KINDS = ("smoothness", "color_target")
 
 
 def _device() -> torch.device:
@@ -134,14 +143,14 @@ class CompressibilityReward(io.ComfyNode):
             node_id="AlignProp_CompressibilityReward", display_name="AlignProp JPEG Compressibility Reward",
             category=CATEGORY,
             inputs=[io.Int.Input("quality", default=95, min=1, max=100, tooltip="JPEG quality of the size model"),
-                    io.Combo.Input("direction", options=["compressible", "incompressible"],
+                    io.Combo.Input("direction", options=list(JPEG_DIRECTIONS),
                                    tooltip="reward small files (compressible) or large ones")],
             outputs=[Reward.Output(display_name="reward")])
 
     @classmethod
     def execute(cls, quality, direction):
-        name = "jpeg_compressibility" if direction == "compressible" else "jpeg_incompressibility"
-        return io.NodeOutput(_socket(name, _make(name, quality=quality)))
+        name = JPEG_DIRECTIONS[check_choice(direction, list(JPEG_DIRECTIONS), "direction")]
+        return io.NodeOutput(_socket(name, _make(name, quality=check_finite(quality, "quality"))))
 
 
 class ObjectCountReward(io.ComfyNode):
@@ -158,6 +167,7 @@ class ObjectCountReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_dir, object_name, target):
+        target = check_finite(target, "target")
         fn = _make("object_count", model_dir=existing_path(REWARD_FOLDER, model_dir),
                    object_name=object_name.strip() or None, target=target, device=_device())
         return io.NodeOutput(_socket("object_count", fn))
@@ -168,7 +178,7 @@ class SimpleReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SimpleReward", display_name="AlignProp Weight-free Reward", category=CATEGORY,
-            inputs=[io.Combo.Input("kind", options=["smoothness", "color_target"],
+            inputs=[io.Combo.Input("kind", options=list(SIMPLE_KINDS),
                                    tooltip="smoothness: negative total variation; color_target: mean colour "
                                            "close to (red, green, blue)"),
                     io.Float.Input("red", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="color_target red"),
@@ -178,7 +188,9 @@ class SimpleReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, kind, red, green, blue):
-        kwargs = {"target": (red, green, blue)} if kind == "color_target" else {}
+        check_choice(kind, SIMPLE_KINDS, "kind")
+        target = tuple(check_finite(v, name) for v, name in ((red, "red"), (green, "green"), (blue, "blue")))
+        kwargs = {"target": target} if kind == "color_target" else {}
         return io.NodeOutput(_socket(kind, _make(kind, **kwargs)))
 
 
@@ -199,7 +211,8 @@ class RewardMixer(io.ComfyNode):
 
     @classmethod
     def execute(cls, reward_1, weight_1, reward_2, weight_2, standardize, reward_3=None, weight_3=1.0):
-        parts = [(reward_1, weight_1), (reward_2, weight_2)] + ([(reward_3, weight_3)] if reward_3 else [])
+        weights = [check_finite(w, f"weight_{i}") for i, w in enumerate((weight_1, weight_2, weight_3), 1)]
+        parts = [(reward_1, weights[0]), (reward_2, weights[1])] + ([(reward_3, weights[2])] if reward_3 else [])
         fn = make_mixture([(r["fn"], w) for r, w in parts], standardize=standardize)
         name = " + ".join(f"{w:g}*{r['name']}" for r, w in parts)
         return io.NodeOutput(_socket(name, fn))

@@ -108,9 +108,7 @@ def _torch_load_weights(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes); download or copy the checkpoint again.")
     try:
-        with warnings.catch_warnings():
-            # torch warns about the pickle protocol of raw pickles just before refusing them
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_pickle_protocol_warning():
             try:
                 # mmap keeps a multi-GB checkpoint out of RAM until load_state_dict copies it.
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -124,6 +122,15 @@ def _torch_load_weights(path: Path) -> Any:
         raise ValueError(f"{path} could not be read as a PyTorch state dict ({load_error_reason(err)}); "
                          "the file is damaged or not a checkpoint: download it again or use its "
                          ".safetensors version.") from err
+
+
+@contextlib.contextmanager
+def quiet_pickle_protocol_warning():
+    """Drop torch's "Detected pickle protocol" warning: it comes just before torch refuses a raw
+    pickle, and the refusal's own message already says what is wrong with the file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
 
 
 def load_error_reason(err: BaseException) -> str:
@@ -147,6 +154,15 @@ def load_error_reason(err: BaseException) -> str:
     else:
         return type(err).__name__
     return f"{type(err).__name__}: {reason}"
+
+
+def weights_error(folder: Path, names: Sequence[str], err: BaseException, fix: str) -> ValueError:
+    """A ValueError naming the weight file in `folder` (the first of `names` present) that a
+    ``from_pretrained`` failed to read, with torch's reason cut to its informative part."""
+    present = [folder / n for n in names if (folder / n).is_file()]
+    where = present[0] if present else folder
+    return ValueError(f"{where} cannot be read ({load_error_reason(err)}); it is damaged, incomplete or "
+                      f"holds pickled objects other than tensors (refused, never run): {fix}.")
 
 
 def _unsafe_message(path: Path, err: Exception) -> str:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import check_images
+from .clip_loading import quiet_pickle_protocol_warning, weights_error
 
 DEFAULT_QUERY = "a photo of a {}"
 # OWLv2 was trained on images padded with grey (the original implementation and transformers 4.x
@@ -292,7 +293,11 @@ def make_object_count(model_dir: str | Path, object_name: str | None, target: fl
     spec = load_preprocess_spec(path, kind, image_size)
 
     # 3. Load frozen weights; dtype is applied after loading so transformers 4.x and 5.x agree.
-    model = model_cls.from_pretrained(path, local_files_only=True)
+    try:
+        with quiet_pickle_protocol_warning():
+            model = model_cls.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and transformers each raise their own
+        raise weights_error(path, _WEIGHT_FILES, err, _SOURCE_HINT) from err
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     max_length = int(config.get("text_config", {}).get("max_position_embeddings", 16))

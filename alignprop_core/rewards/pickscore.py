@@ -14,11 +14,12 @@ from typing import Sequence
 import torch
 
 from .base import RewardFn, check_images
-from .clip_loading import freeze
+from .clip_loading import freeze, quiet_pickle_protocol_warning, weights_error
 from .base import check_prompts
 from .preprocess import clip_preprocess
 
 MAX_TEXT_TOKENS = 77  # CLIP's context length, as the reference passes it
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 _SOURCE = ("huggingface.co/yuvalkirstain/PickScore_v1 (config.json, model.safetensors, about 3.9 GB) "
            "plus the processor files of huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
@@ -77,12 +78,17 @@ def make_pickscore(model_dir: str | Path, processor_dir: str | Path | None = Non
 
     model_dir = Path(model_dir).expanduser()
     processor_dir = Path(processor_dir).expanduser() if processor_dir is not None else model_dir
-    _require_dir(model_dir, [("config.json",), ("model.safetensors", "pytorch_model.bin")], "PickScore model")
+    _require_dir(model_dir, [("config.json",), _WEIGHT_FILES], "PickScore model")
     _require_dir(processor_dir, [("preprocessor_config.json", "processor_config.json"),
                                  ("tokenizer.json", "vocab.json")], "PickScore processor")
     size, mean, std = _image_settings(processor_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(processor_dir), local_files_only=True)
-    model = freeze(CLIPModel.from_pretrained(str(model_dir), local_files_only=True), device, dtype)
+    try:
+        with quiet_pickle_protocol_warning():
+            model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and transformers each raise their own
+        raise weights_error(model_dir, _WEIGHT_FILES, err, f"download {_SOURCE} again") from err
+    model = freeze(model, device, dtype)
     scale = model.logit_scale.detach().exp().float()
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

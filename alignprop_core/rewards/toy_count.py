@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from .base import RewardFn, check_images, check_prompts
+from .clip_loading import load_error_reason
 
 ATTRIBUTES = ("count", "colour", "shape", "background")
 KINDS = ("log_prob", "prob")
@@ -65,7 +66,14 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
     from alignprop_core.toy.classifier import load_classifier
     from alignprop_core.toy.counting import count_shapes
 
-    classifier = load_classifier(Path(weights_path) if weights_path else None)
+    try:
+        classifier = load_classifier(Path(weights_path) if weights_path else None)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors, JSON metadata and load_state_dict each raise their own
+        raise ValueError(f"toy classifier weights {weights_path} cannot be read ({load_error_reason(err)}); "
+                         "give a file written by `python -m alignprop_core.toy.pretrain`, or leave "
+                         "weights_path unset for the shipped classifier.") from err
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_images(images, prompts)
