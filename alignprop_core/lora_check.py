@@ -116,14 +116,16 @@ def check_factors(down_key: str, down: torch.Tensor, up_key: str, up: torch.Tens
 
 
 def _target_weight(module: nn.Module, path: str, key: str) -> torch.Tensor:
-    """The weight of the Linear/Conv2d at ``path`` (under a peft wrapper, its base layer's)."""
+    """The weight matrix or kernel of the layer at ``path`` (under a peft wrapper, its base layer's)."""
     layer = module.get_submodule(path)
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    if not isinstance(base, (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"LoRA key {key!r} targets the model's {path!r}, a {type(base).__name__}; only "
-                         "Linear and Conv2d layers take a LoRA, so the LoRA was made for another model: "
-                         "pick the model it was trained for.")
-    return base.weight
+    # by the weight, not the class: hosts have their own Linear/Conv2d classes (e.g. ComfyUI's ops)
+    weight = getattr(base, "weight", None)
+    if not torch.is_tensor(weight) or weight.dim() < 2:
+        raise ValueError(f"LoRA key {key!r} targets the model's {path!r}, a {type(base).__name__} without "
+                         "a weight matrix; only Linear and Conv2d layers take a LoRA, so the LoRA was "
+                         "made for another model: pick the model it was trained for.")
+    return weight
 
 
 def check_module_factors(peft_state: Mapping[str, torch.Tensor], module: nn.Module,

@@ -1,25 +1,71 @@
 """LoRA nodes: save, load (to continue training), mix (the paper's adapter interpolation), and
-applying a LoRA to a MODEL through ComfyUI's own LoRA patching (what LoraLoader does)."""
+applying a LoRA to a MODEL through ComfyUI's own LoRA patching (what LoraLoader does).
+
+Apply checks the LoRA against the MODEL before patching: ComfyUI itself only logs a layer whose
+shapes do not fit and renders without it, so a LoRA for another model would look applied."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
+from alignprop_core.config import check_finite
+from alignprop_core.lora_check import check_factors, check_lora_finite
 from alignprop_core.lora_io import LoraFile, load_lora, mix_loras, save_lora_file
+from alignprop_core.outputs import claim, lora_file_name, numbered_path
 
+from .choices import check_combos
 from .paths import existing_path, output_path
 
 Lora = io.Custom("ALIGNPROP_LORA")
 CATEGORY = "AlignProp/lora"
 MIX_MODES = ("weights", "delta")
+FACTORS = ("lora_down.weight", "lora_up.weight")
+
+
+def _unmatched(state: dict, key_map: dict) -> list[str]:
+    """LoRA module names (keys less their factor/alpha suffix) that this MODEL has no weight for."""
+    names = set()
+    for key in state:
+        suffix = next((s for s in (*FACTORS, "alpha") if key.endswith("." + s)), None)
+        names.add(key[: -len(suffix) - 1] if suffix else key)
+    return sorted(names - set(key_map))
+
+
+def check_patch_shapes(model, state: dict, key_map: dict) -> None:
+    """ValueError naming the first LoRA key whose factor does not fit the MODEL weight it patches."""
+    for name in sorted(n for n in key_map if all(f"{n}.{f}" in state for f in FACTORS)):
+        target = key_map[name]
+        key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+        try:
+            shape = list(model.get_model_object(key).shape)
+        except AttributeError:
+            continue  # not a weight of this MODEL: ComfyUI skips it, _unmatched reports the LoRA module
+        if offset is not None:  # a slice of a fused weight (dim, start, length)
+            shape[offset[0]] = offset[2]
+        down_key, up_key = (f"{name}.{f}" for f in FACTORS)
+        # exact=False: ComfyUI reshapes the product onto the weight (linear factors on a 1x1 conv work)
+        check_factors(down_key, state[down_key], up_key, state[up_key], key.removesuffix(".weight"),
+                      shape, exact=False)
 
 
 def apply_to_model(model, lora: LoraFile, strength: float = 1.0):
-    """A clone of `model` with the LoRA as ComfyUI weight patches; errors if any key is not used."""
+    """A clone of `model` with the LoRA as ComfyUI weight patches, after checking that it fits.
+
+    Raises ValueError, before anything is patched, for a NaN/Inf tensor, a factor whose shape does
+    not fit the weight it targets, or LoRA modules this MODEL does not have.
+    """
     import comfy.lora
     import comfy.lora_convert
 
+    check_lora_finite(lora.state)
+    state = comfy.lora_convert.convert_lora(dict(lora.state))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora.state)), key_map)
+    check_patch_shapes(model, state, key_map)
+    unmatched = _unmatched(state, key_map)
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} LoRA module(s) are not in this MODEL (e.g. {unmatched[:3]}): the "
+                         "LoRA was made for another model (e.g. SDXL instead of SD1.5); use it with the "
+                         "model it was trained for, or pick another LoRA.")
+    loaded = comfy.lora.load_lora(state, key_map)
     patched = model.clone()
     applied = set(patched.add_patches(loaded, strength))
     missing = [k for k in loaded if k not in applied]
@@ -39,13 +85,20 @@ class SaveLora(io.ComfyNode):
                     io.String.Input("lora_name", default="alignprop/alignprop_lora",
                                     tooltip="file name under models/loras (.safetensors is added)"),
                     io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16",
-                                   tooltip="precision of the saved tensors")],
-            outputs=[io.String.Output(display_name="lora_path")])
+                                   tooltip="precision of the saved tensors"),
+                    # last and optional, so workflows saved before it existed still validate
+                    io.Boolean.Input("overwrite", default=False, optional=True,
+                                     tooltip="replace a file of the same name; off: the next free "
+                                             "numbered name is used (name_00001.safetensors, ...)")],
+            outputs=[io.String.Output(display_name="lora_path", tooltip="the file written")])
 
     @classmethod
-    def execute(cls, lora, lora_name, dtype):
-        path = save_lora_file(output_path("loras", lora_name), lora, dtype=dtype)
-        return io.NodeOutput(str(path))
+    def execute(cls, lora, lora_name, dtype, overwrite=False):
+        name = lora_file_name(lora_name, "lora_name")
+        check_combos(cls.define_schema(), {"dtype": dtype})
+        target = output_path("loras", name)
+        path = claim(target, True, "lora_name") if overwrite else numbered_path(target)
+        return io.NodeOutput(str(save_lora_file(path, lora, dtype=dtype)))
 
 
 class LoadLora(io.ComfyNode):
@@ -62,6 +115,7 @@ class LoadLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name):
+        check_combos(cls.define_schema(), {"lora_name": lora_name})
         return io.NodeOutput(load_lora(existing_path("loras", lora_name)))
 
 
@@ -80,6 +134,8 @@ class MixLoras(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_a, lora_b, t, mode):
+        check_finite(t, "t")
+        check_combos(cls.define_schema(), {"mode": mode})
         return io.NodeOutput(mix_loras(lora_a, lora_b, t, mode))
 
 
@@ -95,6 +151,7 @@ class ApplyLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora, strength):
+        check_finite(strength, "strength")
         return io.NodeOutput(apply_to_model(model, lora, strength))
 
 

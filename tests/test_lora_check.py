@@ -173,3 +173,14 @@ def test_factor_shapes_exact_and_as_comfyui_patches_them():
     assert factor_mismatch((4, 320), (320, 4), (320, 320, 1, 1), exact=False) is None
     assert factor_mismatch((4, 320, 1, 1), (320, 4, 1, 1), (320, 320, 3, 3), exact=False) == "down"
     assert factor_mismatch((4, 320, 3, 3), (320, 4, 3, 3), (320, 320, 3, 3), exact=False) == "up"
+
+
+def test_a_lora_on_a_layer_without_a_weight_matrix_is_refused(attn_lora):
+    name = f"{ATTN}_norm1"  # a LayerNorm: its weight is a vector
+    bad = LoraFile(state={**attn_lora.state, f"{name}.lora_down.weight": torch.zeros(4, 32),
+                          f"{name}.lora_up.weight": torch.zeros(32, 4), f"{name}.alpha": torch.tensor(4.0)},
+                   rank=4, alpha=4.0)
+    unet = make_unet()
+    with pytest.raises(ValueError, match=f"'{name}.lora_down.weight' targets .*LayerNorm without a weight matrix"):
+        apply_lora_file(unet, bad)
+    assert not has_lora(unet)
