@@ -269,10 +269,9 @@ def test_train_writes_lora_metrics_and_plots(model_dir, prompt_file, tmp_path, c
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
     assert rows[2]["eval_reward"] != "" and rows[1]["eval_reward"] == ""
-    # the same command again would replace the finished LoRA: refused before loading, allowed when asked
+    # the same command again would replace the finished LoRA: refused before loading anything
     code, err = _run(argv, capsys)
-    assert code == 2 and "already exists" in err, err
-    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+    assert code == 2 and "already exists" in err and "--overwrite" in err, err
 
 
 @pytest.mark.slow
