@@ -170,7 +170,7 @@ def check_device(name: str, train: TrainConfig) -> torch.device:
         if train.mixed_precision == "fp16":
             raise ValueError("--mixed-precision fp16 needs a CUDA device; use bf16 or no with --device cpu.")
         return device
-    backend = getattr(torch, device.type, None) if device.type in ("cuda", "mps", "xpu") else None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(device.type)
     if backend is None:
         raise ValueError(f"--device {name!r} cannot run training; {hint}.")
     if not backend.is_available():
@@ -205,11 +205,13 @@ def check_model_dir(path: Path, train: TrainConfig) -> None:
 
 def check_reward_args(name: str, kwargs: dict[str, Any]) -> None:
     """The `--reward-arg`s fit the reward factory's signature (checked without building it)."""
-    params = inspect.signature(REWARDS[name]).parameters
-    takes = ", ".join(p + (" (required)" if params[p].default is inspect.Parameter.empty else "")
-                      for p in params)
-    unknown = [key for key in kwargs if key not in params]
-    missing = [p for p in params if params[p].default is inspect.Parameter.empty and p not in kwargs]
+    signature = inspect.signature(REWARDS[name]).parameters.values()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = {p.name: p.default is inspect.Parameter.empty for p in signature if p.kind not in variadic}
+    takes = ", ".join(p + (" (required)" if required else "") for p, required in params.items())
+    open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature)
+    unknown = [] if open_ended else [key for key in kwargs if key not in params]
+    missing = [p for p, required in params.items() if required and p not in kwargs]
     if unknown:
         raise ValueError(f"--reward-arg {unknown[0]} is not an argument of the {name} reward; it takes "
                          f"{takes}.")
