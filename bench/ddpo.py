@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from alignprop_core.conditioning import batch_conds
+
 from alignprop_core.denoiser import Cond, DiffusionBackend
 from alignprop_core.rewards import RewardFn
 from alignprop_core.sampler import guided_prediction
@@ -96,8 +98,8 @@ def ddpo_epoch(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence
     latents = torch.cat([c["latents"] for c in chunks], dim=1)  # (T+1, N, ...)
     old_lp = torch.cat([c["log_probs"] for c in chunks], dim=1)  # (T, N)
     rewards = torch.cat([c["rewards"] for c in chunks])
-    cond = {k: torch.cat([c["cond"][k] for c in chunks]) for k in chunks[0]["cond"]}
-    uncond = {k: torch.cat([c["uncond"][k] for c in chunks]) for k in chunks[0]["uncond"]}
+    cond = batch_conds([c["cond"] for c in chunks])  # prompts of different token lengths batch too
+    uncond = batch_conds([c["uncond"] for c in chunks])
     ts = chunks[0]["timesteps"]
 
     # 2. advantages over the epoch's samples, clipped

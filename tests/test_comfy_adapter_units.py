@@ -33,11 +33,3 @@ def test_other_families_are_refused_by_name(name):
         comfy_model.model_family(_fake_model(name))
     message = str(err.value)
     assert name in message and "SD1.x (SD15) and SDXL" in message
-
-
-def test_long_prompts_are_batched_like_comfyui():
-    short, long = torch.randn(1, 77, 8), torch.randn(1, 154, 8)
-    out = comfy_model._lcm_repeat([short, long])
-    assert out.shape == (2, 154, 8)
-    assert torch.equal(out[0, :77], short[0]) and torch.equal(out[0, 77:], short[0])
-    assert torch.equal(out[1], long[0])
