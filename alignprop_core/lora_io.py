@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import LoraConfig
+from .outputs import write_atomically
 from .lora import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
 from .lora_check import check_lora_finite, check_module_factors
 from .lora_keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
@@ -194,17 +194,7 @@ def _write_atomic(path: Path, state: dict[str, torch.Tensor], meta: dict[str, st
     # alpha stays float32: it is a scalar whose exact value sets the scale.
     tensors = {k: (v.float() if k.endswith(".alpha") else v.to(torch_dtype)).detach().cpu().contiguous()
                for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        st.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
 
 
 def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_BYTES = 255  # one path component on ext4, APFS, NTFS (in UTF-16 units there, about the same)
@@ -101,3 +102,30 @@ def check_writable(folder: str | os.PathLike, what: str = "the output folder") -
         raise PermissionError(f"{what} {folder} cannot be written ({err.strerror or err}); choose a "
                               "folder you can write to.") from err
     return folder
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Run `write(temp_path)` on a hidden temporary file beside `path`, then rename it into place.
+
+    The rename is atomic on one file system, so a reader (or a process killed mid-save) sees the old
+    file or the new one, never a torn one. The file gets the permissions a plain `open` would give
+    (0666 less the umask), not the 0600 of a temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .outputs import write_atomically
 
 from .rewards.clip_loading import load_error_reason, quiet_pickle_protocol_warning
 
@@ -49,15 +50,7 @@ def save_train_state(path: str | os.PathLike, state: TrainState) -> Path:
         "config": json.dumps(state.config),
         "reward_state": json.dumps(state.reward_state),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_train_state(path: str | os.PathLike) -> TrainState:

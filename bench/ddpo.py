@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 
 from alignprop_core.conditioning import batch_conds
-
 from alignprop_core.denoiser import Cond, DiffusionBackend
 from alignprop_core.rewards import RewardFn
 from alignprop_core.sampler import guided_prediction

@@ -54,12 +54,11 @@ def same(a, b) -> bool:
 def is_temp_name(kind: str, name: str, finals: set[str]) -> bool:
     """Whether ``name`` is the temporary file of a save to one of ``finals``.
 
-    The library's own (mkstemp: the final name, a random part, ``.tmp``; hidden for LoRA files), or
+    The library's own (mkstemp: a dot, the final name, a random part, ``.tmp``), or
     for safetensors files also the one safetensors itself writes first and renames (``.tmp`` and six
     random characters, from Rust's tempfile crate).
     """
-    hidden = r"\." if kind != "train_state" else ""
-    if any(re.fullmatch(rf"{hidden}{re.escape(f)}\.[A-Za-z0-9_]+\.tmp", name) for f in finals):
+    if any(re.fullmatch(rf"\.{re.escape(f)}\.[A-Za-z0-9_]+\.tmp", name) for f in finals):
         return True
     return kind != "train_state" and re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name) is not None
 
@@ -170,8 +169,6 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.xfail(strict=True, reason="mkstemp creates the temporary file with mode 0600 and os.replace "
-                   "keeps it, so saved files ignore the umask (0644 under the usual 022)")
 @pytest.mark.parametrize("kind", writer_mod.KINDS)
 def test_saved_files_get_the_usual_permissions(kind, tmp_path):
     path = tmp_path / f"saved{SUFFIX[kind]}"
