@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .outputs import write_atomically
+from .safe_load import load_error_reason
 from .lora import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
 from .lora_check import check_lora_finite, check_module_factors
 from .lora_keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
@@ -291,9 +292,13 @@ def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraF
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {str(path)!r}; check the path (or the ComfyUI "
                                 "loras folder).")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({load_error_reason(err)}); it "
+                         "is damaged or incomplete: copy it again, or train it again.") from err
     if not any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in state):
         raise ValueError(f"{str(path)!r} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight'); "
                          "it is not a LoRA file.")

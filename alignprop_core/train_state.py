@@ -16,7 +16,7 @@ import torch
 
 from .outputs import write_atomically
 
-from .rewards.clip_loading import load_error_reason, quiet_pickle_protocol_warning
+from .safe_load import load_error_reason, quiet_pickle_protocol_warning
 
 
 @dataclass

@@ -184,3 +184,13 @@ def test_a_lora_on_a_layer_without_a_weight_matrix_is_refused(attn_lora):
     with pytest.raises(ValueError, match=f"'{name}.lora_down.weight' targets .*LayerNorm without a weight matrix"):
         apply_lora_file(unet, bad)
     assert not has_lora(unet)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"not a safetensors file at all" * 10])
+def test_a_damaged_lora_file_is_named(tmp_path, content):
+    from alignprop_core.lora_io import load_lora
+
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="broken.safetensors' is not a readable .safetensors file"):
+        load_lora(path)

@@ -18,13 +18,13 @@ import logging
 import math
 import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..safe_load import load_error_reason, quiet_pickle_protocol_warning  # noqa: F401 (re-exported)
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 _RESBLOCK_RE = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
@@ -122,38 +122,6 @@ def _torch_load_weights(path: Path) -> Any:
         raise ValueError(f"{path} could not be read as a PyTorch state dict ({load_error_reason(err)}); "
                          "the file is damaged or not a checkpoint: download it again or use its "
                          ".safetensors version.") from err
-
-
-@contextlib.contextmanager
-def quiet_pickle_protocol_warning():
-    """Drop torch's "Detected pickle protocol" warning: it comes just before torch refuses a raw
-    pickle, and the refusal's own message already says what is wrong with the file."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        yield
-
-
-def load_error_reason(err: BaseException) -> str:
-    """The informative part of a torch.load / safetensors error, as one short clause.
-
-    torch's weights-only refusal is a paragraph that advises retrying with the unsafe loader; only
-    the line saying what was refused is kept (e.g. "Trying to load unsupported GLOBAL posix.system").
-    """
-    marker = "WeightsUnpickler error:"
-    lines = [line.split(marker)[-1].strip() for line in str(err).splitlines()]
-    useful = [line for line in lines if line and "weights_only" not in line
-              and not line.startswith(("Weights only load failed", "Check the documentation"))]
-    if "TorchScript" in str(err):
-        reason = "it is a TorchScript archive"
-    elif useful:
-        reason = useful[0].split(". ")[0].rstrip(".")
-    elif isinstance(err, EOFError):
-        reason = "the file ends before its data does"
-    elif str(err).strip():
-        reason = "it holds Python objects other than tensors"
-    else:
-        return type(err).__name__
-    return f"{type(err).__name__}: {reason}"
 
 
 def weights_error(folder: Path, names: Sequence[str], err: BaseException, fix: str) -> ValueError:
