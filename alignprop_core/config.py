@@ -15,6 +15,7 @@ TRUNCATION_STRATEGIES = ("fixed", "uniform", "gaussian")
 LOSS_SHAPES = ("maximize", "target")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MAX_SEED = 2 ** 63 - 1  # seeds go to torch.Generator.manual_seed
 REWARD_AUGMENTS = ("none", "hflip", "dihedral")  # alignprop_core.augment holds what each one does
 
 
@@ -49,6 +50,9 @@ def _check_types(obj: Any) -> None:
             if not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); "
                                  "give a whole number.")
+            if f.name.endswith("seed") and not 0 <= value <= MAX_SEED:
+                raise ValueError(f"{name} must lie in [0, 2**63 - 1] (what torch's generators take), "
+                                 f"got {value}.")
         elif kind == "bool" and not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r} ({type(value).__name__}).")
         elif kind == "str" and not isinstance(value, str):
@@ -131,7 +135,9 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if isinstance(self.target_modules, str) or not all(isinstance(m, str) for m in self.target_modules):
+        modules = self.target_modules
+        if isinstance(modules, str) or not isinstance(modules, (list, tuple)) or not all(
+                isinstance(m, str) for m in modules):
             raise ValueError(f"LoraConfig.target_modules must be a sequence of module names, got "
                              f"{self.target_modules!r}; give e.g. ('to_q', 'to_k', 'to_v', 'to_out.0').")
         self.target_modules = tuple(self.target_modules)

@@ -87,13 +87,16 @@ def _rank_alpha(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]
     pairs: dict[tuple[int, float], str] = {}
     for name, parts in groups.items():
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        rank = down.shape[0]
         linear = down.dim() == 2 and up.dim() == 2
         conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
-        if not (linear or conv) or up.shape[1] != rank:
+        if not (linear or conv) or up.shape[1] != down.shape[0] or down.shape[0] == 0:
             raise ValueError(f"LoRA module {name!r} has shapes down {tuple(down.shape)} / up "
                              f"{tuple(up.shape)}; expected linear factors (r, in) and (out, r), or conv "
-                             "factors (r, in, kh, kw) and (out, r, 1, 1).")
+                             "factors (r, in, kh, kw) and (out, r, 1, 1), with rank r >= 1.")
+        rank = down.shape[0]
+        if "alpha" in parts and parts["alpha"].numel() != 1:
+            raise ValueError(f"LoRA module {name!r} has an alpha of shape {tuple(parts['alpha'].shape)}; "
+                             "alpha is one number per module: the file is damaged.")
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
         pairs.setdefault((rank, alpha), name)
     if len(pairs) != 1:
@@ -401,6 +404,14 @@ def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
         only_a, only_b = sorted(set(ga) - set(gb)), sorted(set(gb) - set(ga))
         raise ValueError(f"The LoRAs cover different modules (only in a: {only_a[:3]}, only in b: "
                          f"{only_b[:3]}); mix LoRAs trained with the same target modules and model.")
+    _rank_alpha(ga), _rank_alpha(gb)  # each one well formed (rank >= 1, one alpha)
+    for name in sorted(ga):
+        da, db = ga[name]["lora_down.weight"], gb[name]["lora_down.weight"]
+        ua, ub = ga[name]["lora_up.weight"], gb[name]["lora_up.weight"]
+        if da.shape[1:] != db.shape[1:] or ua.shape[0] != ub.shape[0]:
+            raise ValueError(f"The LoRAs' module {name!r} has layers of different sizes (down "
+                             f"{tuple(da.shape)} vs {tuple(db.shape)}, up {tuple(ua.shape)} vs "
+                             f"{tuple(ub.shape)}); mix LoRAs trained for the same model.")
     t = float(t)
     state: dict[str, torch.Tensor] = {}
     if mode == "weights":

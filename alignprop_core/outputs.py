@@ -126,6 +126,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    """The process umask, read without changing it where the OS allows (a server's other threads
+    create files meanwhile); elsewhere by setting it and putting it straight back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
