@@ -1,5 +1,6 @@
 """The command line: a short real run writes every artefact; every bad invocation is one line
-`alignprop: error: ...` on stderr with exit code 2, names the flag or file, and writes nothing."""
+`alignprop: error: ...` on stderr with exit code 2, names the flag or file, and writes nothing. The
+bad invocations are the CLI rows of the bad-input catalogue, tests/failure_catalogue.py."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,8 @@ from alignprop_core.cli import main
 from alignprop_core.lora_io import load_lora
 from alignprop_core.tiny_model import ensure_tiny_model_dir
 from alignprop_core.train_state import TrainState, save_train_state
+
+from failure_catalogue import CLI_ROWS, BadInput
 
 FAST = ["--sampler-steps", "3", "--sampler-k", "2", "--steps", "3", "--batch-size", "2",
         "--width", "16", "--height", "16", "--eval-every", "2", "--lr", "1e-2"]
@@ -78,82 +81,9 @@ def files(tmp_path_factory, model_dir):
     return f
 
 
-def _resume(name):
-    return lambda f: ["--resume", str(f["root"] / name)]
-
-
-# (id, extra flags (a function of the fixture `files` when it needs a path), excerpts of the message)
-BAD = [
-    ("resume-hostile-pickle", _resume("hostile.pt"), ["hostile.pt", "cannot be read safely", "GLOBAL"]),
-    ("resume-hostile-raw-pickle", _resume("hostile_raw.pt"), ["hostile_raw.pt", "cannot be read safely"]),
-    ("resume-legacy-format", _resume("legacy.pt"), ["legacy.pt", "cannot be read safely"]),
-    ("resume-empty", _resume("empty.pt"), ["empty.pt", "is empty"]),
-    ("resume-truncated", _resume("truncated.pt"), ["truncated.pt", "cannot be read safely"]),
-    ("resume-random-bytes", _resume("random.pt"), ["random.pt", "cannot be read safely"]),
-    ("resume-not-a-state", _resume("tensor.pt"), ["tensor.pt", "not an AlignProp training state"]),
-    ("resume-missing", _resume("missing.pt"), ["missing.pt", "does not exist"]),
-    ("resume-folder", _resume("a_folder"), ["a_folder", "is a folder"]),
-    ("reward-arg-unknown-keyword", ["--reward-arg", "colour=[1,0,0]"],
-     ["--reward-arg colour", "color_target", "takes target"]),
-    ("reward-arg-not-key-value", ["--reward-arg", "target"], ["--reward-arg 'target'", "KEY=VALUE"]),
-    ("reward-arg-wrong-value", ["--reward-arg", "target=[1,2]"], ["--reward color_target", "three numbers"]),
-    ("reward-arg-wrong-type", ["--reward", "toy_count", "--reward-arg", "temperature=[1]"],
-     ["--reward toy_count", "--reward-arg", "type"]),
-    ("aesthetic-without-weights", ["--reward", "aesthetic"], ["--reward aesthetic", "head_path"]),
-    ("aesthetic-missing-head", lambda f: ["--reward", "aesthetic", "--reward-arg",
-                                          f"head_path={f['root'] / 'head.pth'}", "--reward-arg",
-                                          f"clip_checkpoint={f['root'] / 'clip.bin'}"],
-     ["head.pth", "sac+logos+ava1-l14-linearMSE.pth"]),
-    ("aesthetic-hostile-head", lambda f: ["--reward", "aesthetic", "--reward-arg",
-                                          f"head_path={f['root'] / 'hostile.pt'}", "--reward-arg",
-                                          f"clip_checkpoint={f['root'] / 'whole.pt'}"],
-     ["hostile.pt", "can be read safely"]),
-    ("reward-unknown", ["--reward", "aesthetics_v9"], ["--reward", "invalid choice", "aesthetics_v9"]),
-    ("mixture-unknown-part", ["--reward", "mixture", "--reward-arg", "spec=bogus:1"],
-     ["--reward mixture", "bogus"]),
-    ("device-bogus", ["--device", "bogus"], ["--device 'bogus'", "cpu, cuda"]),
-    ("device-meta", ["--device", "meta"], ["--device 'meta'"]),
-    ("device-cuda-index", ["--device", "cuda:99"], ["--device cuda:99"]),
-    ("fp16-on-cpu", ["--device", "cpu", "--mixed-precision", "fp16"], ["--mixed-precision fp16", "bf16"]),
-    ("model-is-a-file", lambda f: ["--model", str(f["root"] / "model.safetensors")],
-     ["model.safetensors", "is a file, not a folder", "diffusers-format"]),
-    ("model-missing", lambda f: ["--model", str(f["root"] / "nope")], ["--model", "nope does not exist"]),
-    ("model-not-diffusers", lambda f: ["--model", str(f["root"] / "not_a_model")],
-     ["not_a_model", "model_index.json"]),
-    ("prompts-is-a-folder", lambda f: ["--prompts", str(f["root"] / "a_folder")],
-     ["--prompts file", "a_folder is a folder"]),
-    ("prompts-not-utf8", lambda f: ["--prompts", str(f["root"] / "latin1.txt")],
-     ["--prompts file", "latin1.txt is not UTF-8 text", "save it as UTF-8"]),
-    ("prompts-empty", lambda f: ["--prompts", str(f["root"] / "no_prompts.txt")],
-     ["no_prompts.txt", "holds no prompts"]),
-    ("prompts-missing", lambda f: ["--prompts", str(f["root"] / "nope.txt")], ["nope.txt", "does not exist"]),
-    ("eval-prompts-not-utf8", lambda f: ["--eval-prompts", str(f["root"] / "latin1.txt")],
-     ["--eval-prompts file", "latin1.txt"]),
-    ("lora-name-bin", ["--lora-name", "x.bin"], ["--lora-name", "x.bin", "x.safetensors"]),
-    ("lora-name-with-folder", ["--lora-name", "sub/x"], ["--lora-name 'sub/x'", "path separator"]),
-    ("lora-name-empty", ["--lora-name", " "], ["--lora-name", "empty"]),
-    ("out-is-a-file", lambda f: ["--out", str(f["root"] / "out_is_a_file")],
-     ["--out", "out_is_a_file", "is a file"]),
-    ("out-holds-the-lora", lambda f: ["--out", str(f["root"] / "existing")],
-     ["alignprop_lora.safetensors already exists", "--overwrite"]),
-    ("resume-into-existing-lora", lambda f: ["--out", str(f["root"] / "existing"), "--resume",
-                                             str(f["root"] / "train_state.pt")],
-     ["alignprop_lora.safetensors already exists", "--overwrite"]),
-    ("max-grad-norm-nan", ["--max-grad-norm", "nan"], ["--max-grad-norm", "finite", "nan"]),
-    ("lr-inf", ["--lr", "inf"], ["--lr", "finite"]),
-    ("sampler-eta-nan", ["--sampler-eta", "nan"], ["--sampler-eta", "finite"]),
-    ("reward-target-minus-inf", ["--reward-target=-inf"], ["--reward-target", "finite"]),
-    ("lr-zero", ["--lr", "0"], ["--lr must be > 0"]),
-    ("lora-rank-zero", ["--lora-rank", "0"], ["--lora-rank must be > 0"]),
-    ("sampler-k-outside", ["--sampler-k", "9"], ["--sampler-k=9 is outside [1, steps=3]"]),
-    ("guidance-below-one", ["--sampler-guidance-scale", "0.5"], ["--sampler-guidance-scale=0.5 is below 1"]),
-    ("truncation-unknown", ["--sampler-truncation", "random"], ["--sampler-truncation='random' is not known"]),
-    ("width-odd-on-vae2", ["--width", "15"], ["--width 15", "multiples of the VAE factor 2"]),
-    ("width-30-on-vae8", lambda f: ["--model", str(f["root"] / "vae8"), "--width", "30"],
-     ["--width 30", "VAE factor 8", "vae8"]),
-    ("steps-not-int", ["--steps", "ten"], ["--steps", "'ten'"]),
-    ("threads-negative", ["--threads", "-1"], ["--threads must be >= 0"]),
-]
+def _flags(row: BadInput, files: dict) -> list[str]:
+    """The row's extra arguments with {files} replaced by the folder of prepared bad files."""
+    return [arg.replace("{files}", str(files["root"])) for arg in row.given]
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
@@ -175,11 +105,12 @@ def _must_not_load(*args, **kwargs):
     raise AssertionError("a bad invocation reached model loading")
 
 
-@pytest.mark.parametrize("flags, excerpts", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(flags, excerpts, model_dir, prompt_file,
-                                                               files, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("row", CLI_ROWS, ids=[row.id for row in CLI_ROWS])
+def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(row, model_dir, prompt_file, files, tmp_path,
+                                                               capsys, monkeypatch):
+    """Each CLI row of the bad-input catalogue (tests/failure_catalogue.py)."""
     monkeypatch.setattr(reporting, "run_and_report", _must_not_load)
-    flags = flags(files) if callable(flags) else flags
+    flags = _flags(row, files)
     out = Path(flags[flags.index("--out") + 1]) if "--out" in flags else tmp_path / "out"
     before = _tree(out)
     argv = ["train", "--model", str(model_dir), "--prompts", str(prompt_file), "--out", str(out),
@@ -189,8 +120,9 @@ def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(flags, excerpts, m
     assert "Traceback" not in err and "weights_only=False" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("alignprop: error: "), err
-    for excerpt in excerpts:
+    for excerpt in row.expect:
         assert excerpt in err, (excerpt, err)
+    assert row.named_by in err, err
     assert _tree(out) == before
     assert not files["marker"].exists(), "a pickle ran code"
 
