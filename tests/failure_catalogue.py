@@ -203,10 +203,10 @@ def _lora_name(id_: str, value: str, bad: str, *expect: str, names: str = "lora_
 
 NODE_ROWS: list[BadInput] = [
     # the AlignProp Trainer: names, prompts, numbers and dropdowns, before the model is touched
-    _lora_name("trainer-lora-name-parent", "../x", "../x", "'../x' must be relative to the loras folder",
-               names="'../x'"),
-    _lora_name("trainer-lora-name-absolute", "/abs", "/abs", "'/abs' must be relative to the loras folder",
-               names="'/abs'"),
+    _lora_name("trainer-lora-name-parent", "../x", "../x",
+               "file name '../x.safetensors' must be relative to the loras folder", names="'../x.safetensors'"),
+    _lora_name("trainer-lora-name-absolute", "/abs", "/abs",
+               "file name '/abs.safetensors' must be relative to the loras folder", names="'/abs.safetensors'"),
     _lora_name("trainer-lora-name-folder", "dir/", "dir/ (a folder)", "lora_name 'dir/' names a folder"),
     _lora_name("trainer-lora-name-newline", "a\nb", "a name with a newline",
                "lora_name 'a\\nb' contains the control character(s) '\\n'"),
@@ -267,7 +267,7 @@ NODE_ROWS: list[BadInput] = [
     _node(SAVE, "save-lora-name-ckpt", "lora_name", "x.ckpt", {"lora_name": "x.ckpt"},
           "lora_name 'x.ckpt' ends in .ckpt"),
     _node(SAVE, "save-lora-name-parent", "lora_name", "../x", {"lora_name": "../x"},
-          "'../x' must be relative to the loras folder", names="'../x'"),
+          "file name '../x.safetensors' must be relative to the loras folder", names="'../x.safetensors'"),
     _node(MIX, "mix-mode-blend", "mode", "blend", {"mode": "blend"}, "mode='blend' is not one of its options"),
     _node(MIX, "mix-t-nan", "t", "NaN", {"t": NAN}, "t must be a finite number"),
     _node(APPLY, "apply-strength-nan", "strength", "NaN", {"strength": NAN}, "strength must be a finite number"),
