@@ -141,6 +141,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.target_modules must be a sequence of module names, got "
                              f"{self.target_modules!r}; give e.g. ('to_q', 'to_k', 'to_v', 'to_out.0').")
         self.target_modules = tuple(self.target_modules)
+        if any(not m.strip() for m in self.target_modules):
+            raise ValueError(f"LoraConfig.target_modules {list(self.target_modules)!r} holds a blank name; "
+                             "give module names such as to_q, to_k, to_v, to_out.0.")
         _positive(self, "rank", "alpha")
         if not self.target_modules:
             raise ValueError("LoraConfig.target_modules is empty; name at least one module, "

@@ -45,10 +45,15 @@ class DiffusionBackend:
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape of x_T for images of height x width; errors if the VAE factor does not divide them."""
         f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"width={width} and height={height} must be multiples of the VAE factor {f}; "
-                             f"round them to a multiple of {f}.")
+        check_image_size(width, height, f)
         return (batch, self.latent_channels, height // f, width // f)
+
+
+def check_image_size(width: int, height: int, vae_factor: int) -> None:
+    """ValueError unless the VAE factor divides both sides (hosts check this before loading a model)."""
+    if height % vae_factor or width % vae_factor:
+        raise ValueError(f"width={width} and height={height} must be multiples of the VAE factor {vae_factor}; "
+                         f"round them to a multiple of {vae_factor}.")
 
 
 def unet_denoiser(unet: nn.Module) -> Denoiser:

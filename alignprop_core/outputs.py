@@ -34,8 +34,7 @@ def check_file_name(name: str, what: str = "the file name") -> None:
         raise ValueError(f"{what} {name!r} contains the control character(s) {shown}; "
                          "use letters, digits, spaces, '-', '_' and '/'.")
     if name.endswith(("/", "\\")):
-        raise ValueError(f"{what} {name!r} names a folder, not a file; add a file name, "
-                         f"e.g. {name}my_lora.")
+        raise ValueError(f"{what} {name!r} names a folder, not a file; end it with a file name.")
     for part in name.replace("\\", "/").split("/"):
         size = len(part.encode("utf-8"))
         if size + len(LORA_SUFFIX) + len(PARTIAL) + 6 > MAX_NAME_BYTES:

@@ -136,12 +136,17 @@ def comfy_backend(model, clip, vae, width: int, height: int, name: str = "comfyu
         encode_prompts=prompt_encoder(model, clip, family, width, height),
         decode=vae_decoder(model, vae),
         latent_channels=int(latent_format.latent_channels),
-        vae_scale_factor=int(getattr(vae, "downscale_ratio", 8)),
+        vae_scale_factor=vae_factor(vae),
         lora_target=diffusion_model,
         device=device,
         name=name,
         arch=family.lower(),
     )
+
+
+def vae_factor(vae) -> int:
+    """Image pixels per latent pixel of a ComfyUI VAE (8 for SD1.x/SDXL)."""
+    return int(getattr(vae, "downscale_ratio", 8))
 
 
 @contextlib.contextmanager

@@ -68,4 +68,10 @@ def build(cls: type, kwargs: dict[str, Any], prefix: str = "", **fixed: Any) -> 
             if isinstance(getattr(defaults, f.name), tuple) and isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             values[f.name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:  # name the node input, not the dataclass field behind it
+        message = str(err)
+        for f in sorted(fields(cls), key=lambda f: -len(f.name)):  # k_min before k
+            message = message.replace(f"{cls.__name__}.{f.name}", prefix + f.name)
+        raise ValueError(message) from err

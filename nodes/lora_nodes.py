@@ -96,7 +96,7 @@ class SaveLora(io.ComfyNode):
     def execute(cls, lora, lora_name, dtype, overwrite=False):
         name = lora_file_name(lora_name, "lora_name")
         check_combos(cls.define_schema(), {"dtype": dtype})
-        target = output_path("loras", name)
+        target = output_path("loras", name, what="lora_name")
         path = claim(target, True, "lora_name") if overwrite else numbered_path(target)
         return io.NodeOutput(str(save_lora_file(path, lora, dtype=dtype)))
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import folder_paths
 
+from alignprop_core.outputs import check_file_name
+
 REWARD_FOLDER = "reward_models"
 WEIGHT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin"}
 
@@ -44,7 +46,7 @@ def model_dirs(folder: str = REWARD_FOLDER) -> list[str]:
 
 def existing_path(folder: str, name: str) -> str:
     """Full path of a file or model folder chosen in a dropdown; FileNotFoundError naming the folder."""
-    _check_relative(name)
+    _check_relative(name, f"the {folder} folder")
     for root in folder_paths.get_folder_paths(folder):
         candidate = _inside(root, name)
         if os.path.exists(candidate):
@@ -54,24 +56,29 @@ def existing_path(folder: str, name: str) -> str:
                             "and refresh the page.")
 
 
-def output_path(folder: str, name: str, suffix: str = ".safetensors") -> str:
-    """Where to write `name` inside the first path of `folder`; refuses names that leave it."""
-    _check_relative(name)
+def output_path(folder: str, name: str, suffix: str = ".safetensors", what: str = "the file name") -> str:
+    """Where to write `name` inside the first path of `folder`; refuses names that leave it. Nothing is
+    created here."""
+    _check_relative(name, f"the {folder} folder", what)
     if not name.endswith(suffix):
         name += suffix
     root = folder_paths.get_folder_paths(folder)[0]
-    path = _inside(root, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return path
+    return _inside(root, name)  # the writer makes the folders, once everything else is checked
 
 
-def _check_relative(name: str) -> None:
-    if not name or not name.strip():
-        raise ValueError("the file name is empty; give a name such as alignprop/my_lora.")
+def join_inside(root: str, name: str) -> str:
+    """`root`/`name` for a name typed into a node; refuses names that would leave `root`."""
+    _check_relative(name, root)
+    return _inside(root, name)
+
+
+def _check_relative(name: str, where: str, what: str = "the file name") -> None:
+    """`name` must be a plain file name relative to `where` (a folder); `what` names the input."""
+    check_file_name(name, what)
     parts = Path(name.replace("\\", "/")).parts
     if os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in name or ".." in parts:
-        raise ValueError(f"file name {name!r} must be relative to the ComfyUI model folder, without '..' "
-                         "or a drive; give a plain name such as alignprop/my_lora.")
+        raise ValueError(f"{what} {name!r} must be relative to {where}, without '..' or a drive; give "
+                         "a plain name such as alignprop/my_lora.")
 
 
 def _inside(root: str, name: str) -> str:
@@ -104,7 +111,7 @@ def read_prompt_file(name: str) -> str:
 
     if name.startswith(SHIPPED):
         return "\n".join(shipped_prompts(Path(name[len(SHIPPED):]).stem))
-    _check_relative(name)
+    _check_relative(name, "ComfyUI's input folder")
     path = _inside(folder_paths.get_input_directory(), name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {name!r} is not in ComfyUI's input folder; put it there "

@@ -6,9 +6,10 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import SamplerConfig
+from alignprop_core.denoiser import check_image_size
 from alignprop_core.sampler import sample_images
 
-from .comfy_model import comfy_backend, training_session
+from .comfy_model import comfy_backend, training_session, vae_factor
 from .config_inputs import build, config_inputs
 
 Sampler = io.Custom("ALIGNPROP_SAMPLER")
@@ -53,6 +54,7 @@ class PreviewSampler(io.ComfyNode):
         if not prompts:
             raise ValueError("the prompt is empty; write at least one prompt (one per line).")
         cfg = sampler or SamplerConfig()
+        check_image_size(width, height, vae_factor(vae))
         with training_session(model, vae):
             backend = comfy_backend(model, clip, vae, width, height)
             gen = torch.Generator().manual_seed(seed)

@@ -3,8 +3,13 @@
 ComfyUI objects in, one `alignprop_core.trainer.train` call, ComfyUI objects out: the MODEL with the
 LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE and the file path.
 Progress goes to the node's bar and text, with a preview image every `preview_every` steps (the first
-held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is); Cancel stops at the
-next step boundary and the LoRA trained so far is still written.
+held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is).
+
+Files: every input is checked before the model is loaded; an existing LoRA of the same name is never
+replaced unless `overwrite` is on (the next free numbered name is used instead, as SaveImage does).
+Cancel stops at the next step boundary; a cancelled or failed run keeps its LoRA as
+`<name>-partial.safetensors` and its training state in the output folder's `alignprop_state/<name>/`,
+from which `resume` continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -18,16 +23,19 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
+from alignprop_core.denoiser import check_image_size
 from alignprop_core.lora import remove_lora
-from alignprop_core.lora_io import load_lora
+from alignprop_core.lora_io import check_lora_fits, load_lora
+from alignprop_core.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.prompts import parse_prompts
 from alignprop_core.trainer import evaluate, train
 
-from .comfy_model import comfy_backend, model_family, training_session
+from .choices import check_combos
+from .comfy_model import comfy_backend, model_family, training_session, vae_factor
 from .config_inputs import build, config_inputs
 from .lora_nodes import Lora, apply_to_model
-from .paths import NO_FILE, output_path, prompt_files, read_prompt_file
+from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
 from .reward_nodes import Reward
 from .sampler_nodes import Sampler
 
@@ -40,6 +48,7 @@ TRAIN_LIMITS = {"steps": (1, 100000, 1), "batch_size": (1, 64, 1), "grad_accum":
                 "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1),
                 "lr_warmup_steps": (0, 100000, 1)}
 ADDED_LATER = ("eval_latents",)  # TrainConfig fields newer than the node: optional, see config_inputs
+STATE_FOLDER = "alignprop_state"  # in ComfyUI's output folder: one training state per LoRA name
 LORA_LIMITS = {"rank": (1, 256, 1), "alpha": (0.01, 1024.0, 0.01)}
 
 
@@ -61,8 +70,8 @@ def _out_of_memory_message(err: BaseException, trained: dict, cfg: TrainConfig, 
     steps = trained["steps"]
     phase = (f"training, after {steps} completed step{'s' * (steps != 1)}" if trained["started"] else
              "the step-0 evaluation of the held-out prompts, before any training")
-    kept = (f"The LoRA after {steps} completed step{'s' * (steps != 1)} was saved to {path}; continue from "
-            "it with Load AlignProp LoRA -> init_lora." if steps else
+    kept = (f"The LoRA after {steps} completed step{'s' * (steps != 1)} was saved to {partial_path(path)}; "
+            "continue with resume on (same lora_name) after lowering the settings above." if steps else
             "No training step had finished, so no trained LoRA was kept.")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"AlignProp Trainer ran out of memory during {phase} ({first}) at {cfg.width}x{cfg.height}, "
@@ -102,19 +111,27 @@ class AlignPropTrainer(io.ComfyNode):
                                      "current LoRA (costs one sampling run each time); 0 turns it off"),
                 *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS, optional=ADDED_LATER),
                 *config_inputs(LoraConfig, prefix="lora_", limits=LORA_LIMITS),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="replace an existing LoRA of this name; off: the next free numbered "
+                                         "name is used (name_00001, ...), as Save Image does"),
+                io.Boolean.Input("resume", default=False, optional=True,
+                                 tooltip="continue the run of this lora_name that was cancelled or failed, "
+                                         "from its saved training state (same LoRA settings; raise steps to "
+                                         "train longer)"),
             ],
             outputs=[io.Model.Output(display_name="model"), Lora.Output(display_name="lora"),
                      io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path")])
 
     @classmethod
     def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, init_lora=None,
-                prompt_file=NO_FILE, eval_prompts="", preview_every=0, **kwargs):
+                prompt_file=NO_FILE, eval_prompts="", preview_every=0, overwrite=False, resume=False, **kwargs):
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
         from server import PromptServer
 
         # 1. everything that can be wrong is checked before any model work
+        check_combos(cls.define_schema(), {"prompt_file": prompt_file, **kwargs})
         family = model_family(model)
         if prompt_file and prompt_file != NO_FILE:
             train_prompts = parse_prompts(read_prompt_file(prompt_file), source=f"prompt file {prompt_file}")
@@ -126,7 +143,17 @@ class AlignPropTrainer(io.ComfyNode):
                                target_modules=init_lora.target_modules or LoraConfig().target_modules)
                     if init_lora is not None
                     else build(LoraConfig, kwargs, prefix="lora_"))
-        path = output_path("loras", lora_name)
+        if init_lora is not None:
+            check_lora_fits(init_lora, model.model.diffusion_model)
+        check_image_size(cfg.width, cfg.height, vae_factor(vae))
+        requested = output_path("loras", lora_file_name(lora_name, "lora_name"), what="lora_name")
+        state_dir = _state_dir(folder_paths.get_output_directory(), lora_name)
+        state_file = os.path.join(state_dir, "train_state.pt")
+        if resume and not os.path.isfile(state_file):
+            raise FileNotFoundError(f"resume is on but no run of lora_name {lora_name!r} was stopped early "
+                                    f"(no training state at {state_file}); turn resume off to start anew.")
+        check_writable(os.path.dirname(requested), "the loras folder")  # the last check: it makes the folder
+        path = requested if overwrite else str(numbered_path(requested))
         sampler = sampler or SamplerConfig()
 
         node_id = cls.hidden.unique_id
@@ -144,7 +171,14 @@ class AlignPropTrainer(io.ComfyNode):
             pixels = (images[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             return ("JPEG", Image.fromarray(pixels), args.preview_size), scores[0]
 
-        trained = {"steps": 0, "started": False}  # for the out-of-memory message
+        trained = {"steps": 0, "started": False, "cancelled": False}
+
+        def show(step: int, image) -> None:
+            """The progress bar; ComfyUI's progress hook raises there when Cancel was pressed."""
+            try:
+                bar.update_absolute(step, cfg.steps, image)
+            except mm.InterruptProcessingException:
+                trained["cancelled"] = True  # the hook has cleared ComfyUI's flag: remember it here
 
         def on_step(step, metrics):
             trained["started"] = True
@@ -157,30 +191,44 @@ class AlignPropTrainer(io.ComfyNode):
                 if preview_every and step % preview_every == 0:
                     image, score = preview()
                     text += f"; preview {held_out[0]!r}: reward {score:.4f}"
-                bar.update_absolute(step, cfg.steps, image)
+                show(step, image)
             logging.info("AlignProp %s", text)
             if node_id:
                 PromptServer.instance.send_progress_text(text, node_id)
 
+        def should_stop() -> bool:
+            return trained["cancelled"] or mm.processing_interrupted()
+
         # 2. train on the model itself; LoRA layers are removed again whatever happens
         with training_session(model, vae):
             backend = comfy_backend(model, clip, vae, cfg.width, cfg.height, name=f"comfyui-{family}")
-            state_dir = os.path.join(folder_paths.get_temp_directory(), "alignprop_state")
             try:
                 result = train(backend, reward["fn"], train_prompts, held_out, sampler, lora_cfg, cfg,
                                out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
-                               on_step=on_step, should_stop=mm.processing_interrupted,
-                               init_lora=init_lora, state_dir=state_dir)
+                               on_step=on_step, should_stop=should_stop, init_lora=init_lora,
+                               state_dir=state_dir, resume_from=state_file if resume else None,
+                               overwrite=overwrite)
             except torch.OutOfMemoryError as err:
                 raise RuntimeError(_out_of_memory_message(err, trained, cfg, sampler, path)) from err
             finally:
                 remove_lora(backend.lora_target)
 
-        # 3. back to ComfyUI objects; an interrupted run has saved its LoRA and now reports the cancel
+        # 3. a cancelled run has kept <name>-partial and its state: report the cancel as ComfyUI does
+        if result.stopped_early:
+            logging.info("AlignProp: cancelled after step %d; the LoRA so far is %s; resume continues it",
+                         len(result.history), result.lora_path)
+            raise mm.InterruptProcessingException()
+        if os.path.isfile(state_file):  # finished: the state of an earlier stopped run is spent
+            os.remove(state_file)
         lora = load_lora(result.lora_path)
-        mm.throw_exception_if_processing_interrupted()
         curve = _curve_image(result.history, result.evals, f"AlignProp: {reward['name']}")
         return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path))
+
+
+def _state_dir(output_dir: str, lora_name: str) -> str:
+    """Where the training state of runs named `lora_name` lives, inside the output folder."""
+    stem = lora_name[: -len(".safetensors")] if lora_name.endswith(".safetensors") else lora_name
+    return join_inside(os.path.join(output_dir, STATE_FOLDER), stem)
 
 
 NODES = [AlignPropTrainer]

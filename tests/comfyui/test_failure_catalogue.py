@@ -166,9 +166,6 @@ def test_bad_node_input_is_refused_by_name_and_writes_nothing(server, sd15_check
     assert TRAINER in server.object_info()  # the server still answers
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer probes models/loras/<sub-folder> for writing (creating it) "
-                                       "before its resume and image-size checks, so a refused run leaves the "
-                                       "new empty folder behind")
 @pytest.mark.parametrize("given", [{"resume": True}, {"width": 60}], ids=["resume", "width"])
 def test_refused_run_leaves_no_new_folder(server, sd15_checkpoint, given):
     folder = server.models_dir / "loras" / "catalogue_new_folder"

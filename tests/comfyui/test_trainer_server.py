@@ -2,7 +2,8 @@
 
 A trained LoRA lands in models/loras, the standard LoraLoader loads it with no "lora key not loaded"
 line, and KSampler output changes with it; bad file names cannot escape models/loras; an interrupt
-mid-training leaves a loadable partial LoRA and a server that keeps serving.
+mid-training leaves a loadable <name>-partial LoRA and a server that keeps serving, and resume continues
+it to the LoRA an uninterrupted run of as many steps gives.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alignprop_core.lora_io import load_lora
@@ -152,9 +154,18 @@ def test_interrupt_saves_a_partial_lora_and_server_keeps_serving(server, sd15_ch
     server.interrupt()
     entry = _wait_any(server, prompt_id)
     assert "execution_interrupted" in _messages(entry), _messages(entry)
-    lora = load_lora(server.models_dir / "loras" / "alignprop_test" / "interrupted.safetensors")
-    assert 1 <= int(lora.metadata["alignprop.step"]) < 500
-    server.run(ksampler_graph(sd15_checkpoint, "after_interrupt", "alignprop_test/interrupted.safetensors"))
+    folder = server.models_dir / "loras" / "alignprop_test"
+    assert not (folder / "interrupted.safetensors").exists()  # the final name is for finished runs
+    lora = load_lora(folder / "interrupted-partial.safetensors")
+    done = int(lora.metadata["alignprop.step"])
+    assert 1 <= done < 500
+    server.run(ksampler_graph(sd15_checkpoint, "after_interrupt", "alignprop_test/interrupted-partial.safetensors"))
+    # resume to one step more (constant learning rate: the schedule does not depend on the total)
+    server.run(trainer_graph(sd15_checkpoint, "alignprop_test/interrupted", steps=done + 1, resume=True))
+    server.run(trainer_graph(sd15_checkpoint, "alignprop_test/straight", steps=done + 1))
+    resumed, straight = load_lora(folder / "interrupted.safetensors"), load_lora(folder / "straight.safetensors")
+    assert resumed.metadata["alignprop.step"] == str(done + 1)
+    assert all(torch.equal(resumed.state[k], straight.state[k]) for k in straight.state)
 
 
 def test_prompt_list_file_replaces_the_prompts_text(server, sd15_checkpoint):
