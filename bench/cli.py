@@ -1,6 +1,6 @@
 """Command line: `python -m bench run --out bench/results [--quick] [--model tiny] [--reward ...]`.
 
-Runs the five benchmarks of issue 5 (or those named with --only), writes results.json, RESULTS.md and
+Runs the five benchmarks (or those named with --only), writes results.json, RESULTS.md and
 the PNG plots into --out. `--quick` shrinks repeats, sweeps and budgets to finish in a few minutes.
 The sample-efficiency model and reward are options, so the pretrained toy world is one flag away:
 `--efficiency-model alignprop_core/data/toy_world --efficiency-reward toy_count`.

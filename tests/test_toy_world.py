@@ -165,7 +165,7 @@ def test_pretrained_model_draws_the_requested_count_better_than_chance(model, re
     assert matched.mean() > mismatched.mean() + 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5): 12-20 AlignProp steps do not reliably "
+@pytest.mark.xfail(strict=True, reason="known gap: 12-20 AlignProp steps do not reliably "
                    "raise the held-out count reward (lr 1.5e-3: -2.045 -> -2.062 here, T=10 K 3-6 "
                    "20 steps: -2.856 -> -2.823); the demo's 50 steps do (slow test_cli::"
                    "test_demo_raises_the_held_out_reward). Remove this marker once a short setting does")

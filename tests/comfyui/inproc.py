@@ -38,6 +38,25 @@ def run_script(code: str, comfy_dir: Path, base_dir: Path, *args: str, timeout: 
     return out
 
 
+# The start of a script that trains on a checkpoint: argv = comfy_dir, base_dir, checkpoint path,
+# JSON settings ({"sampler": ..., "train": ...}), the results path, then the script's own arguments.
+TRAINING_PRELUDE = r"""
+import json, os, sys, torch
+import inproc
+nodes = inproc.setup(sys.argv[1], sys.argv[2])
+ckpt, settings, out_path = sys.argv[3:6]
+settings = json.loads(settings)
+import comfy.model_management as mm
+import comfy.sd
+from alignprop_core.config import SamplerConfig
+from alignprop_core.rewards import make_reward
+
+with torch.inference_mode():
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
+smooth = make_reward("smoothness")
+"""
+
+
 def setup(comfy_dir: str, base_dir: str):
     """Make ComfyUI importable (CPU only, model folders under base_dir) and import this pack.
 

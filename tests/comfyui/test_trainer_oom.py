@@ -25,19 +25,8 @@ pytestmark = pytest.mark.slow
 
 CUDA_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)"
 
-_OOM = r"""
-import json, os, sys, torch
-import inproc
-nodes = inproc.setup(sys.argv[1], sys.argv[2])
-ckpt, settings, out_path, cuda_message = sys.argv[3:7]
-settings = json.loads(settings)
-import comfy.sd
-from alignprop_core.config import SamplerConfig
-from alignprop_core.rewards import make_reward
-
-with torch.inference_mode():
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
-smooth = make_reward("smoothness")
+_OOM = inproc.TRAINING_PRELUDE + r"""
+cuda_message = sys.argv[6]
 
 
 def reward_failing_at(n):

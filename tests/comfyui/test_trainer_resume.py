@@ -27,21 +27,7 @@ from test_trainer_server import SAMPLER, TRAIN
 
 pytestmark = pytest.mark.slow
 
-_RESUME = r"""
-import json, os, sys, torch
-import inproc
-nodes = inproc.setup(sys.argv[1], sys.argv[2])
-ckpt, settings, out_path = sys.argv[3:6]
-settings = json.loads(settings)
-import comfy.model_management as mm
-import comfy.sd
-from alignprop_core.config import SamplerConfig
-from alignprop_core.rewards import make_reward
-
-with torch.inference_mode():
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
-smooth = make_reward("smoothness")
-
+_RESUME = inproc.TRAINING_PRELUDE + r"""
 
 def cancelling_at(n):
     calls = {"n": 0}

@@ -183,3 +183,50 @@ def test_prompt_list_file_replaces_the_prompts_text(server, sd15_checkpoint):
     entry = _wait_any(server, server.queue(trainer_graph(sd15_checkpoint, "alignprop_test/x",
                                                          prompt_file="../../../etc/passwd")))
     assert entry["status"]["status_str"] == "error" and "must be relative" in _messages(entry)
+
+
+def _step_of(path) -> str:
+    return load_lora(path).metadata["alignprop.step"]
+
+
+def test_a_second_run_never_replaces_the_first_lora(server, sd15_checkpoint):
+    """Train `x` for 2 steps; run `x` again: without overwrite the second LoRA gets a numbered name; with
+    overwrite but cancelled, the finished `x` stays and the cancelled run keeps x-partial."""
+    folder = server.models_dir / "loras" / "alignprop_test"
+    server.run(trainer_graph(sd15_checkpoint, "alignprop_test/again", steps=2))
+    first = (folder / "again.safetensors").read_bytes()
+    server.run(trainer_graph(sd15_checkpoint, "alignprop_test/again", steps=1))
+    assert _step_of(folder / "again_00001.safetensors") == "1"
+    assert (folder / "again.safetensors").read_bytes() == first
+    # a run with overwrite on that is cancelled mid-training still leaves the finished LoRA alone
+    log_start = len(server.log_text())
+    prompt_id = server.queue(trainer_graph(sd15_checkpoint, "alignprop_test/again", steps=500, overwrite=True,
+                                           seed=1))
+    deadline = time.monotonic() + 600
+    while "AlignProp step 1/500" not in server.log_text()[log_start:]:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.5)
+    server.interrupt()
+    assert "execution_interrupted" in _messages(_wait_any(server, prompt_id))
+    assert (folder / "again.safetensors").read_bytes() == first  # the finished LoRA is untouched
+    assert int(_step_of(folder / "again-partial.safetensors")) >= 1
+
+
+def test_an_init_lora_holding_nan_is_refused_before_training(server, sd15_checkpoint):
+    from safetensors.torch import save_file
+
+    name = "alignprop_test_init/nan_init.safetensors"
+    path = server.models_dir / "loras" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    down, up = torch.zeros(4, 320), torch.zeros(320, 4)
+    up[0, 0] = float("nan")
+    block = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{block}.lora_down.weight": down, f"{block}.lora_up.weight": up,
+               f"{block}.alpha": torch.tensor(4.0)}, str(path))
+    graph = trainer_graph(sd15_checkpoint, "alignprop_test_init/from_nan", steps=1)
+    graph["9"] = {"class_type": "AlignProp_LoadLora", "inputs": {"lora_name": name}}
+    graph["4"]["inputs"]["init_lora"] = ["9", 0]
+    entry = _wait_any(server, server.queue(graph))
+    assert entry["status"]["status_str"] == "error" and "holds 1 NaN" in _messages(entry), _messages(entry)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["nan_init.safetensors"]  # nothing written
+    assert not (server.base_dir / "output" / "alignprop_state" / "alignprop_test_init").exists()
