@@ -132,4 +132,4 @@ json.dump(message, open(sys.argv[3], "w"))
     assert "turn on checkpoint_unet in AlignProp Sampler Settings" in message, message
     assert "checkpoint_vae" not in message
     assert "512x512, batch_size=4" in message and "50 sampler steps with K in [1, 10]" in message
-    assert "after 3 completed steps" in message and "saved to /loras/a.safetensors" in message
+    assert "after 3 completed steps" in message and "saved to /loras/a-partial.safetensors" in message
