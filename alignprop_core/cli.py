@@ -28,10 +28,10 @@ from typing import Any, Sequence
 import torch
 
 from .config import LoraConfig, SamplerConfig, TrainConfig
-from .outputs import check_writable, claim, lora_file_name
-from .prompts import read_prompts, shipped_prompts
+from .files.outputs import check_writable, claim, lora_file_name
+from .files.prompts import read_prompts, shipped_prompts
 from .rewards import REWARDS, make_reward
-from .train_state import load_train_state
+from .training.train_state import load_train_state
 
 # (flag prefix, dataclass): TrainConfig fields have no prefix
 CONFIGS: tuple[tuple[str, type], ...] = (("sampler-", SamplerConfig), ("lora-", LoraConfig), ("", TrainConfig))

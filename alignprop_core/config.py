@@ -16,7 +16,7 @@ LOSS_SHAPES = ("maximize", "target")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MAX_SEED = 2 ** 63 - 1  # seeds go to torch.Generator.manual_seed
-REWARD_AUGMENTS = ("none", "hflip", "dihedral")  # alignprop_core.augment holds what each one does
+REWARD_AUGMENTS = ("none", "hflip", "dihedral")  # alignprop_core.training.augment holds what each one does
 
 
 def _help(text: str, **kw: Any) -> Any:

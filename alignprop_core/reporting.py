@@ -11,13 +11,13 @@ from typing import Any, Sequence
 import torch
 
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
-from .denoiser import diffusers_backend
-from .lora import set_lora_scale
+from .lora.inject import set_lora_scale
+from .models.backend import diffusers_backend
+from .models.t2i_model import load_t2i_model
 from .plots import plot_reward_curve, save_before_after_grid
 from .rewards import RewardFn
 from .run_log import write_metrics
-from .t2i_model import load_t2i_model
-from .trainer import eval_entries, evaluate, train as train_lora
+from .training.trainer import eval_entries, evaluate, train as train_lora
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

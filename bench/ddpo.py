@@ -19,11 +19,11 @@ from typing import Sequence
 
 import torch
 
-from alignprop_core.conditioning import batch_conds
-from alignprop_core.denoiser import Cond, DiffusionBackend
+from alignprop_core.sampling.conditioning import batch_conds
+from alignprop_core.models.backend import Cond, DiffusionBackend
 from alignprop_core.rewards import RewardFn
-from alignprop_core.sampler import guided_prediction
-from alignprop_core.schedule import split_prediction
+from alignprop_core.sampling.sampler import guided_prediction
+from alignprop_core.sampling.schedule import split_prediction
 
 
 @dataclass

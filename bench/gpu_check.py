@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.denoiser import DiffusionBackend, unet_denoiser
-from alignprop_core.lora import add_lora, lora_parameters, lora_state_dict, remove_lora
+from alignprop_core.models.backend import DiffusionBackend, unet_denoiser
+from alignprop_core.lora.inject import add_lora, lora_parameters, lora_state_dict, remove_lora
 from alignprop_core.rewards import make_reward
-from alignprop_core.sampler import sample_images
-from alignprop_core.schedule import NoiseSchedule
-from alignprop_core.trainer import autocast_context, train
+from alignprop_core.sampling.sampler import sample_images
+from alignprop_core.sampling.schedule import NoiseSchedule
+from alignprop_core.training.trainer import autocast_context, train
 
 from bench.rig import RigSpec, build_rig
 
@@ -43,8 +43,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tiny_backend(dtype: torch.dtype) -> DiffusionBackend:
-    from alignprop_core.denoiser import diffusers_backend
-    from alignprop_core.tiny_model import build_tiny_model
+    from alignprop_core.models.backend import diffusers_backend
+    from alignprop_core.models.tiny_model import build_tiny_model
 
     model = build_tiny_model(0).to(CUDA, dtype)
     return diffusers_backend(model, name="tiny")

@@ -1,6 +1,6 @@
 """The models the benchmarks run on, all built locally from configs with seeded random weights.
 
-* ``tiny``: `alignprop_core.tiny_model` (32 px images, 16x16 latents).
+* ``tiny``: `alignprop_core.models.tiny_model` (32 px images, 16x16 latents).
 * ``small``: an SD-shaped model a few times larger (three UNet levels, two with cross-attention,
   64-wide text encoder of 4 layers, VAE factor 4); 64 px images by default.
 * ``sd15``: the full Stable Diffusion 1.5 architecture (UNet 860M, CLIP ViT-L text encoder, VAE
@@ -20,8 +20,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from alignprop_core.t2i_model import T2IModel, load_t2i_model, save_t2i_model
-from alignprop_core.tiny_model import TINY_SCHEDULER_CONFIG, build_tiny_model, build_tiny_tokenizer
+from alignprop_core.models.t2i_model import T2IModel, load_t2i_model, save_t2i_model
+from alignprop_core.models.tiny_model import TINY_SCHEDULER_CONFIG, build_tiny_model, build_tiny_tokenizer
 
 BUILTIN = ("tiny", "small", "sd15")
 

@@ -39,9 +39,9 @@ def overhead_section(rows: list[dict]) -> list[str]:
         out.append(f"| {r['model']} | {r['px']} | {r['T']} | {r['K']} | {r['batch']} | {r['sample_s']:.2f} | "
                    f"{r['step_s']:.2f} | **{r['ratio']:.3f}** | {r['floor']:.2f} | {_mark(r['met'])} |")
     out += ["", f"Medians of {rows[0]['repeats']} interleaved rounds; ratio = median of per-round ratios. "
-            "The step is `alignprop_core.trainer._optimizer_step` (sample with the last K steps "
+            "The step is `alignprop_core.training.trainer._optimizer_step` (sample with the last K steps "
             "differentiable and checkpointed, checkpointed decode, reward, backward, clip, AdamW); "
-            "the baseline is `alignprop_core.sampler.sample_images` under `no_grad`.", ""]
+            "the baseline is `alignprop_core.sampling.sampler.sample_images` under `no_grad`.", ""]
     return out
 
 
@@ -169,7 +169,7 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
     out += [f"- wall clock: AlignProp {ap[-1]['wall_s']:.0f} s for {ap[-1]['queries']} queries (median run), "
             f"DDPO {dd[-1]['wall_s']:.0f} s for {dd[-1]['queries']} (evaluations included"
             + (f"; {s['workers']} runs side by side" if s.get("workers", 1) > 1 else "") + ").",
-            "- AlignProp is `alignprop_core.trainer.train` (batch "
+            "- AlignProp is `alignprop_core.training.trainer.train` (batch "
             f"{s['alignprop_batch']}, {alignprop_setting(s)}, {s.get('alignprop_schedule', 'constant')} lr, "
             f"seeds {', '.join(map(str, seeds))}); DDPO is "
             "`bench/ddpo.py`, a DDPO_IS implementation following TRL 0.23's DDPOTrainer (eta 1, PPO clip "

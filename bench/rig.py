@@ -1,9 +1,9 @@
 """A training rig built only from the library's own parts: model backend, LoRA, AdamW, reward.
 
-`Rig.train_step` is one AlignProp optimiser step exactly as `alignprop_core.trainer.train` runs it
+`Rig.train_step` is one AlignProp optimiser step exactly as `alignprop_core.training.trainer.train` runs it
 (`trainer._optimizer_step`: sample with the last K steps differentiable, decode, reward, backward,
 clip, AdamW). `Rig.sample` is plain no-grad sampling of the same T steps plus decode, through
-`alignprop_core.sampler.sample_images`, on the same model (with the same LoRA), batch and prompts.
+`alignprop_core.sampling.sampler.sample_images`, on the same model (with the same LoRA), batch and prompts.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.denoiser import DiffusionBackend, diffusers_backend
-from alignprop_core.lora import add_lora
+from alignprop_core.models.backend import DiffusionBackend, diffusers_backend
+from alignprop_core.lora.inject import add_lora
 from alignprop_core.rewards import RewardFn, make_reward
-from alignprop_core.sampler import sample_images
-from alignprop_core.trainer import _optimizer_step
+from alignprop_core.sampling.sampler import sample_images
+from alignprop_core.training.trainer import _optimizer_step
 
 from bench.models import build_model, default_px
 
@@ -83,7 +83,7 @@ def sampler_config(spec: RigSpec) -> SamplerConfig:
 def default_prompts(reward: str) -> list[str]:
     """The toy world's training prompts for its rewards (toy_*), which need its captions; PROMPTS otherwise."""
     if reward.startswith("toy"):
-        from alignprop_core.prompts import shipped_prompts
+        from alignprop_core.files.prompts import shipped_prompts
 
         return shipped_prompts("toy_train")
     return list(PROMPTS)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from alignprop_core.sampler import sample_images
+from alignprop_core.sampling.sampler import sample_images
 from bench.rig import Rig, RigSpec, build_rig
 from bench.rss import peak_rss_bytes, reset_peak, rss_bytes, trim_heap
 from bench.saved import count_saved, weight_pointers

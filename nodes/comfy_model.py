@@ -1,6 +1,6 @@
 """The ComfyUI MODEL / CLIP / VAE adapter: the only file that knows ComfyUI's model internals.
 
-It turns what CheckpointLoaderSimple returns into an `alignprop_core.denoiser.DiffusionBackend`:
+It turns what CheckpointLoaderSimple returns into an `alignprop_core.models.backend.DiffusionBackend`:
 - denoiser: the LDM UNet (`model.model.diffusion_model`) called with variance-preserving x_t and the
   integer timestep, exactly what ComfyUI's EPS / V_PREDICTION wrappers feed it after scaling;
 - schedule: alphas_cumprod = 1 / (1 + sigma^2) from the model's own `model_sampling` sigmas, with
@@ -16,9 +16,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from alignprop_core.conditioning import concat_token_sequences
-from alignprop_core.denoiser import Cond, DiffusionBackend
-from alignprop_core.schedule import NoiseSchedule
+from alignprop_core.sampling.conditioning import concat_token_sequences
+from alignprop_core.models.backend import Cond, DiffusionBackend
+from alignprop_core.sampling.schedule import NoiseSchedule
 
 SUPPORTED_FAMILIES = ("SD15", "SDXL")
 

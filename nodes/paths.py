@@ -10,7 +10,7 @@ from pathlib import Path
 
 import folder_paths
 
-from alignprop_core.outputs import check_file_name
+from alignprop_core.files.outputs import check_file_name
 
 REWARD_FOLDER = "reward_models"
 WEIGHT_EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin"}
@@ -107,7 +107,7 @@ def prompt_files() -> list[str]:
 
 def read_prompt_file(name: str) -> str:
     """Text of a prompt-list choice from `prompt_files`."""
-    from alignprop_core.prompts import shipped_prompts
+    from alignprop_core.files.prompts import shipped_prompts
 
     if name.startswith(SHIPPED):
         return "\n".join(shipped_prompts(Path(name[len(SHIPPED):]).stem))

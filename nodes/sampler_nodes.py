@@ -6,8 +6,8 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import SamplerConfig
-from alignprop_core.denoiser import check_image_size
-from alignprop_core.sampler import sample_images
+from alignprop_core.models.backend import check_image_size
+from alignprop_core.sampling.sampler import sample_images
 
 from .comfy_model import comfy_backend, training_session, vae_factor
 from .config_inputs import build, config_inputs

@@ -1,6 +1,6 @@
 """The AlignProp Trainer node: trains LoRA directly on the ComfyUI MODEL with a reward.
 
-ComfyUI objects in, one `alignprop_core.trainer.train` call, ComfyUI objects out: the MODEL with the
+ComfyUI objects in, one `alignprop_core.training.trainer.train` call, ComfyUI objects out: the MODEL with the
 LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE and the file path.
 Progress goes to the node's bar and text, with a preview image every `preview_every` steps (the first
 held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is).
@@ -23,13 +23,13 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.denoiser import check_image_size
-from alignprop_core.lora import remove_lora
-from alignprop_core.lora_io import check_lora_fits, load_lora
-from alignprop_core.outputs import check_writable, lora_file_name, numbered_path, partial_path
+from alignprop_core.models.backend import check_image_size
+from alignprop_core.lora.inject import remove_lora
+from alignprop_core.lora.file import check_lora_fits, load_lora
+from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
-from alignprop_core.prompts import parse_prompts
-from alignprop_core.trainer import evaluate, train
+from alignprop_core.files.prompts import parse_prompts
+from alignprop_core.training.trainer import evaluate, train
 
 from .choices import check_combos
 from .comfy_model import comfy_backend, model_family, training_session, vae_factor

@@ -1,6 +1,6 @@
 """Saves survive a killed process: the file at the path is the old version or the new one, never a torn one.
 
-``lora_io.save_lora``, ``lora_io.save_lora_file`` and ``train_state.save_train_state`` write to a
+``lora.file.save_lora``, ``lora.file.save_lora_file`` and ``training.train_state.save_train_state`` write to a
 temporary file in the same folder and ``os.replace`` it over the path. Here a writer process
 (tests/atomic_save_writer.py) saves two distinguishable versions in turn, forever, and is SIGKILLed
 at seeded random moments; after each kill the file must be absent (the first save had not finished)

@@ -1,4 +1,4 @@
-"""Reward augmentation (alignprop_core.augment and TrainConfig.reward_augment): each training image
+"""Reward augmentation (alignprop_core.training.augment and TrainConfig.reward_augment): each training image
 goes through one random mirror / quarter turn before the reward, the gradient comes back through
 the inverse, runs stay reproducible, and nothing changes when it is off."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignprop_core.augment import augment_for_reward
+from alignprop_core.training.augment import augment_for_reward
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.lora import lora_state_dict
-from alignprop_core.trainer import train
+from alignprop_core.lora.inject import lora_state_dict
+from alignprop_core.training.trainer import train
 from tiny_models import make_backend
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow"]

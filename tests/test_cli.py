@@ -14,9 +14,9 @@ import torch
 
 from alignprop_core import reporting
 from alignprop_core.cli import main
-from alignprop_core.lora_io import load_lora
-from alignprop_core.tiny_model import ensure_tiny_model_dir
-from alignprop_core.train_state import TrainState, save_train_state
+from alignprop_core.lora.file import load_lora
+from alignprop_core.models.tiny_model import ensure_tiny_model_dir
+from alignprop_core.training.train_state import TrainState, save_train_state
 
 from failure_catalogue import CLI_ROWS, BadInput
 

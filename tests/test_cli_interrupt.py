@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from alignprop_core.lora_io import load_lora
-from alignprop_core.tiny_model import ensure_tiny_model_dir
+from alignprop_core.lora.file import load_lora
+from alignprop_core.models.tiny_model import ensure_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignprop_core.conditioning import batch_conds, can_batch, concat_token_sequences
+from alignprop_core.sampling.conditioning import batch_conds, can_batch, concat_token_sequences
 
 
 def test_contexts_are_repeated_to_the_lcm_of_their_lengths():

@@ -1,4 +1,4 @@
-"""LoRA injection (alignprop_core.lora) and LoRA files (alignprop_core.lora_io) on a tiny real UNet."""
+"""LoRA injection (alignprop_core.lora.inject) and LoRA files (alignprop_core.lora.file) on a tiny real UNet."""
 from __future__ import annotations
 
 import os
@@ -10,12 +10,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignprop_core import lora_io  # noqa: E402
+from alignprop_core.lora import file as lora_io  # noqa: E402
 from alignprop_core.config import LoraConfig  # noqa: E402
-from alignprop_core.lora import (add_lora, lora_parameters, lora_state_dict, remove_lora,  # noqa: E402
-                                 set_lora_scale, set_lora_state_dict)
-from alignprop_core.lora_io import (LoraFile, apply_lora_file, kohya_to_peft, load_lora,  # noqa: E402
-                                    mix_loras, peft_to_kohya, save_lora, save_lora_file)
+from alignprop_core.lora.inject import (add_lora, lora_parameters, lora_state_dict, remove_lora,  # noqa: E402
+                                        set_lora_scale, set_lora_state_dict)
+from alignprop_core.lora.file import (LoraFile, apply_lora_file, kohya_to_peft, load_lora,  # noqa: E402
+                                      peft_to_kohya, save_lora, save_lora_file)
+from alignprop_core.lora.mix import mix_loras  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 OUT0 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
@@ -106,7 +107,7 @@ def test_init_is_noop_deterministic_and_keeps_global_rng(unet, inputs):
 def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
     """The transformer and res-block layers of a diffusers UNet re-registered under LDM (ComfyUI)
     paths, in LDM order."""
-    from alignprop_core.lora_keys import ldm_to_diffusers_paths, unet_layout
+    from alignprop_core.lora.keys import ldm_to_diffusers_paths, unet_layout
 
     view = torch.nn.Module()
 
@@ -136,7 +137,7 @@ def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_init_does_not_depend_on_naming_or_registration_order():
-    from alignprop_core.lora_keys import ldm_to_diffusers_paths
+    from alignprop_core.lora.keys import ldm_to_diffusers_paths
 
     cfg = LoraConfig(init_seed=11)
     diffusers_unet, ldm_unet = make_unet(), make_unet()
@@ -374,7 +375,7 @@ def test_res_block_lora_acts_saves_loads_and_mixes(unet, inputs, tmp_path):
 def test_res_block_targets_reach_ldm_names_with_the_same_init():
     """On an LDM-named UNet, conv1/conv2/time_emb_proj/conv_shortcut target in_layers.2/out_layers.3/
     emb_layers.1/skip_connection, and every adapter starts as on the diffusers twin."""
-    from alignprop_core.lora_keys import ldm_to_diffusers_paths
+    from alignprop_core.lora.keys import ldm_to_diffusers_paths
 
     cfg = LoraConfig(init_seed=4, target_modules=RES_TARGETS)
     diffusers_unet, view = make_unet(), _ldm_view(make_unet())

@@ -1,16 +1,16 @@
 """A LoRA is checked against the model before anything is injected: finite values, factor shapes
-that fit the target layers (alignprop_core.lora_check, lora_io.check_lora_fits / apply_lora_file)."""
+that fit the target layers (alignprop_core.lora.check, lora.file.check_lora_fits / apply_lora_file)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.lora import add_lora, has_lora, lora_parameters, lora_state_dict, remove_lora
-from alignprop_core.lora_check import (check_lora_finite, expected_factor_shapes, factor_mismatch)
-from alignprop_core.lora_io import (LoraFile, apply_lora_file, check_lora_fits, peft_to_kohya,
-                                    save_lora_file)
-from alignprop_core.lora_keys import convert_names
+from alignprop_core.lora.inject import add_lora, has_lora, lora_parameters, lora_state_dict, remove_lora
+from alignprop_core.lora.check import (check_lora_finite, expected_factor_shapes, factor_mismatch)
+from alignprop_core.lora.file import (LoraFile, apply_lora_file, check_lora_fits, peft_to_kohya,
+                                      save_lora_file)
+from alignprop_core.lora.keys import convert_names
 from test_lora import _ldm_view, inputs, run  # noqa: F401 (fixture)
 from tiny_models import make_backend, make_unet
 
@@ -154,7 +154,7 @@ def test_trainer_init_lora_with_nan_is_refused_before_sampling(attn_lora):
     key = f"{TO_K2}.lora_down.weight"
     bad = with_tensor(attn_lora, key, torch.full((4, 32), float("inf")))
     from alignprop_core.rewards import make_reward
-    from alignprop_core.trainer import train
+    from alignprop_core.training.trainer import train
 
     cfg = TrainConfig(reward="color_target", steps=1, batch_size=1, width=16, height=16)
     with pytest.raises(ValueError, match=f"'{key}' holds 128 Inf"):
@@ -188,7 +188,7 @@ def test_a_lora_on_a_layer_without_a_weight_matrix_is_refused(attn_lora):
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"not a safetensors file at all" * 10])
 def test_a_damaged_lora_file_is_named(tmp_path, content):
-    from alignprop_core.lora_io import load_lora
+    from alignprop_core.lora.file import load_lora
 
     path = tmp_path / "broken.safetensors"
     path.write_bytes(content)

@@ -1,4 +1,4 @@
-"""LoRA module naming (alignprop_core.lora_keys): LDM <-> diffusers UNet paths, and files that
+"""LoRA module naming (alignprop_core.lora.keys): LDM <-> diffusers UNet paths, and files that
 diffusers, ComfyUI and A1111/Forge load whole.
 
 The diffusers side is checked end to end: a file we write is loaded by ``pipe.load_lora_weights``
@@ -19,11 +19,11 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from alignprop_core import lora_keys
+from alignprop_core.lora import keys as lora_keys
 from alignprop_core.config import LoraConfig
-from alignprop_core.lora import add_lora
-from alignprop_core.lora_io import apply_lora_file, load_lora, save_lora
-from alignprop_core.lora_keys import (RESNET_LAYERS, UNetLayout, convert_names, export_names, kohya_name,
+from alignprop_core.lora.inject import add_lora
+from alignprop_core.lora.file import apply_lora_file, load_lora, save_lora
+from alignprop_core.lora.keys import (RESNET_LAYERS, UNetLayout, convert_names, export_names, kohya_name,
                                       ldm_to_diffusers_paths, lora_metadata, naming_of, unet_layout)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,7 +126,7 @@ def make_pipeline(arch: str, unet, tokenizer):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from alignprop_core.tiny_model import TINY_SCHEDULER_CONFIG
+    from alignprop_core.models.tiny_model import TINY_SCHEDULER_CONFIG
 
     def text_config(width):
         return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
@@ -155,7 +155,7 @@ def make_pipeline(arch: str, unet, tokenizer):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from alignprop_core.tiny_model import build_tiny_tokenizer
+    from alignprop_core.models.tiny_model import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

@@ -20,7 +20,7 @@ from alignprop_core.rewards.clip_loading import load_comfy_clip_vision, load_ope
 from alignprop_core.rewards.hps import make_hps
 from alignprop_core.rewards.object_count import make_object_count
 from alignprop_core.rewards.toy_count import make_toy_count
-from alignprop_core.train_state import load_train_state
+from alignprop_core.training.train_state import load_train_state
 # tiny transformers folders (PickScore, OWL-ViT) in the real layouts (imported, so pytest uses the fixtures)
 from test_rewards_clip import pickscore_dir  # noqa: F401
 from test_rewards_detect_mix import detector_dirs  # noqa: F401

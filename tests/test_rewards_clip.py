@@ -146,7 +146,7 @@ def pickscore_dir(tmp_path_factory):
     """A tiny CLIPModel saved with save_pretrained, plus laion-style processor files."""
     from transformers import CLIPConfig, CLIPModel
 
-    from alignprop_core.tiny_model import build_tiny_tokenizer
+    from alignprop_core.models.tiny_model import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(5)

@@ -29,7 +29,7 @@ def _save_tiny_detector(kind: str, folder) -> None:
     from transformers import (Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor,
                               OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor)
 
-    from alignprop_core.tiny_model import build_tiny_tokenizer
+    from alignprop_core.models.tiny_model import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -16,11 +16,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.denoiser import unet_denoiser
-from alignprop_core.lora import add_lora, lora_parameters
+from alignprop_core.models.backend import unet_denoiser
+from alignprop_core.lora.inject import add_lora, lora_parameters
 from alignprop_core.rewards import make_reward
-from alignprop_core.sampler import draw_truncation, guided_prediction, sample_images, sample_latents
-from alignprop_core.trainer import train
+from alignprop_core.sampling.sampler import draw_truncation, guided_prediction, sample_images, sample_latents
+from alignprop_core.training.trainer import train
 from tiny_models import CONTEXT_DIM, SD15_SCHEDULER, make_backend
 
 PROMPTS = ["a cat", "a dog"]
@@ -249,7 +249,7 @@ def _varlen_encoder(dtype, repeat_to=None):
     def encode(prompts):
         contexts = [one(p) for p in prompts]
         if repeat_to is None and len({c.shape[1] for c in contexts}) > 1:
-            from alignprop_core.conditioning import concat_token_sequences
+            from alignprop_core.sampling.conditioning import concat_token_sequences
             return {"context": concat_token_sequences(contexts)}
         return {"context": torch.cat(contexts)}
 

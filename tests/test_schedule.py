@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from alignprop_core.schedule import NoiseSchedule, ddim_step
+from alignprop_core.sampling.schedule import NoiseSchedule, ddim_step
 from tiny_models import SD15_SCHEDULER
 
 

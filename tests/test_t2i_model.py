@@ -8,9 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 import pytest
 import torch
 
-from alignprop_core.t2i_model import (T2IModel, decode_latents, encode_prompts, load_t2i_model,
-                                      save_t2i_model)
-from alignprop_core.tiny_model import build_tiny_model, build_tiny_tokenizer, ensure_tiny_model_dir
+from alignprop_core.models.t2i_model import (T2IModel, decode_latents, encode_prompts, load_t2i_model,
+                                             save_t2i_model)
+from alignprop_core.models.tiny_model import build_tiny_model, build_tiny_tokenizer, ensure_tiny_model_dir
 
 NETS = ("text_encoder", "unet", "vae")
 

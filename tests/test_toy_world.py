@@ -10,11 +10,11 @@ import torch
 from scipy import ndimage
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.denoiser import diffusers_backend
-from alignprop_core.prompts import shipped_prompts
+from alignprop_core.models.backend import diffusers_backend
+from alignprop_core.files.prompts import shipped_prompts
 from alignprop_core.rewards import make_reward
-from alignprop_core.sampler import sample_images
-from alignprop_core.t2i_model import load_t2i_model
+from alignprop_core.sampling.sampler import sample_images
+from alignprop_core.models.t2i_model import load_t2i_model
 from alignprop_core.toy import toy_model_dir
 from alignprop_core.toy.classifier import HEADS, accuracy, load_classifier
 from alignprop_core.toy.counting import count_shapes, foreground_mask, label_components
@@ -22,7 +22,7 @@ from alignprop_core.toy.networks import build_tokenizer
 from alignprop_core.toy.pretrain import INFO_FILE, PretrainConfig, crowded_dataset, run
 from alignprop_core.toy.shapes import (BACKGROUNDS, COLOURS, COUNT_WORDS, VOCABULARY, caption_for,
                                        generate, parse_caption, split_prompts)
-from alignprop_core.trainer import evaluate, train
+from alignprop_core.training.trainer import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from alignprop_core.denoiser import DiffusionBackend, unet_denoiser  # noqa: E402
-from alignprop_core.schedule import NoiseSchedule  # noqa: E402
+from alignprop_core.models.backend import DiffusionBackend, unet_denoiser  # noqa: E402
+from alignprop_core.sampling.schedule import NoiseSchedule  # noqa: E402
 
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,

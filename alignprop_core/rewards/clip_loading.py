@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..safe_load import load_error_reason, quiet_pickle_protocol_warning  # noqa: F401 (re-exported)
+from ..files.safe_load import load_error_reason, quiet_pickle_protocol_warning  # noqa: F401 (re-exported)
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 _RESBLOCK_RE = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop_core.tiny_model import TINY_SCHEDULER_CONFIG, MAX_TOKENS, build_tiny_tokenizer
+from alignprop_core.models.tiny_model import TINY_SCHEDULER_CONFIG, MAX_TOKENS, build_tiny_tokenizer
 
 from .shapes import VOCABULARY
 

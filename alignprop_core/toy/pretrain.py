@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from alignprop_core.t2i_model import T2IModel, load_t2i_model, save_t2i_model
+from alignprop_core.models.t2i_model import T2IModel, load_t2i_model, save_t2i_model
 
 from .classifier import HEADS, ShapeClassifier, WEIGHTS_FILE, accuracy, load_classifier, save_classifier
 from .networks import (SCHEDULER_CONFIG, ToyArchitecture, build_text_encoder, build_tokenizer,
@@ -276,8 +276,8 @@ def sample_count_accuracy(model: T2IModel, classifier: ShapeClassifier, n: int, 
     """Classifier accuracy (count, colour, shape, background) on images the model draws for random
     captions of the grammar, with the project's own DDIM sampler."""
     from alignprop_core.config import SamplerConfig
-    from alignprop_core.denoiser import diffusers_backend
-    from alignprop_core.sampler import sample_images
+    from alignprop_core.models.backend import diffusers_backend
+    from alignprop_core.sampling.sampler import sample_images
 
     from .shapes import random_scene
 

@@ -9,7 +9,7 @@ DDIM scheduler) and the weights are converted with diffusers' own single-file co
    checkpoint gives for the same inputs (ComfyUI runs in a subprocess so this process never imports it);
 2. a LoRA trained by the AlignProp_Trainer node on the server loads in diffusers
    (`load_lora_weights`) with every key consumed and changes the UNet output;
-3. the same training run in the core (`alignprop_core.trainer.train` on the diffusers pipeline) gives
+3. the same training run in the core (`alignprop_core.training.trainer.train` on the diffusers pipeline) gives
    the same LoRA as the node: per-module deltas dW = (alpha/rank) up @ down agree in relative
    Frobenius norm.
 """
@@ -187,7 +187,7 @@ def test_diffusers_twin_matches_comfyui_outputs(equivalent, comfy_dir, tmp_path)
     agree to fp32 rounding (measured: ~3e-6, ~5e-7, ~3e-6 relative). A run where ComfyUI picks fp16
     for CLIP would show it here first.
     """
-    from alignprop_core.t2i_model import T2IModel, encode_prompts
+    from alignprop_core.models.t2i_model import T2IModel, encode_prompts
 
     folder, weights, ckpt = equivalent
     tokenizer, text_encoder, unet, vae = _build_parts(folder, weights)
@@ -314,7 +314,7 @@ def _rel_downs(a: Path, b: Path) -> dict[str, float]:
 
 
 def test_core_training_on_the_twin_matches_the_node(equivalent, node_lora, tmp_path):
-    """`alignprop_core.trainer.train` on the diffusers twin with the node's exact settings gives the
+    """`alignprop_core.training.trainer.train` on the diffusers twin with the node's exact settings gives the
     node's LoRA: the same init_seed gives the same initial LoRA (see the next test).
 
     Both sides run fp32 on the CPU (ComfyUI's --cpu keeps CLIP and the UNet in fp32, see test 1), the
@@ -322,10 +322,10 @@ def test_core_training_on_the_twin_matches_the_node(equivalent, node_lora, tmp_p
     kernels (LDM vs diffusers attention, ComfyUI's float32 sigmas vs diffusers' alphas_cumprod),
     amplified by Adam's sign-like first steps on elements whose gradient is near zero.
     """
-    from alignprop_core.denoiser import diffusers_backend
+    from alignprop_core.models.backend import diffusers_backend
     from alignprop_core.rewards import make_reward
-    from alignprop_core.t2i_model import T2IModel
-    from alignprop_core.trainer import train
+    from alignprop_core.models.t2i_model import T2IModel
+    from alignprop_core.training.trainer import train
 
     folder, weights, _ = equivalent
     tokenizer, text_encoder, unet, vae = _build_parts(folder, weights)
@@ -349,15 +349,15 @@ def test_core_training_on_the_twin_matches_the_node(equivalent, node_lora, tmp_p
 
 
 def test_same_init_seed_gives_the_same_initial_lora(equivalent, node_lora, tmp_path):
-    from alignprop_core.lora import add_lora
-    from alignprop_core.lora_io import save_lora
+    from alignprop_core.lora.inject import add_lora
+    from alignprop_core.lora.file import save_lora
 
     folder, weights, _ = equivalent
     _, _, unet, _ = _build_parts(folder, weights)
     _, lora_cfg, _ = _configs()
     # The core injects into the diffusers UNet (down, up, mid registration order), the node into
     # ComfyUI's LDM UNet (input, middle, output): each module's lora_A is keyed by its diffusers path.
-    add_lora(unet, lora_cfg)  # what alignprop_core.trainer.train does on the diffusers UNet
+    add_lora(unet, lora_cfg)  # what alignprop_core.training.trainer.train does on the diffusers UNet
     save_lora(tmp_path / "core_init.safetensors", unet, lora_cfg, arch="sd15")
     rel = _rel_downs(tmp_path / "core_init.safetensors", node_lora)
     worst = max(rel, key=rel.get)

@@ -1,7 +1,7 @@
 """Does a LoRA fit the model? Finite values, and factor shapes that match the layers they target.
 
 A LoRA adds ``up @ down * alpha / r`` to a layer's weight, so each factor pair must agree with that
-weight's shape (``lora_io`` documents the key form)::
+weight's shape (``file`` documents the key form)::
 
     Linear weight (out, in)          down (r, in)           up (out, r)
     Conv2d weight (out, in, kh, kw)  down (r, in, kh, kw)   up (out, r, 1, 1)
@@ -12,7 +12,7 @@ do not check shapes skip such a layer with a log line and render without the LoR
 run before anything is injected or patched. A NaN or Inf anywhere would turn every image into
 noise (and a run continued from it would save another broken file), so it is refused too.
 
-The functions here speak tensors and shapes only; ``lora_io.check_lora_fits`` applies them to a
+The functions here speak tensors and shapes only; ``file.check_lora_fits`` applies them to a
 ``LoraFile`` and a torch module, the ComfyUI node to ComfyUI's weight patches.
 """
 from __future__ import annotations

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..config import SamplerConfig
+from ..models.backend import Cond, Denoiser, DiffusionBackend
 from .conditioning import batch_conds, can_batch
-from .config import SamplerConfig
-from .denoiser import Cond, Denoiser, DiffusionBackend
 from .schedule import NoiseSchedule, ddim_step
 
 
@@ -92,7 +92,7 @@ def sample_latents(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tenso
     """Run the DDIM chain from x_T; the last `grad_steps` steps are differentiable.
 
     Args:
-        denoiser: model-output callable (see `denoiser.Denoiser`).
+        denoiser: model-output callable (see `models.backend.Denoiser`).
         schedule: the model's noise schedule.
         x_T: initial noise, (B, C, h, w).
         cond, uncond: conditioning of the prompts and of the negative prompt (uncond None: no CFG).

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import REWARD_AUGMENTS
+from ..config import REWARD_AUGMENTS
 
 
 def augment_for_reward(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:

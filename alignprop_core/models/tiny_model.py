@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop_core.t2i_model import T2IModel, save_t2i_model
+from alignprop_core.models.t2i_model import T2IModel, save_t2i_model
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16

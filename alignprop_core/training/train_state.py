@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .outputs import write_atomically
+from ..files.outputs import write_atomically
 
-from .safe_load import load_error_reason, quiet_pickle_protocol_warning
+from ..files.safe_load import load_error_reason, quiet_pickle_protocol_warning
 
 
 @dataclass

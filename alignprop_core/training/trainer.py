@@ -20,14 +20,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from ..files.outputs import check_writable, claim, lora_file_name, partial_path
+from ..lora.file import LoraFile, apply_lora_file, save_lora
+from ..lora.inject import add_lora, lora_state_dict, set_lora_state_dict
+from ..models.backend import DiffusionBackend
+from ..rewards import RewardFn
+from ..sampling.sampler import draw_truncation, sample_images
 from .augment import augment_for_reward
-from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
-from .denoiser import DiffusionBackend
-from .lora import add_lora, lora_state_dict, set_lora_state_dict
-from .lora_io import LoraFile, apply_lora_file, save_lora
-from .outputs import check_writable, claim, lora_file_name, partial_path
-from .rewards import RewardFn
-from .sampler import draw_truncation, sample_images
 from .train_state import TrainState, load_train_state, save_train_state
 
 OnStep = Callable[[int, dict[str, Any]], None]
@@ -155,7 +155,7 @@ def train(backend: DiffusionBackend, reward_fn: RewardFn, prompts: Sequence[str]
     """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward_fn`.
 
     Args:
-        backend: the model as callables (see `denoiser.DiffusionBackend`).
+        backend: the model as callables (see `models.backend.DiffusionBackend`).
         reward_fn: differentiable reward, images in [0,1] -> (B,).
         prompts / eval_prompts: training prompts and held-out prompts for evaluation.
         sampler, lora, train: the three configs.

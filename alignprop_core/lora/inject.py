@@ -17,7 +17,7 @@ while every base weight stays frozen and bit-identical. peft does the layer surg
   (``in_layers.2``, ``out_layers.3``, ``emb_layers.1``, ``skip_connection``).
 
 State dicts here use peft's key form (``<module path>.lora_A.weight`` / ``.lora_B.weight``); the
-file format (kohya keys) lives in ``alignprop_core.lora_io``.
+file format (kohya keys) lives in ``alignprop_core.lora.file``.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ import peft
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .config import LoraConfig
-from .lora_keys import RESNET_LAYERS, ldm_to_diffusers_paths, naming_of
+from ..config import LoraConfig
+from .keys import RESNET_LAYERS, ldm_to_diffusers_paths, naming_of
 
 # peft's default adapter slot; AlignProp only ever trains one adapter per module.
 ADAPTER = "default"

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .denoiser import Cond
+from ..models.backend import Cond
 
 MAX_BATCH_REPEAT = 4  # ComfyUI's own limit: lcm / shortest length above this runs separately
 MAX_LCM_FACTOR = 10  # a batch that must be one tensor: lcm above this times the longest is refused

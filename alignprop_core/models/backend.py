@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from .schedule import NoiseSchedule
+from ..sampling.schedule import NoiseSchedule
 
 Cond = dict[str, torch.Tensor]
 
@@ -40,7 +40,7 @@ class DiffusionBackend:
     lora_target: nn.Module  # the module LoRA is injected into (the UNet)
     device: torch.device  # where latents are created
     name: str = "model"  # recorded in LoRA metadata
-    arch: str | None = None  # "sd15" | "sdxl": picks the LoRA file's key naming (see lora_keys)
+    arch: str | None = None  # "sd15" | "sdxl": picks the LoRA file's key naming (see lora.keys)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape of x_T for images of height x width; errors if the VAE factor does not divide them."""

@@ -1,4 +1,4 @@
-"""LoRA files: atomic save, load, apply and the paper's adapter mixing.
+"""LoRA files: atomic save, load and apply (mixing two files is in `mix`).
 
 Files are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads directly::
 
@@ -14,11 +14,11 @@ Replacing '.' by '_' loses information (``transformer_blocks`` vs ``transformer.
 reverse mapping is never guessed from the string: it is looked up among the real module names of
 the target module. Given an ``arch``, ``save_lora`` writes the module naming that arch's files use
 (SD1.x: diffusers names, SDXL: LDM names) whichever UNet was trained, and loading renames a file
-of the other naming; every key and name conversion lives in ``alignprop_core.lora_keys``. Run
+of the other naming; every key and name conversion lives in ``alignprop_core.lora.keys``. Run
 settings (steps, base model, ...) go in the safetensors metadata, never in the file name.
 ``save_lora`` writes a model's LoRA, ``save_lora_file`` a ``LoraFile`` (e.g. a mix).
 ``check_lora_fits`` refuses a file with NaN/Inf values or factors that do not fit the model's layers
-(``alignprop_core.lora_check``) before ``apply_lora_file`` injects anything.
+(``alignprop_core.lora.check``) before ``apply_lora_file`` injects anything.
 """
 from __future__ import annotations
 
@@ -33,17 +33,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import LoraConfig
-from .outputs import write_atomically
-from .safe_load import load_error_reason
-from .lora import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
-from .lora_check import check_lora_finite, check_module_factors
-from .lora_keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
-                        check_arch, check_naming, convert_names, kohya_name, lora_metadata, naming_of,
-                        peft_to_kohya)
+from ..config import LoraConfig
+from ..files.outputs import write_atomically
+from ..files.safe_load import load_error_reason
+from .check import check_lora_finite, check_module_factors
+from .inject import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
+from .keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
+                   check_arch, check_naming, convert_names, kohya_name, lora_metadata, naming_of,
+                   peft_to_kohya)
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MIX_MODES = ("weights", "delta")
 TARGETS_KEY = "alignprop.lora_target_modules"
 RESERVED_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", TARGETS_KEY)
 
@@ -122,7 +121,7 @@ def kohya_to_peft(state: dict[str, torch.Tensor], module: nn.Module,
     """Convert a kohya-form LoRA state to peft form, resolving names against ``module``.
 
     A UNet file in the other module naming (an SD1.x file with diffusers names on a ComfyUI LDM
-    UNet, an SDXL file with LDM names on a diffusers UNet) is renamed first (``lora_keys``).
+    UNet, an SDXL file with LDM names on a diffusers UNet) is renamed first (``keys``).
 
     Args:
         state: kohya-form tensors (``lora_down``/``lora_up``/``alpha`` per module).
@@ -375,66 +374,3 @@ def apply_lora_file(module: nn.Module, lora: LoraFile) -> None:
     except Exception:
         remove_lora(module)
         raise
-
-
-def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
-    """Interpolate two LoRAs (AlignProp's adapter mixing), ``t=0`` is ``a`` and ``t=1`` is ``b``.
-
-    ``weights`` interpolates every factor, ``(1-t)*down_a + t*down_b`` and likewise for up, as in the
-    paper; it needs equal rank and alpha. ``delta`` interpolates the weight update exactly:
-    ``dW = (1-t)*dW_a + t*dW_b`` by stacking the factors (rank ``r_a + r_b``, the alpha/rank scales
-    folded into ``up`` and ``alpha = rank`` so the stored scale is 1).
-
-    Args:
-        a, b: LoRAs over the same modules.
-        t: mixing weight; values outside [0, 1] extrapolate.
-        mode: ``weights`` or ``delta``.
-
-    Returns:
-        A new ``LoraFile`` (float32 tensors) with mix info in its metadata.
-
-    Raises:
-        ValueError: unknown mode (lists the modes), different key sets, or weights-mode rank/alpha
-            mismatch.
-    """
-    if mode not in MIX_MODES:
-        raise ValueError(f"Unknown mix mode {mode!r}; use one of {', '.join(MIX_MODES)}.")
-    ga, gb = _group_kohya(a.state, "lora_unet"), _group_kohya(b.state, "lora_unet")
-    if set(ga) != set(gb):
-        only_a, only_b = sorted(set(ga) - set(gb)), sorted(set(gb) - set(ga))
-        raise ValueError(f"The LoRAs cover different modules (only in a: {only_a[:3]}, only in b: "
-                         f"{only_b[:3]}); mix LoRAs trained with the same target modules and model.")
-    _rank_alpha(ga), _rank_alpha(gb)  # each one well formed (rank >= 1, one alpha)
-    for name in sorted(ga):
-        da, db = ga[name]["lora_down.weight"], gb[name]["lora_down.weight"]
-        ua, ub = ga[name]["lora_up.weight"], gb[name]["lora_up.weight"]
-        if da.shape[1:] != db.shape[1:] or ua.shape[0] != ub.shape[0]:
-            raise ValueError(f"The LoRAs' module {name!r} has layers of different sizes (down "
-                             f"{tuple(da.shape)} vs {tuple(db.shape)}, up {tuple(ua.shape)} vs "
-                             f"{tuple(ub.shape)}); mix LoRAs trained for the same model.")
-    t = float(t)
-    state: dict[str, torch.Tensor] = {}
-    if mode == "weights":
-        if a.rank != b.rank or not math.isclose(a.alpha, b.alpha):
-            raise ValueError(f"mode 'weights' needs equal rank and alpha, got rank {a.rank}/{b.rank}, "
-                             f"alpha {a.alpha}/{b.alpha}; use mode 'delta' instead.")
-        for name in ga:
-            for suffix in ("lora_down.weight", "lora_up.weight"):
-                wa, wb = ga[name][suffix].float(), gb[name][suffix].float()
-                state[f"{name}.{suffix}"] = (1 - t) * wa + t * wb
-            state[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
-        rank, alpha = a.rank, a.alpha
-    else:
-        rank = a.rank + b.rank
-        alpha = float(rank)  # stored scale alpha / rank == 1: the scales live in the up factors
-        for name in ga:
-            pa, pb = ga[name], gb[name]
-            up = torch.cat([(1 - t) * (a.alpha / a.rank) * pa["lora_up.weight"].float(),
-                            t * (b.alpha / b.rank) * pb["lora_up.weight"].float()], dim=1)
-            down = torch.cat([pa["lora_down.weight"].float(), pb["lora_down.weight"].float()], dim=0)
-            state[f"{name}.lora_down.weight"] = down
-            state[f"{name}.lora_up.weight"] = up
-            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    targets = a.target_modules if a.target_modules == b.target_modules else ()
-    metadata = {"alignprop.mix_mode": mode, "alignprop.mix_t": repr(t)}
-    return LoraFile(state=state, rank=rank, alpha=alpha, target_modules=targets, metadata=metadata)

@@ -1,6 +1,6 @@
 """LoRA module names: kohya names of module paths, and LDM <-> diffusers UNet module paths.
 
-Key forms (one module, peft form left, kohya form right; ``lora_io.kohya_to_peft`` goes back)::
+Key forms (one module, peft form left, kohya form right; ``file.kohya_to_peft`` goes back)::
 
     <module path>.lora_A.weight  (r, in)   <->  lora_unet_<module path, '.' -> '_'>.lora_down.weight
     <module path>.lora_B.weight  (out, r)  <->  lora_unet_<module path, '.' -> '_'>.lora_up.weight

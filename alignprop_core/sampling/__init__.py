@@ -1,0 +1,2 @@
+"""Sampling: the noise schedule and its update, batched conditionings, and the differentiable
+sampler with its gradient window."""
