@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -313,6 +314,15 @@ def cached_random_checkpoint(kind: str, cache_dir: Path, comfy_dir: Path = DEFAU
     if not path.is_file():
         make_random_checkpoint(kind, path, comfy_dir=comfy_dir, seed=seed)
     return path
+
+
+def install_random_checkpoint(kind: str, base_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR) -> Path:
+    """The cached random checkpoint of `kind`, copied into base_dir/models/checkpoints; returns the copy."""
+    source = cached_random_checkpoint(kind, REPO_ROOT / ".cache" / "comfyui" / "checkpoints", comfy_dir=comfy_dir)
+    local = Path(base_dir) / "models" / "checkpoints" / f"random_{kind}.ckpt"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, local)
+    return local
 
 
 def _compact_random(shape, std: float, generator, dtype):

@@ -13,7 +13,6 @@ After both errors the same MODEL trains again normally (the LoRA layers were rem
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -58,11 +57,7 @@ json.dump(results, open(out_path, "w"), indent=1)
 @pytest.fixture(scope="module")
 def oom_results(comfy_dir, tmp_path_factory) -> tuple[dict, object]:
     base = tmp_path_factory.mktemp("oom-base")
-    ckpt = harness.cached_random_checkpoint("sd15", harness.REPO_ROOT / ".cache" / "comfyui" / "checkpoints",
-                                            comfy_dir=comfy_dir)
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    local = base / "models" / "checkpoints" / "random_sd15.ckpt"
-    shutil.copyfile(ckpt, local)
+    local = harness.install_random_checkpoint("sd15", base, comfy_dir)
     train = {k: v for k, v in TRAIN.items() if k != "steps"} | {"steps": 2, "eval_batch_size": 1}
     settings = json.dumps({"sampler": SAMPLER, "train": train})
     inproc.run_script(_OOM, comfy_dir, base, str(local), settings, str(base / "results.json"), CUDA_MESSAGE)

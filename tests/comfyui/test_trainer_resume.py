@@ -16,7 +16,6 @@ to the LoRA of a run that was never cancelled.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -65,11 +64,7 @@ json.dump(results, open(out_path, "w"), indent=1)
 @pytest.fixture(scope="module")
 def resume_results(comfy_dir, tmp_path_factory) -> tuple[dict, object]:
     base = tmp_path_factory.mktemp("resume-base")
-    ckpt = harness.cached_random_checkpoint("sd15", harness.REPO_ROOT / ".cache" / "comfyui" / "checkpoints",
-                                            comfy_dir=comfy_dir)
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    local = base / "models" / "checkpoints" / "random_sd15.ckpt"
-    shutil.copyfile(ckpt, local)
+    local = harness.install_random_checkpoint("sd15", base, comfy_dir)
     train = TRAIN | {"steps": 4, "eval_every": 2, "eval_batch_size": 1, "lr": 1e-2}
     settings = json.dumps({"sampler": SAMPLER, "train": train})
     inproc.run_script(_RESUME, comfy_dir, base, str(local), settings, str(base / "results.json"))
