@@ -79,7 +79,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         expected = sum(2 if control else 1 for _, control in layout)
         assert len(values) == expected, (
             f"node {node['id']} ({node['type']}) has {len(values)} widget values but its widgets "
-            f"{[n for n, _ in layout]} need {expected}; regenerate with workflows/api_to_ui.py")
+            f"{[n for n, _ in layout]} need {expected}; regenerate with tools/api_to_ui.py")
         inputs = {}
         for name, control in layout:
             inputs[name] = values.pop(0)
@@ -196,7 +196,7 @@ def test_ui_format_matches_api_twin(object_info, name):
     ui, api = load_workflow(name)
     assert ui_to_api(ui, object_info) == api, (
         f"workflows/{name}.json and {name}.api.json differ; edit the API twin and regenerate the UI file "
-        "with workflows/api_to_ui.py")
+        "with tools/api_to_ui.py")
 
 
 # -- runs ------------------------------------------------------------------------------------------

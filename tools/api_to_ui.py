@@ -14,7 +14,7 @@ values as a bare list whose order is the frontend's:
 Nodes are laid out left to right by graph depth, and a ``Note`` node (frontend-only) explains the
 workflow. Regenerate every UI file, keeping each file's current Note text, with ComfyUI running::
 
-    python workflows/api_to_ui.py workflows/*.api.json --object-info http://127.0.0.1:8188
+    python tools/api_to_ui.py workflows/*.api.json --object-info http://127.0.0.1:8188
 
 ``--note TEXT`` (with one file) sets the Note text instead.
 """
