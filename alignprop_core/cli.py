@@ -17,7 +17,6 @@ import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
@@ -27,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import LoraConfig, SamplerConfig, TrainConfig
+from .config import LoraConfig, SamplerConfig, TrainConfig, with_input_names
 from .files.outputs import check_writable, claim, lora_file_name
 from .files.prompts import read_prompts, shipped_prompts
 from .rewards import REWARDS, make_reward
@@ -88,8 +87,7 @@ def _configs_from_args(args: argparse.Namespace) -> tuple[SamplerConfig, LoraCon
             # the configs name their fields ("TrainConfig.lr"); here the user typed a flag ("--lr")
             flag = {f"{c.__name__}.{f.name}": "--" + pre + f.name.replace("_", "-")
                     for pre, c in CONFIGS for f in fields(c)}
-            raise ValueError(re.sub(r"\b(?:SamplerConfig|LoraConfig|TrainConfig)\.\w+",
-                                    lambda m: flag.get(m.group(0), m.group(0)), str(err))) from err
+            raise with_input_names(err, flag) from err
     return tuple(built)  # type: ignore[return-value]
 
 

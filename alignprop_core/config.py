@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields, asdict
 from typing import Any
 
@@ -212,6 +213,14 @@ class TrainConfig:
                       "lr_warmup_steps")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError("TrainConfig.adam_beta1 and adam_beta2 must lie in [0, 1).")
+
+
+def with_input_names(err: ValueError, names: dict[str, str]) -> ValueError:
+    """`err` with each ``Config.field`` it names replaced by the input a user typed (a CLI flag, a
+    node input), from ``names``; unknown ones stay as they are."""
+    message = re.sub(r"\b(?:SamplerConfig|LoraConfig|TrainConfig)\.\w+",
+                     lambda m: names.get(m.group(0), m.group(0)), str(err))
+    return ValueError(message)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from comfy_api.latest import io
 
 from alignprop_core.config import (LOSS_SHAPES, LR_SCHEDULES, MIXED_PRECISION, REWARD_AUGMENTS,
-                                   TRUNCATION_STRATEGIES)
+                                   TRUNCATION_STRATEGIES, with_input_names)
 
 CHOICES = {"truncation": TRUNCATION_STRATEGIES, "loss": LOSS_SHAPES, "mixed_precision": MIXED_PRECISION,
            "lr_schedule": LR_SCHEDULES, "reward_augment": REWARD_AUGMENTS}
@@ -71,7 +71,4 @@ def build(cls: type, kwargs: dict[str, Any], prefix: str = "", **fixed: Any) -> 
     try:
         return cls(**values)
     except ValueError as err:  # name the node input, not the dataclass field behind it
-        message = str(err)
-        for f in sorted(fields(cls), key=lambda f: -len(f.name)):  # k_min before k
-            message = message.replace(f"{cls.__name__}.{f.name}", prefix + f.name)
-        raise ValueError(message) from err
+        raise with_input_names(err, {f"{cls.__name__}.{f.name}": prefix + f.name for f in fields(cls)}) from err
