@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from alignprop_core.config import check_finite
 from alignprop_core.lora.check import check_factors, check_lora_finite
 from alignprop_core.lora.file import LoraFile, load_lora, save_lora_file
-from alignprop_core.lora.mix import mix_loras
+from alignprop_core.lora.mix import MIX_MODES, mix_loras
 from alignprop_core.files.outputs import claim, lora_file_name, numbered_path
 
 from .choices import check_combos
@@ -18,7 +18,6 @@ from .paths import existing_path, output_path
 
 Lora = io.Custom("ALIGNPROP_LORA")
 CATEGORY = "AlignProp/lora"
-MIX_MODES = ("weights", "delta")
 FACTORS = ("lora_down.weight", "lora_up.weight")
 
 
