@@ -20,17 +20,19 @@ import os
 import sys
 import time
 import traceback
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .config import LoraConfig, SamplerConfig, TrainConfig, with_input_names
+from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict, with_input_names
 from .files.outputs import check_writable, claim, lora_file_name
 from .files.prompts import read_prompts, shipped_prompts
-from .rewards import REWARDS, make_reward
-from .training.train_state import load_train_state
+from .rewards import REWARDS, build_reward
+from .rewards.spec import RewardSpec, parse_value
+from .training.train_state import check_resumable, load_train_state
 
 # (flag prefix, dataclass): TrainConfig fields have no prefix
 CONFIGS: tuple[tuple[str, type], ...] = (("sampler-", SamplerConfig), ("lora-", LoraConfig), ("", TrainConfig))
@@ -72,9 +74,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
         elif isinstance(default, tuple):
             group.add_argument(flag, dest=dest, nargs="+", default=list(default), help=help_text)
         else:
-            kw = {"choices": sorted(REWARDS)} if f.name == "reward" else {}
             kind = _finite_float if isinstance(default, float) else type(default)
-            group.add_argument(flag, dest=dest, type=kind, default=default, help=help_text, **kw)
+            if f.name == "reward":
+                kind, help_text = _reward_text, (f"reward name ({', '.join(sorted(REWARDS))}) or a whole "
+                                                 f"reward spec 'name[key=value; ...]' as a LoRA's "
+                                                 f"alignprop.reward names it (default: {default})")
+            group.add_argument(flag, dest=dest, type=kind, default=default, help=help_text)
 
 
 def _configs_from_args(args: argparse.Namespace) -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
@@ -91,19 +96,40 @@ def _configs_from_args(args: argparse.Namespace) -> tuple[SamplerConfig, LoraCon
     return tuple(built)  # type: ignore[return-value]
 
 
+def _reward_text(text: str) -> str:
+    """argparse type of --reward: a registry name or a one-line reward spec, read as a RewardSpec."""
+    try:
+        spec = RewardSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if spec.name not in REWARDS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {spec.name!r} (choose from "
+                                         f"{', '.join(sorted(REWARDS))})")
+    return spec.text()
+
+
 def parse_reward_args(pairs: Sequence[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs of the reward factory -> kwargs (a value that is not JSON stays a string)."""
+    """KEY=VALUE pairs of the reward factory -> kwargs, each value read by the reward spec's reader
+    (JSON: 3, 0.5, [1,0,0], true; anything else stays a string)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--reward-arg {pair!r} is not KEY=VALUE; write e.g. --reward-arg "
                              "target=[1,0,0].")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = parse_value(value)
     return out
+
+
+def reward_spec(reward: str, pairs: Sequence[str]) -> RewardSpec:
+    """The run's reward as data: --reward (a name or a whole spec) with the --reward-args added."""
+    spec = RewardSpec.parse(reward)
+    args = {**spec.args, **parse_reward_args(pairs)}
+    check_reward_args(spec.name, args)
+    try:
+        return RewardSpec(spec.name, args)
+    except ValueError as err:
+        raise ValueError(f"--reward {spec.name}: {err}") from err
 
 
 def demo_preset() -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
@@ -218,16 +244,16 @@ def check_reward_args(name: str, kwargs: dict[str, Any]) -> None:
                          f"local path); it takes {takes}.")
 
 
-def _build_reward(name: str, kwargs: dict[str, Any]):
-    """make_reward, with argument errors told as errors of the command line's reward flags."""
+def _build_reward(spec: RewardSpec):
+    """build_reward, with argument errors told as errors of the command line's reward flags."""
     try:
-        return make_reward(name, **kwargs)
+        return build_reward(spec)
     except TypeError as err:  # e.g. a list where the factory wants a number
-        raise ValueError(f"--reward {name} cannot be built from --reward-arg {kwargs}: {err}; check "
+        raise ValueError(f"--reward {spec.name} cannot be built from --reward-arg {spec.args}: {err}; check "
                          "each value's type (JSON: 3, 0.5, [1,0,0], true; anything else is a string).") \
             from err
     except ValueError as err:
-        raise ValueError(f"--reward {name}: {err}") from err
+        raise ValueError(f"--reward {spec.name}: {err}") from err
 
 
 def check_outputs(args: argparse.Namespace) -> str:
@@ -277,20 +303,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         args.model = toy_model_dir()
     check_model_dir(args.model, train)
-    reward_kwargs = parse_reward_args(args.reward_arg)
-    check_reward_args(train.reward, reward_kwargs)
-    if args.resume is not None:
-        load_train_state(args.resume)  # read again by the trainer; here only to fail early
+    spec = reward_spec(train.reward, args.reward_arg)
+    train = dataclasses.replace(train, reward=spec.text())
+    if args.resume is not None:  # read again by the trainer; here only to fail early
+        check_resumable(load_train_state(args.resume), {"sampler": to_dict(sampler), "lora": to_dict(lora),
+                                                        "train": to_dict(train)}, args.resume)
     created = _missing_parent(args.out)
     try:
         lora_name = check_outputs(args)
         # 2. the reward (may load a reward model), then the diffusion model and the run itself
-        reward_fn = _build_reward(train.reward, reward_kwargs)
+        reward = _build_reward(spec)
         from .reporting import run_and_report  # torch-heavy imports only once the arguments are valid
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        return run_and_report(args.model, reward_fn, prompts, eval_prompts, sampler, lora, train,
+        return run_and_report(args.model, reward, prompts, eval_prompts, sampler, lora, train,
                               out_dir=args.out, lora_name=lora_name, resume_from=args.resume,
                               device=device, overwrite=args.overwrite)
     except BaseException:
@@ -321,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error_line(err), file=sys.stderr)
         return 2
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - started, 1)}, indent=1))
-    print(_headline(args.reward, summary), file=sys.stderr)
+    print(_headline(RewardSpec.parse(summary.get("reward", args.reward)).label, summary), file=sys.stderr)
     return 0
 
 

@@ -155,7 +155,8 @@ class LoraConfig:
 class TrainConfig:
     """The AlignProp optimisation loop."""
 
-    reward: str = _help("name of the reward to maximise (see alignprop_core.rewards.REWARDS)",
+    reward: str = _help("the reward to maximise as a one-line spec: a name (see alignprop_core.rewards."
+                        "REWARDS) or name[key=value; ...] with its arguments (rewards.spec.RewardSpec)",
                         default="color_target")
     loss: str = _help("maximize: loss = -reward; target: loss = |reward_target - reward|",
                       default="maximize")

@@ -5,6 +5,7 @@ before_after.png (held-out prompts from fixed latents, without and with the LoRA
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,9 +16,10 @@ from .lora.inject import set_lora_scale
 from .models.backend import diffusers_backend
 from .models.t2i_model import load_t2i_model
 from .plots import plot_reward_curve, save_before_after_grid
-from .rewards import RewardFn
+from .rewards import Reward
 from .run_log import write_metrics
-from .training.trainer import eval_entries, evaluate, train as train_lora
+from .training.evaluate import eval_entries, evaluate
+from .training.trainer import train
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,45 +41,44 @@ def _progress(total: int):
     return bar, on_step
 
 
-def run_and_report(model_dir: Path, reward_fn: RewardFn, prompts: Sequence[str],
+def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
                    eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig,
-                   train: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
+                   cfg: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
                    device: torch.device, overwrite: bool = False) -> dict[str, Any]:
     """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`."""
-    if device.type == "cpu" and train.mixed_precision == "fp16":
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
-    model = load_t2i_model(model_dir, device=device, dtype=WEIGHT_DTYPES[train.mixed_precision])
+    cfg = dataclasses.replace(cfg, reward=reward.spec.text())  # the reward as built, with its arguments
+    model = load_t2i_model(model_dir, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
     backend = diffusers_backend(model, name=Path(model_dir).name)
-    # A reward with a `report(images, prompts) -> dict` (e.g. toy_count's accuracy) is reported on
-    # every held-out prompt; otherwise only the grid's prompts are sampled again.
-    report = getattr(reward_fn, "report", None)
-    shown = list(eval_prompts) if report is not None else list(eval_prompts)[:8]
+    # A reward with a report (e.g. toy_count's accuracy) is reported on every held-out prompt;
+    # otherwise only the grid's prompts are sampled again.
+    shown = list(eval_prompts) if reward.has_report else list(eval_prompts)[:8]
     grid_prompts = shown[:24]  # two lines of 12 (toy world: every count six times)
-    before_scores, before = evaluate(backend, reward_fn, shown, sampler, train, return_images=True)
+    before_scores, before = evaluate(backend, reward, shown, sampler, cfg, return_images=True)
 
-    bar, on_step = _progress(train.steps)
+    bar, on_step = _progress(cfg.steps)
     try:
-        result = train_lora(backend, reward_fn, prompts, eval_prompts, sampler, lora, train,
-                            out_dir=out_dir, lora_name=lora_name, resume_from=resume_from,
-                            on_step=on_step, overwrite=overwrite)
+        result = train(backend, reward, prompts, eval_prompts, sampler, lora, cfg, out_dir=out_dir,
+                       lora_name=lora_name, resume_from=resume_from, on_step=on_step, overwrite=overwrite)
     finally:
         bar.close()
 
     set_lora_scale(backend.lora_target, 1.0)
-    after_scores, after = evaluate(backend, reward_fn, shown, sampler, train, return_images=True)
-    config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(train),
+    after_scores, after = evaluate(backend, reward, shown, sampler, cfg, return_images=True)
+    config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(cfg),
               "model": str(model_dir)}
     csv_path, json_path = write_metrics(out_dir, result.history, result.evals, config)
     curve = plot_reward_curve(result.history, result.evals, Path(out_dir) / "reward_curve.png",
-                              title=f"AlignProp: {train.reward}")
+                              title=f"AlignProp: {reward.spec.label}")
     n = len(grid_prompts)
     grid = save_before_after_grid(before[:n], after[:n], grid_prompts, before_scores[:n],
                                   after_scores[:n], Path(out_dir) / "before_after.png", columns=12)
     evals = result.evals
-    scored = eval_entries(shown, train)  # the prompt of each image (eval_latents per prompt)
-    extra = {} if report is None else {"held_out_report_start": report(before, scored),
-                                       "held_out_report_end": report(after, scored)}
-    return {**extra,
+    scored = eval_entries(shown, cfg)  # the prompt of each image (eval_latents per prompt)
+    extra = {} if not reward.has_report else {"held_out_report_start": reward.report(before, scored),
+                                              "held_out_report_end": reward.report(after, scored)}
+    return {**extra, "reward": reward.spec.text(),
         "lora": str(result.lora_path), "metrics_csv": str(csv_path), "metrics_json": str(json_path),
         "reward_curve": str(curve), "before_after": str(grid),
         "held_out_reward_start": evals[0]["eval_reward"] if evals else None,

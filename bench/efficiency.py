@@ -3,7 +3,7 @@ AlignProp (the library's `trainer.train`) and DDPO (`bench.ddpo`), same model, r
 guidance and LoRA, each starting from the same weights. The defaults are the demo's job (the toy world,
 its count reward, T=10, CFG 4, LoRA rank 8; AlignProp's K drawn from 3-6, batch 4, lr 1.5e-3).
 
-Both are evaluated by `alignprop_core.training.trainer.evaluate` with one common evaluator: deterministic DDIM
+Both are evaluated by `alignprop_core.training.evaluate.evaluate` with one common evaluator: deterministic DDIM
 (eta 0), the same T and guidance, fixed latents, every held-out prompt with `eval_latents` images each
 (one image flipping its count moves a 36-image mean by 0.1-0.4, as much as DDPO gains in all).
 Evaluation images are not counted as queries. One AlignProp run is noisy (the held-out reward of a
@@ -36,7 +36,8 @@ from alignprop_core.models.backend import diffusers_backend
 from alignprop_core.lora.inject import add_lora
 from alignprop_core.files.prompts import shipped_prompts
 from alignprop_core.rewards import make_reward
-from alignprop_core.training.trainer import evaluate, train
+from alignprop_core.training.evaluate import evaluate
+from alignprop_core.training.trainer import train
 from bench.ddpo import DDPOConfig, ddpo_epoch
 from bench.models import build_model, default_px
 

@@ -3,7 +3,8 @@
 1. gradients on CUDA: the LoRA gradient of one AlignProp step with checkpointing equals the one
    without (fp32 and bf16 autocast), and bf16's gradient is close to fp32's;
 2. training on CUDA with mixed_precision no / bf16 / fp16 (weights in that dtype, LoRA in fp32):
-   finite rewards, the LoRA moves and stays fp32, and the same seed gives the same LoRA;
+   finite rewards, the LoRA moves and stays fp32, and the same seed gives the same LoRA; a run
+   stopped after 3 steps and resumed from its saved state equals 6 straight steps (`TrainRun`);
 3. the full SD1.5 UNet (860M, random weights, 512 px, T=20) and the full SDXL UNet (2.6B, 1024 px):
    seconds per optimiser step and peak CUDA memory against K, with and without checkpointing.
 Every section is independent: an error is recorded and the next section runs. Results go to
@@ -27,7 +28,10 @@ from alignprop_core.lora.inject import add_lora, lora_parameters, lora_state_dic
 from alignprop_core.rewards import make_reward
 from alignprop_core.sampling.sampler import sample_images
 from alignprop_core.sampling.schedule import NoiseSchedule
-from alignprop_core.training.trainer import autocast_context, train
+from alignprop_core.training.step import autocast_context
+from alignprop_core.training.run import TrainRun
+from alignprop_core.training.train_state import load_train_state
+from alignprop_core.training.trainer import train
 
 from bench.rig import RigSpec, build_rig
 
@@ -98,6 +102,44 @@ def check_training() -> dict:
         out[mixed] = {"finite": all(r == r for r in rewards), "skipped": sum(h["skipped"] for h in result.history),
                       "eval": [round(e["eval_reward"], 4) for e in result.evals], "lora_B_abs_sum": moved,
                       "lora_dtypes": dtypes, "same_seed_max_diff": repeat, "seconds": round(seconds, 2)}
+    return out
+
+
+def check_resume() -> dict:
+    """TrainRun on CUDA: 3 steps, save the state, resume in a fresh run for 3 more; against 6 straight
+    steps (a standardised mixture, so the reward's running statistics travel with the state too)."""
+    import tempfile
+
+    out = {}
+    sampler = SamplerConfig(steps=6, truncation="uniform", k_min=1, k_max=4, guidance_scale=4.0)
+    prompts, held_out = ["a cat", "a dog", "a red horse"], ["a fox", "a lion"]
+    for mixed in ("bf16", "fp16"):
+        cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, width=32, height=32, eval_every=0,
+                          mixed_precision=mixed, seed=0)
+
+        def new_run(state=None) -> TrainRun:
+            reward = make_reward("mixture", spec="smoothness:1, color_target:0.5", standardize=True)
+            return TrainRun(tiny_backend(DTYPES[mixed]), reward, prompts, held_out, sampler,
+                            LoraConfig(rank=4, alpha=4.0), cfg, state=state)
+
+        full = new_run()
+        full.evaluate()
+        while not full.done:
+            full.step()
+        half = new_run()
+        half.evaluate()
+        for _ in range(3):
+            half.step()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = half.save_state(Path(tmp) / "train_state.pt")
+            resumed = new_run(load_train_state(path))
+        while not resumed.done:
+            resumed.step()
+        a, b = lora_state_dict(full.backend.lora_target), lora_state_dict(resumed.backend.lora_target)
+        out[mixed] = {"max_diff_resumed_vs_straight": max(float((a[k] - b[k]).abs().max()) for k in a),
+                      "reward_spec": resumed.cfg.reward, "reward_state_equal":
+                      full.reward.state_dict() == resumed.reward.state_dict(),
+                      "rewards": [round(h["reward"], 4) for h in resumed.history]}
     return out
 
 
@@ -196,14 +238,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
+    parser.add_argument("--sections", nargs="+", default=None,
+                        help="run only these sections (gradients training resume sd15 sdxl)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
                "capability": list(torch.cuda.get_device_capability(0))}
-    sections = [("gradients", check_gradients), ("training", check_training),
+    sections = [("gradients", check_gradients), ("training", check_training), ("resume", check_resume),
                 ("sd15", lambda: check_full_size("sd15", (1, 5, 10, 20), 256 if args.quick else 512, 3)),
                 ("sdxl", lambda: check_full_size("sdxl", (1, 10), 512 if args.quick else 1024, 2))]
-    for name, fn in sections:
+    chosen = set(args.sections or [name for name, _ in sections])
+    for name, fn in [(n, f) for n, f in sections if n in chosen]:
         started = time.perf_counter()
         try:
             results[name] = fn()

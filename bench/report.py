@@ -39,7 +39,7 @@ def overhead_section(rows: list[dict]) -> list[str]:
         out.append(f"| {r['model']} | {r['px']} | {r['T']} | {r['K']} | {r['batch']} | {r['sample_s']:.2f} | "
                    f"{r['step_s']:.2f} | **{r['ratio']:.3f}** | {r['floor']:.2f} | {_mark(r['met'])} |")
     out += ["", f"Medians of {rows[0]['repeats']} interleaved rounds; ratio = median of per-round ratios. "
-            "The step is `alignprop_core.training.trainer._optimizer_step` (sample with the last K steps "
+            "The step is `alignprop_core.training.step.optimizer_step` (sample with the last K steps "
             "differentiable and checkpointed, checkpointed decode, reward, backward, clip, AdamW); "
             "the baseline is `alignprop_core.sampling.sampler.sample_images` under `no_grad`.", ""]
     return out

@@ -1,7 +1,7 @@
 """A training rig built only from the library's own parts: model backend, LoRA, AdamW, reward.
 
 `Rig.train_step` is one AlignProp optimiser step exactly as `alignprop_core.training.trainer.train` runs it
-(`trainer._optimizer_step`: sample with the last K steps differentiable, decode, reward, backward,
+(`training.step.optimizer_step`: sample with the last K steps differentiable, decode, reward, backward,
 clip, AdamW). `Rig.sample` is plain no-grad sampling of the same T steps plus decode, through
 `alignprop_core.sampling.sampler.sample_images`, on the same model (with the same LoRA), batch and prompts.
 """
@@ -17,7 +17,7 @@ from alignprop_core.models.backend import DiffusionBackend, diffusers_backend
 from alignprop_core.lora.inject import add_lora
 from alignprop_core.rewards import RewardFn, make_reward
 from alignprop_core.sampling.sampler import sample_images
-from alignprop_core.training.trainer import _optimizer_step
+from alignprop_core.training.step import make_optimizer, make_scaler, optimizer_step
 
 from bench.models import build_model, default_px
 
@@ -62,8 +62,8 @@ class Rig:
 
     def train_step(self) -> dict[str, Any]:
         """One AlignProp optimiser step, through the library's trainer."""
-        return _optimizer_step(self.backend, self.reward_fn, self.prompts, self.sampler, self.train,
-                               self.params, self.optimizer, self.scaler, self.gen, step=0)
+        return optimizer_step(self.backend, self.reward_fn, self.prompts, self.sampler, self.train,
+                              self.params, self.optimizer, self.scaler, self.gen, step=0)
 
     def sample(self) -> torch.Tensor:
         """No-grad sampling of the same T steps plus decode, same batch size, same prompts."""
@@ -100,8 +100,7 @@ def build_rig(spec: RigSpec, model=None, prompts: Sequence[str] | None = None) -
     train = TrainConfig(reward=spec.reward, batch_size=spec.batch, width=spec.size, height=spec.size,
                         lr=spec.lr, seed=spec.seed, eval_every=0)
     params = add_lora(backend.lora_target, LoraConfig(init_seed=spec.seed))
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                                  eps=train.adam_eps, weight_decay=train.weight_decay)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = make_optimizer(params, train)
+    scaler = make_scaler(torch.device("cpu"), train)
     return Rig(backend, make_reward(spec.reward, **spec.reward_kwargs), sampler, train, params,
                optimizer, scaler, torch.Generator().manual_seed(spec.seed), list(prompts))

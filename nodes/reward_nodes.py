@@ -2,8 +2,8 @@
 
 Each loader resolves file names in models/reward_models (or models/clip_vision), or takes a model
 that a standard ComfyUI loader loaded (the aesthetic reward's CLIP_VISION), calls one core factory
-and outputs an ALIGNPROP_REWARD: a dict {"name", "fn"} whose fn maps images (B,3,H,W) in [0,1] and
-prompts to scores (B,).
+and outputs an ALIGNPROP_REWARD: the core `Reward`, which maps images (B,3,H,W) in [0,1] and prompts
+to scores (B,) and carries its `RewardSpec` (name and arguments), recorded with every LoRA it trains.
 
 ComfyUI 0.3.75 does not hold an API prompt's dropdown values to their options, nor refuse NaN or
 infinity in a FLOAT input, so each node checks its own before calling the core (a file dropdown
@@ -16,7 +16,7 @@ from comfy_api.latest import io, ui
 
 from alignprop_core.config import check_finite
 from alignprop_core.rewards import make_reward
-from alignprop_core.rewards.mixture import make_mixture
+from alignprop_core.rewards.mixture import make_mixture, mixture_spec
 
 from .choices import check_choice
 from .paths import NO_FILE, REWARD_FOLDER, existing_path, model_dirs, weight_files
@@ -39,10 +39,6 @@ def _make(name: str, **kwargs):
     inference tensors, which the trainer cannot backpropagate through."""
     with torch.inference_mode(False):
         return make_reward(name, **kwargs)
-
-
-def _socket(name: str, fn) -> dict:
-    return {"name": name, "fn": fn}
 
 
 def _file_input(name: str, folder: str, tooltip: str) -> io.Combo.Input:
@@ -80,13 +76,13 @@ class AestheticReward(io.ComfyNode):
                              "clip-vit-large-patch14.safetensors into models/clip_vision and refresh the page).")
         head_path = existing_path(REWARD_FOLDER, head)
         if chosen:
-            fn = _make("aesthetic", head_path=head_path, device=_device(),
-                       clip_vision_path=existing_path("clip_vision", clip_vision_file))
+            reward = _make("aesthetic", head_path=head_path, device=_device(),
+                           clip_vision_path=existing_path("clip_vision", clip_vision_file))
         else:
             # the weights of the model CLIPVisionLoader loaded; the core copies them into its own tower
-            fn = _make("aesthetic", head_path=head_path, device=_device(),
-                       clip_vision_state_dict=clip_vision.get_sd())
-        return io.NodeOutput(_socket("aesthetic", fn))
+            reward = _make("aesthetic", head_path=head_path, device=_device(),
+                           clip_vision_state_dict=clip_vision.get_sd())
+        return io.NodeOutput(reward)
 
 
 class HPSReward(io.ComfyNode):
@@ -100,8 +96,7 @@ class HPSReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint):
-        fn = _make("hps", checkpoint=existing_path(REWARD_FOLDER, checkpoint), device=_device())
-        return io.NodeOutput(_socket("hps", fn))
+        return io.NodeOutput(_make("hps", checkpoint=existing_path(REWARD_FOLDER, checkpoint), device=_device()))
 
 
 class PickScoreReward(io.ComfyNode):
@@ -116,8 +111,7 @@ class PickScoreReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_dir):
-        fn = _make("pickscore", model_dir=existing_path(REWARD_FOLDER, model_dir), device=_device())
-        return io.NodeOutput(_socket("pickscore", fn))
+        return io.NodeOutput(_make("pickscore", model_dir=existing_path(REWARD_FOLDER, model_dir), device=_device()))
 
 
 class CLIPScoreReward(io.ComfyNode):
@@ -131,9 +125,8 @@ class CLIPScoreReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, arch, checkpoint):
-        fn = _make("clip_score", arch=arch, checkpoint=existing_path(REWARD_FOLDER, checkpoint),
-                   device=_device())
-        return io.NodeOutput(_socket("clip_score", fn))
+        return io.NodeOutput(_make("clip_score", arch=arch, checkpoint=existing_path(REWARD_FOLDER, checkpoint),
+                                   device=_device()))
 
 
 class CompressibilityReward(io.ComfyNode):
@@ -150,7 +143,7 @@ class CompressibilityReward(io.ComfyNode):
     @classmethod
     def execute(cls, quality, direction):
         name = JPEG_DIRECTIONS[check_choice(direction, list(JPEG_DIRECTIONS), "direction")]
-        return io.NodeOutput(_socket(name, _make(name, quality=check_finite(quality, "quality"))))
+        return io.NodeOutput(_make(name, quality=check_finite(quality, "quality")))
 
 
 class ObjectCountReward(io.ComfyNode):
@@ -168,9 +161,8 @@ class ObjectCountReward(io.ComfyNode):
     @classmethod
     def execute(cls, model_dir, object_name, target):
         target = check_finite(target, "target")
-        fn = _make("object_count", model_dir=existing_path(REWARD_FOLDER, model_dir),
-                   object_name=object_name.strip() or None, target=target, device=_device())
-        return io.NodeOutput(_socket("object_count", fn))
+        return io.NodeOutput(_make("object_count", model_dir=existing_path(REWARD_FOLDER, model_dir),
+                                   object_name=object_name.strip() or None, target=target, device=_device()))
 
 
 class SimpleReward(io.ComfyNode):
@@ -191,7 +183,7 @@ class SimpleReward(io.ComfyNode):
         check_choice(kind, SIMPLE_KINDS, "kind")
         target = tuple(check_finite(v, name) for v, name in ((red, "red"), (green, "green"), (blue, "blue")))
         kwargs = {"target": target} if kind == "color_target" else {}
-        return io.NodeOutput(_socket(kind, _make(kind, **kwargs)))
+        return io.NodeOutput(_make(kind, **kwargs))
 
 
 class RewardMixer(io.ComfyNode):
@@ -213,9 +205,8 @@ class RewardMixer(io.ComfyNode):
     def execute(cls, reward_1, weight_1, reward_2, weight_2, standardize, reward_3=None, weight_3=1.0):
         weights = [check_finite(w, f"weight_{i}") for i, w in enumerate((weight_1, weight_2, weight_3), 1)]
         parts = [(reward_1, weights[0]), (reward_2, weights[1])] + ([(reward_3, weights[2])] if reward_3 else [])
-        fn = make_mixture([(r["fn"], w) for r, w in parts], standardize=standardize)
-        name = " + ".join(f"{w:g}*{r['name']}" for r, w in parts)
-        return io.NodeOutput(_socket(name, fn))
+        spec = mixture_spec([(r.spec, w) for r, w in parts], standardize=standardize)
+        return io.NodeOutput(make_mixture(parts, standardize=standardize, spec=spec))
 
 
 class ScoreImages(io.ComfyNode):
@@ -239,9 +230,9 @@ class ScoreImages(io.ComfyNode):
         texts = lines if len(lines) == n else [(lines or [""])[0]] * n
         with torch.inference_mode(False), torch.no_grad():
             pixels = images.clone().permute(0, 3, 1, 2).float()  # IMAGE is (B, H, W, 3)
-            scores = reward["fn"](pixels, texts).float().cpu().tolist()
+            scores = reward(pixels, texts).float().cpu().tolist()
         text = "\n".join(f"{i}: {s:.4f}" for i, s in enumerate(scores))
-        return io.NodeOutput(scores, ui=ui.PreviewText(f"{reward['name']}\n{text}"))
+        return io.NodeOutput(scores, ui=ui.PreviewText(f"{reward.spec.label}\n{text}"))
 
 
 NODES = [AestheticReward, HPSReward, PickScoreReward, CLIPScoreReward, CompressibilityReward,

@@ -29,7 +29,8 @@ from alignprop_core.lora.file import check_lora_fits, load_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.files.prompts import parse_prompts
-from alignprop_core.training.trainer import evaluate, train
+from alignprop_core.training.evaluate import evaluate
+from alignprop_core.training.trainer import train
 
 from .choices import check_combos
 from .comfy_model import comfy_backend, model_family, training_session, vae_factor
@@ -138,7 +139,7 @@ class AlignPropTrainer(io.ComfyNode):
         else:
             train_prompts = parse_prompts(prompts, source="the prompts input")
         held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
-        cfg = build(TrainConfig, kwargs, reward=reward["name"])
+        cfg = build(TrainConfig, kwargs, reward=reward.spec.text())
         lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha,  # the file's own layers
                                target_modules=init_lora.target_modules or LoraConfig().target_modules)
                     if init_lora is not None
@@ -166,7 +167,7 @@ class AlignPropTrainer(io.ComfyNode):
             from PIL import Image
 
             with torch.no_grad():
-                scores, images = evaluate(backend, reward["fn"], held_out[:1], sampler, preview_cfg,
+                scores, images = evaluate(backend, reward, held_out[:1], sampler, preview_cfg,
                                           return_images=True)
             pixels = (images[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             return ("JPEG", Image.fromarray(pixels), args.preview_size), scores[0]
@@ -203,7 +204,7 @@ class AlignPropTrainer(io.ComfyNode):
         with training_session(model, vae):
             backend = comfy_backend(model, clip, vae, cfg.width, cfg.height, name=f"comfyui-{family}")
             try:
-                result = train(backend, reward["fn"], train_prompts, held_out, sampler, lora_cfg, cfg,
+                result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
                                out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
                                on_step=on_step, should_stop=should_stop, init_lora=init_lora,
                                state_dir=state_dir, resume_from=state_file if resume else None,
@@ -221,7 +222,7 @@ class AlignPropTrainer(io.ComfyNode):
         if os.path.isfile(state_file):  # finished: the state of an earlier stopped run is spent
             os.remove(state_file)
         lora = load_lora(result.lora_path)
-        curve = _curve_image(result.history, result.evals, f"AlignProp: {reward['name']}")
+        curve = _curve_image(result.history, result.evals, f"AlignProp: {reward.spec.label}")
         return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path))
 
 

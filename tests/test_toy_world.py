@@ -22,7 +22,8 @@ from alignprop_core.toy.networks import build_tokenizer
 from alignprop_core.toy.pretrain import INFO_FILE, PretrainConfig, crowded_dataset, run
 from alignprop_core.toy.shapes import (BACKGROUNDS, COLOURS, COUNT_WORDS, VOCABULARY, caption_for,
                                        generate, parse_caption, split_prompts)
-from alignprop_core.training.trainer import evaluate, train
+from alignprop_core.training.evaluate import evaluate
+from alignprop_core.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

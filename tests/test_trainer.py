@@ -10,8 +10,10 @@ import torch
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.lora.inject import lora_parameters, lora_state_dict
 from alignprop_core.lora.file import load_lora
-from alignprop_core.rewards import make_reward
-from alignprop_core.training.trainer import evaluate, learning_rate, train
+from alignprop_core.rewards import Reward, make_reward
+from alignprop_core.training.evaluate import evaluate
+from alignprop_core.training.step import learning_rate
+from alignprop_core.training.trainer import train
 from tiny_models import make_backend
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow", "a fish", "a bird"]
@@ -302,15 +304,27 @@ def test_an_interrupt_inside_a_step_resumes_to_the_uninterrupted_lora(tmp_path, 
     calls = {"n": 0}
     reward = mix()
 
-    def interrupting(images, prompts):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the step-0 evaluation is one call (4 prompts, one batch), steps 1-2 two
-            if where == "reward":
-                reward(images, prompts)  # the mixture's statistics move, then the interrupt comes
-            raise KeyboardInterrupt
-        return reward(images, prompts)
+    class Interrupting(Reward):
+        """The mixture, with Ctrl-C pressed during one call; its state is the mixture's."""
 
-    interrupting.state_dict, interrupting.load_state_dict = reward.state_dict, reward.load_state_dict
+        def __call__(self, images, prompts):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the step-0 evaluation is one call (4 prompts, one batch), steps 1-2 two
+                if where == "reward":
+                    reward(images, prompts)  # the mixture's statistics move, then the interrupt comes
+                raise KeyboardInterrupt
+            return reward(images, prompts)
+
+        def state_dict(self):
+            return reward.state_dict()
+
+        def load_state_dict(self, state):
+            reward.load_state_dict(state)
+
+        def scoring_only(self):
+            return reward.scoring_only()
+
+    interrupting = Interrupting(reward.spec)
     with pytest.warns(UserWarning, match="interrupted at step 2"):
         _, half = _run(tmp_path / "half", steps=6, eval_every=3, reward=interrupting)
     assert half.stopped_early and half.lora_path.name == "alignprop_lora-partial.safetensors"

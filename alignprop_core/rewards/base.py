@@ -1,11 +1,80 @@
-"""What every reward shares: the callable type and the input checks run before scoring."""
+"""What every reward shares: the `Reward` protocol the trainer uses, and the input checks.
+
+A reward factory returns either a plain scoring function `fn(images, prompts) -> (B,)` or a `Reward`;
+the registry wraps a plain function as a `FunctionReward`. The trainer only ever talks to a `Reward`:
+it calls it, saves and restores its state (e.g. a standardised mixture's running statistics), scores
+held-out images inside `scoring_only()` so evaluation does not move that state, and asks for its
+`report` (extra per-component numbers, e.g. the toy world's count accuracy).
+"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .spec import RewardSpec
+
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+class Reward:
+    """A differentiable reward with its spec. Subclasses score in `__call__` and override the
+    state and report methods only if they keep state or have more to say."""
+
+    has_report = False  # True where `report` has numbers to give
+
+    def __init__(self, spec: RewardSpec):
+        self.spec = spec
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Score images (B, 3, H, W) in [0, 1] for their prompts -> (B,), higher is better."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What scoring has accumulated (saved with a training state); {} for a stateless reward."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        if state:
+            raise ValueError(f"the {self.spec.name} reward keeps no state, but a saved reward state was "
+                             "given; resume with the reward the run was started with.")
+
+    @contextlib.contextmanager
+    def scoring_only(self) -> Iterator[None]:
+        """Score inside this block without updating the reward's state (e.g. for evaluation)."""
+        yield
+
+    def report(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
+        """Extra numbers about a batch beside its reward (e.g. accuracies); {} if there are none."""
+        return {}
+
+
+class FunctionReward(Reward):
+    """A stateless reward from a scoring function, with an optional report function."""
+
+    def __init__(self, spec: RewardSpec, fn: RewardFn,
+                 report: Callable[[torch.Tensor, Sequence[str]], dict[str, float]] | None = None):
+        super().__init__(spec)
+        self.fn, self._report = fn, report
+        self.has_report = report is not None
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.fn(images, prompts)
+
+    def report(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
+        return self._report(images, prompts) if self._report is not None else {}
+
+
+def as_reward(reward: Reward | RewardFn, spec: RewardSpec | str) -> Reward:
+    """`reward` itself if it is a `Reward`, else the plain function wrapped, recorded under `spec`."""
+    if isinstance(reward, Reward):
+        return reward
+    if not callable(reward):
+        raise TypeError(f"a reward must be a Reward or a function (images, prompts) -> scores; got "
+                        f"{type(reward).__name__}.")
+    return FunctionReward(spec if isinstance(spec, RewardSpec) else RewardSpec.parse(spec), reward)
 
 
 def check_images(images: torch.Tensor, prompts: Sequence[str] | None = None, tol: float = 1e-4) -> None:

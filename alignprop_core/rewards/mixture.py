@@ -12,15 +12,17 @@ through `state_dict()` / `load_state_dict()` with a training state.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .base import RewardFn, check_images
+from .base import Reward, RewardFn, check_images
+from .spec import RewardSpec, parse_args, split_outside
 
 TARGET_KEY = "toward"  # reserved spec key: "aesthetic:1[toward=10]" means -|10 - r|
 _COMPONENT_RE = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?::\s*([^\[\]]*?))?\s*(?:\[(.*)\])?\s*$")
@@ -47,11 +49,12 @@ class RunningStats:
         self.batches += 1
 
 
-class MixtureReward:
-    """Callable `(images, prompts) -> Tensor[B]` built by `make_mixture`."""
+class MixtureReward(Reward):
+    """A `Reward` built by `make_mixture`; its state is the running statistics."""
 
     def __init__(self, fns: list[RewardFn], weights: list[float], targets: list[float | None],
-                 standardize: bool, momentum: float, eps: float):
+                 standardize: bool, momentum: float, eps: float, spec: RewardSpec):
+        super().__init__(spec)
         self.fns, self.weights, self.targets = fns, weights, targets
         self.standardize, self.momentum, self.eps = standardize, momentum, eps
         self.stats = RunningStats()
@@ -85,6 +88,9 @@ class MixtureReward:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore statistics saved by `state_dict` (same number of components)."""
+        if not state:
+            self.stats = RunningStats()
+            return
         n = len(self.fns)
         if state["batches"] and (len(state["mean"]) != n or len(state["var"]) != n):
             raise ValueError(f"saved mixture statistics have {len(state['mean'])} components but this "
@@ -92,9 +98,21 @@ class MixtureReward:
         self.stats = RunningStats([float(m) for m in state["mean"]], [float(v) for v in state["var"]],
                                   int(state["batches"]))
 
+    @contextlib.contextmanager
+    def scoring_only(self) -> Iterator[None]:
+        """Score without moving the statistics. A mixture that has none yet may take them from the
+        first batch it scores: it cannot standardise anything otherwise."""
+        before = self.update_stats
+        if self.stats.batches > 0:
+            self.update_stats = False
+        try:
+            yield
+        finally:
+            self.update_stats = before
+
 
 def make_mixture(components: Sequence[tuple], standardize: bool = False, momentum: float = 0.99,
-                 eps: float = 1e-6) -> MixtureReward:
+                 eps: float = 1e-6, spec: RewardSpec | None = None) -> MixtureReward:
     """Weighted sum of rewards, optionally standardised per component with running statistics.
 
     Args:
@@ -103,6 +121,8 @@ def make_mixture(components: Sequence[tuple], standardize: bool = False, momentu
         standardize: divide each shaped component by its running std after subtracting its mean.
         momentum: weight of the old statistics per batch, in [0, 1).
         eps: added to the running std before dividing.
+        spec: what the mixture is, as data (default: a 'mixture' spec without arguments; the
+            registry and the ComfyUI mixer give the full one).
 
     Returns:
         A `MixtureReward`; its `.stats` / `state_dict()` hold the running statistics.
@@ -129,7 +149,8 @@ def make_mixture(components: Sequence[tuple], standardize: bool = False, momentu
         fns.append(fn)
         weights.append(float(weight))
         targets.append(_shape_target(shape, i))
-    return MixtureReward(fns, weights, targets, standardize, momentum, eps)
+    return MixtureReward(fns, weights, targets, standardize, momentum, eps,
+                         spec if spec is not None else RewardSpec("mixture"))
 
 
 def _shape_target(shape, index: int) -> float | None:
@@ -142,33 +163,6 @@ def _shape_target(shape, index: int) -> float | None:
     else:
         raise ValueError(f"mixture component {index}: shape must be 'max' or ('target', value); "
                          f"got {shape!r}.")
-
-
-def _parse_value(text: str) -> Any:
-    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, 'none' -> None, anything else -> the string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _split_components(spec: str) -> list[str]:
-    """Split on commas outside [...]."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(spec):
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            parts.append(spec[start:i])
-            start = i + 1
-    parts.append(spec[start:])
-    return parts
 
 
 def parse_mixture(spec: str, factories: dict[str, Callable]) -> list[tuple[str, float, dict[str, Any]]]:
@@ -193,7 +187,7 @@ def parse_mixture(spec: str, factories: dict[str, Callable]) -> list[tuple[str, 
         raise ValueError("mixture spec is empty; write e.g. 'aesthetic:1.0, jpeg_compressibility:0.5'.")
     valid = ", ".join(sorted(factories))
     out = []
-    for text in _split_components(spec):
+    for text in split_outside(spec, ","):
         match = _COMPONENT_RE.match(text)
         if not match:
             raise ValueError(f"cannot parse mixture component {text.strip()!r}; write "
@@ -213,15 +207,7 @@ def parse_mixture(spec: str, factories: dict[str, Callable]) -> list[tuple[str, 
 
 
 def _parse_kwargs(text: str | None, name: str, factory: Callable) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for item in (text or "").split(";"):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"mixture component {name!r}: {item.strip()!r} is not 'key=value'.")
-        kwargs[key] = _parse_value(value.strip())
+    kwargs = parse_args(text, f"mixture component {name!r}")
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kwargs if k != TARGET_KEY and k not in params]
@@ -242,4 +228,17 @@ def mixture_from_spec(spec: str, factories: dict[str, Callable], standardize: bo
             raise ValueError(f"mixture component {name!r}: {TARGET_KEY}={toward!r} must be a number.")
         shape = "max" if toward is None else ("target", float(toward))
         components.append((factories[name](**kwargs), weight, shape))
-    return make_mixture(components, standardize=standardize, momentum=momentum, eps=eps)
+    return make_mixture(components, standardize=standardize, momentum=momentum, eps=eps,
+                        spec=RewardSpec("mixture", {"spec": spec, "standardize": standardize,
+                                                    "momentum": momentum}))
+
+
+def mixture_spec(components: Sequence[tuple[RewardSpec, float]], standardize: bool = False,
+                 momentum: float = 0.99) -> RewardSpec:
+    """The spec of a mixture of rewards given by their specs and weights, in the one-line component
+    form `mixture_from_spec` reads (``name:weight[key=value; ...]``)."""
+    parts = []
+    for spec, weight in components:
+        options = spec.text()[len(spec.name):]  # "" or "[key=value; ...]"
+        parts.append(f"{spec.name}:{float(weight)!r}{options}")
+    return RewardSpec("mixture", {"spec": ", ".join(parts), "standardize": standardize, "momentum": momentum})

@@ -18,8 +18,9 @@ from typing import Sequence
 
 import torch
 
-from .base import RewardFn, check_images, check_prompts
+from .base import FunctionReward, check_images, check_prompts
 from .clip_loading import load_error_reason
+from .spec import RewardSpec
 
 ATTRIBUTES = ("count", "colour", "shape", "background")
 KINDS = ("log_prob", "prob")
@@ -44,7 +45,7 @@ def _targets(prompts: Sequence[str], attributes: Sequence[str]) -> torch.Tensor:
 
 
 def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob",
-                   temperature: float = 1.0, weights_path: str | None = None) -> RewardFn:
+                   temperature: float = 1.0, weights_path: str | None = None) -> FunctionReward:
     """Reward = the sum over `attributes` of log p(requested value | image) (kind="log_prob", <= 0)
     or the mean of the probabilities (kind="prob", in [0, 1]), p = softmax(logits / temperature).
 
@@ -98,6 +99,5 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
         out["counted_blobs_accuracy"] = float((count_shapes(images).cpu() == targets[:, 0] + 1).float().mean())
         return out
 
-    reward.classifier = classifier
-    reward.report = report  # the demo prints these before and after training
-    return reward
+    # the report is what the demo prints before and after training
+    return FunctionReward(RewardSpec("toy_count"), reward, report)

@@ -92,3 +92,17 @@ def load_train_state(path: str | os.PathLike) -> TrainState:
     except (TypeError, ValueError) as err:
         raise ValueError(f"training state {path} has a malformed field ({type(err).__name__}: {err}); "
                          "give an unmodified train_state.pt, or start without resuming.") from err
+
+
+def check_resumable(state: TrainState, config: dict[str, Any], source: str | Path) -> None:
+    """A saved state continues only the run it came from: same LoRA settings, same reward spec."""
+    if not state.config:
+        return
+    if state.config.get("lora") != config["lora"]:
+        raise ValueError(f"{source} was trained with LoRA settings {state.config.get('lora')}, "
+                         f"not {config['lora']}; resume with the same LoRA settings.")
+    saved, now = state.config.get("train", {}).get("reward"), config["train"]["reward"]
+    if saved != now:
+        raise ValueError(f"{source} was trained with the reward {saved}, but this run's reward is {now}; "
+                         "resume with the same reward and arguments, or start a new run.")
+

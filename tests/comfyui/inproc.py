@@ -50,6 +50,7 @@ import comfy.model_management as mm
 import comfy.sd
 from alignprop_core.config import SamplerConfig
 from alignprop_core.rewards import make_reward
+from alignprop_core.rewards.base import FunctionReward
 
 with torch.inference_mode():
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]

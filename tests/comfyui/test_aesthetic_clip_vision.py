@@ -57,7 +57,7 @@ head_path = nodes.paths.existing_path("reward_models", head_name)
 gen = torch.Generator().manual_seed(0)
 # 224 x 224 pixels on the 1/255 grid: ComfyUI's clip_preprocess then neither resizes nor rounds
 pixels = torch.randint(0, 256, (2, 3, 224, 224), generator=gen).float() / 255
-node_scores = reward["fn"](pixels.clone(), ["", ""])
+node_scores = reward(pixels.clone(), ["", ""])
 core = make_reward("aesthetic", head_path=head_path, clip_vision_path=clip_path)
 core_scores = core(pixels.clone(), ["", ""])
 with torch.inference_mode():
@@ -65,7 +65,7 @@ with torch.inference_mode():
 head = load_aesthetic_head(head_path)
 comfy_scores = head(embeds / embeds.norm(dim=-1, keepdim=True)).squeeze(-1)
 x = pixels.clone().requires_grad_(True)
-reward["fn"](x, ["", ""]).sum().backward()
+reward(x, ["", ""]).sum().backward()
 torch.save({"node": node_scores.detach(), "core": core_scores.detach(), "comfy": comfy_scores.detach(),
             "missing": list(missing), "unexpected": list(unexpected), "grad_norm": float(x.grad.norm()),
             "tower_dtype": str(clip_vision.dtype)}, out_path)

@@ -25,7 +25,8 @@ import inproc
 nodes = inproc.setup(sys.argv[1], sys.argv[2])
 r = nodes.reward_nodes
 nan, inf = math.nan, math.inf
-dummy = {"name": "smoothness", "fn": lambda images, prompts: images.mean((1, 2, 3))}
+from alignprop_core.rewards import make_reward
+dummy = make_reward("smoothness")
 cases = {
     "direction-typo": (r.CompressibilityReward, dict(quality=95, direction="compressable")),
     "kind-typo": (r.SimpleReward, dict(kind="smooth", red=1.0, green=0.5, blue=0.1)),

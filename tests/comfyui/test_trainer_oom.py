@@ -35,7 +35,7 @@ def reward_failing_at(n):
         if calls["n"] == n:
             raise torch.OutOfMemoryError(cuda_message)
         return smooth(images, prompts)
-    return {"name": "smoothness", "fn": fn}
+    return FunctionReward(smooth.spec, fn)
 
 
 results = {}
@@ -43,7 +43,7 @@ sampler = SamplerConfig(**settings["sampler"])
 for n, name in ((1, "oom/at_eval"), (3, "oom/at_step2"), (None, "oom/after")):
     inputs = dict(settings["train"], model=model, clip=clip, vae=vae, sampler=sampler, prompts="cat\ndog",
                   eval_prompts="cat", lora_name=name, reward=reward_failing_at(n) if n else
-                  {"name": "smoothness", "fn": smooth})
+                  smooth)
     try:
         out = inproc.execute(nodes.trainer_node.AlignPropTrainer, **inputs)
         results[name] = {"ok": True, "path": out.result[3]}

@@ -35,7 +35,7 @@ def cancelling_at(n):
         if calls["n"] == n:
             mm.interrupt_current_processing(True)  # what ComfyUI's Cancel does
         return smooth(images, prompts)
-    return {"name": "smoothness", "fn": fn}
+    return FunctionReward(smooth.spec, fn)
 
 
 def run(name, reward, **extra):
@@ -51,12 +51,12 @@ def run(name, reward, **extra):
         return {"ok": False, "type": type(err).__name__, "message": str(err)}
 
 
-results = {"full": run("resume/full", {"name": "smoothness", "fn": smooth})}
+results = {"full": run("resume/full", smooth)}
 for call in (1, 3, 4):
     name = f"resume/cancel_at_{call}"
     results[name] = {"cancelled": run(name, cancelling_at(call)),
-                     "resumed": run(name, {"name": "smoothness", "fn": smooth}, resume=True)}
-results["no_state"] = run("resume/never_ran", {"name": "smoothness", "fn": smooth}, resume=True)
+                     "resumed": run(name, smooth, resume=True)}
+results["no_state"] = run("resume/never_ran", smooth, resume=True)
 json.dump(results, open(out_path, "w"), indent=1)
 """
 

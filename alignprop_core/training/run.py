@@ -1,0 +1,142 @@
+"""A training run as an object: set up once, then `step()`, `evaluate()` and save, in any loop.
+
+`TrainRun` holds what a run changes as it goes: the LoRA on the backend's denoiser, AdamW, the loss
+scaler, the one generator every random draw comes from, the reward (and its state) and the metric
+history. `training.trainer.train` is the plain loop over it with callbacks and file outputs; the
+ComfyUI node, the bench and future multi-process training use the same pieces.
+
+A run records what it is as data (`config`: the sampler, LoRA and training configs, with the reward's
+one-line spec in `train.reward`); a saved state resumes only into a run with the same LoRA settings
+and the same reward spec.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from ..lora.file import LoraFile, apply_lora_file, save_lora
+from ..lora.inject import add_lora, lora_state_dict, set_lora_state_dict
+from ..models.backend import DiffusionBackend
+from ..rewards import Reward, RewardFn, as_reward
+from .evaluate import evaluate
+from .step import make_optimizer, make_scaler, optimizer_step
+from .train_state import TrainState, check_resumable, save_train_state
+
+
+def check_run_inputs(backend: DiffusionBackend, prompts: Sequence[str], eval_prompts: Sequence[str],
+                     cfg: TrainConfig) -> None:
+    """Refuse empty prompt lists and a resolution the model cannot take, before any work."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("no training prompts were given; give at least one prompt (one per line).")
+    if not eval_prompts:
+        raise ValueError("no evaluation prompts were given; give at least one held-out prompt.")
+    backend.latent_shape(1, cfg.height, cfg.width)  # raises on a bad resolution
+
+
+class TrainRun:
+    """One AlignProp run on `backend`: LoRA added at construction, trained by `step()`.
+
+    Args:
+        backend: the model as callables (see `models.backend.DiffusionBackend`).
+        reward: a `Reward` (or a plain scoring function, recorded under `cfg.reward`).
+        prompts / eval_prompts: training prompts and held-out prompts for evaluation.
+        sampler, lora, cfg: the three configs.
+        init_lora: a LoRA file to start from (its rank, alpha and modules must match `lora`).
+        state: a saved training state to continue exactly (checked by `check_resumable`).
+        source: where `state` came from, for messages.
+    """
+
+    def __init__(self, backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
+                 eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig, cfg: TrainConfig,
+                 init_lora: LoraFile | None = None, state: TrainState | None = None,
+                 source: str | Path = "the training state"):
+        check_run_inputs(backend, prompts, eval_prompts, cfg)
+        self.reward = as_reward(reward, cfg.reward)
+        self.cfg = dataclasses.replace(cfg, reward=self.reward.spec.text())  # the reward as it was built
+        self.backend, self.prompts, self.eval_prompts = backend, list(prompts), list(eval_prompts)
+        self.sampler, self.lora = sampler, lora
+        self.config = {"sampler": to_dict(sampler), "lora": to_dict(lora), "train": to_dict(self.cfg)}
+        if state is not None:
+            check_resumable(state, self.config, source)
+
+        # only the LoRA parameters train (kept in fp32 by add_lora)
+        self.params = add_lora(backend.lora_target, lora)
+        if init_lora is not None:
+            apply_lora_file(backend.lora_target, init_lora)
+        self.optimizer = make_optimizer(self.params, self.cfg)
+        self.scaler = make_scaler(backend.device, self.cfg)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.steps_done = 0
+        self.history: list[dict[str, Any]] = []  # metrics of every optimiser step
+        self.evals: list[dict[str, Any]] = []  # held-out reward at evaluation points
+        if state is not None:
+            self._load(state)
+
+    def _load(self, state: TrainState) -> None:
+        """Restore every piece of state that influences what comes next."""
+        set_lora_state_dict(self.backend.lora_target, state.lora)
+        self.optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.gen.set_state(state.generator)
+        self.reward.load_state_dict(state.reward_state)
+        self.steps_done, self.history, self.evals = state.step, state.history, state.evals
+
+    @property
+    def done(self) -> bool:
+        """All cfg.steps optimiser steps have been taken."""
+        return self.steps_done >= self.cfg.steps
+
+    def step(self) -> dict[str, Any]:
+        """One optimiser step; returns its metrics (also appended to `history`).
+
+        If the step fails or is interrupted, the random stream and the reward's state are put back
+        as they were before it, so `state()` resumes exactly here. The LoRA and AdamW need nothing:
+        they only change in the step's last call, `optimizer.step`.
+        """
+        before = self.gen.get_state(), copy.deepcopy(self.reward.state_dict())
+        try:
+            metrics = optimizer_step(self.backend, self.reward, self.prompts, self.sampler, self.cfg,
+                                     self.params, self.optimizer, self.scaler, self.gen, self.steps_done)
+        except BaseException:
+            self.gen.set_state(before[0])
+            self.reward.load_state_dict(before[1])
+            raise
+        self.steps_done += 1
+        metrics["step"] = self.steps_done
+        self.history.append(metrics)
+        return metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        """Mean held-out reward at the current step; returns it (also appended to `evals`)."""
+        scores, _ = evaluate(self.backend, self.reward, self.eval_prompts, self.sampler, self.cfg)
+        self.evals.append({"step": self.steps_done, "eval_reward": sum(scores) / len(scores)})
+        return dict(self.evals[-1])
+
+    def state(self) -> TrainState:
+        """Everything needed to continue this run as if it had never stopped."""
+        return TrainState(step=self.steps_done, lora=lora_state_dict(self.backend.lora_target),
+                          optimizer=self.optimizer.state_dict(),
+                          scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                          generator=self.gen.get_state(), history=self.history, evals=self.evals,
+                          config=self.config, reward_state=self.reward.state_dict())
+
+    def save_state(self, path: str | Path) -> Path:
+        """Write `state()` to `path` atomically."""
+        return save_train_state(path, self.state())
+
+    def lora_metadata(self) -> dict[str, str]:
+        """What the LoRA file says about its run: step, base model, reward spec and all configs."""
+        return {"alignprop.step": str(self.steps_done), "alignprop.base_model": self.backend.name,
+                "alignprop.reward": self.cfg.reward, "alignprop.config": json.dumps(self.config)}
+
+    def save_lora(self, path: str | Path) -> Path:
+        """Write the LoRA as it is now (kohya format, with `lora_metadata()`) to `path`."""
+        return save_lora(path, self.backend.lora_target, self.lora, metadata=self.lora_metadata(),
+                         arch=self.backend.arch)
