@@ -1,8 +1,8 @@
 """AlignProp core: reward backpropagation through a checkpointed DDIM chain, LoRA only.
 
 Standalone: nothing here imports ComfyUI. Start at `training.trainer.train` (the loop),
-`sampling.sampler` (the differentiable chain), `rewards.REWARDS` (the rewards) and `lora.file`
-(LoRA files). The rooms: `sampling/` (schedule, sampler, conditioning), `models/` (the host adapter
+`sampling.sampler` (the differentiable chain), `rewards.REWARDS` (the rewards) and `lora`
+(LoRA injection and files). The rooms: `sampling/` (schedule, sampler, conditioning), `models/` (the host adapter
 and the models behind it), `lora/`, `rewards/`, `training/`, `files/` (output names, loading,
 prompt lists), `toy/` (the demo's toy world); `cli`, `config`, `reporting`, `plots` and `run_log`
 sit at the top.

@@ -228,8 +228,3 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     out = asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name -> help text, for CLI flags and node tooltips."""
-    return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
-from .lora.inject import set_lora_scale
+from .lora import set_lora_scale
 from .models.backend import diffusers_backend
 from .models.t2i_model import load_t2i_model
 from .plots import plot_reward_curve, save_before_after_grid

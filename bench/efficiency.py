@@ -33,7 +33,7 @@ import torch
 from alignprop_core.cli import demo_preset
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.models.backend import diffusers_backend
-from alignprop_core.lora.inject import add_lora
+from alignprop_core.lora import add_lora
 from alignprop_core.files.prompts import shipped_prompts
 from alignprop_core.rewards import make_reward
 from alignprop_core.training.evaluate import evaluate

@@ -24,7 +24,7 @@ import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.models.backend import DiffusionBackend, unet_denoiser
-from alignprop_core.lora.inject import add_lora, lora_parameters, lora_state_dict, remove_lora
+from alignprop_core.lora import add_lora, lora_parameters, lora_state_dict, remove_lora
 from alignprop_core.rewards import make_reward
 from alignprop_core.sampling.sampler import sample_images
 from alignprop_core.sampling.schedule import NoiseSchedule

@@ -15,8 +15,6 @@ from bench.rig import RigSpec
 from bench.subproc import ROOT, run_worker
 from bench.timing import median
 
-TIME_TARGET = 0.8
-MEMORY_TARGET = 0.9
 TRL_PYTHON = ROOT / "bench" / ".venv-trl" / "bin" / "python"
 
 

@@ -14,7 +14,7 @@ import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.models.backend import DiffusionBackend, diffusers_backend
-from alignprop_core.lora.inject import add_lora
+from alignprop_core.lora import add_lora
 from alignprop_core.rewards import RewardFn, make_reward
 from alignprop_core.sampling.sampler import sample_images
 from alignprop_core.training.step import make_optimizer, make_scaler, optimizer_step

@@ -8,9 +8,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from alignprop_core.config import check_finite
-from alignprop_core.lora.check import check_factors, check_lora_finite
-from alignprop_core.lora.file import LoraFile, load_lora, save_lora_file
-from alignprop_core.lora.mix import MIX_MODES, mix_loras
+from alignprop_core.lora import (MIX_MODES, LoraFile, check_factors, check_lora_finite, load_lora, mix_loras,
+                                 save_lora_file)
 from alignprop_core.files.outputs import claim, lora_file_name, numbered_path
 
 from .choices import check_combos

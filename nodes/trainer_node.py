@@ -24,8 +24,7 @@ from comfy_api.latest import io
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.models.backend import check_image_size
-from alignprop_core.lora.inject import remove_lora
-from alignprop_core.lora.file import check_lora_fits, load_lora
+from alignprop_core.lora import check_lora_fits, load_lora, remove_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.files.prompts import parse_prompts

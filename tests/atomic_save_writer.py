@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignprop_core.lora import file as lora_io  # noqa: E402
+from alignprop_core import lora as lora_io  # noqa: E402
 from alignprop_core.config import LoraConfig  # noqa: E402
-from alignprop_core.lora.inject import add_lora, lora_parameters  # noqa: E402
+from alignprop_core.lora import add_lora, lora_parameters  # noqa: E402
 from alignprop_core.training.train_state import TrainState, load_train_state, save_train_state  # noqa: E402
 
 KINDS = ("lora", "lora_file", "train_state")

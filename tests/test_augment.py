@@ -8,7 +8,7 @@ import torch
 
 from alignprop_core.training.augment import augment_for_reward
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.lora.inject import lora_state_dict
+from alignprop_core.lora import lora_state_dict
 from alignprop_core.training.trainer import train
 from tiny_models import make_backend
 

@@ -14,7 +14,7 @@ import torch
 
 from alignprop_core import reporting
 from alignprop_core.cli import main
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora
 from alignprop_core.models.tiny_model import ensure_tiny_model_dir
 from alignprop_core.training.train_state import TrainState, save_train_state
 

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora
 from alignprop_core.models.tiny_model import ensure_tiny_model_dir
 
 pytestmark = pytest.mark.slow

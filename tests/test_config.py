@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig, check_finite, field_help, to_dict
+from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig, check_finite, to_dict
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -56,7 +56,7 @@ def test_train_config_errors(kwargs, match):
 
 def test_every_field_is_documented_and_serialisable():
     for cls in (SamplerConfig, LoraConfig, TrainConfig):
-        helps = field_help(cls)
+        helps = {f.name: f.metadata.get("help", "") for f in fields(cls)}  # what flags and tooltips show
         assert helps and all(text for text in helps.values()), cls
         assert set(to_dict(cls())) == set(helps)
 

@@ -10,13 +10,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignprop_core.lora import file as lora_io  # noqa: E402
+from alignprop_core.lora import file as lora_io  # noqa: E402  (its writer is patched to fail)
 from alignprop_core.config import LoraConfig  # noqa: E402
-from alignprop_core.lora.inject import (add_lora, lora_parameters, lora_state_dict, remove_lora,  # noqa: E402
-                                        set_lora_scale, set_lora_state_dict)
-from alignprop_core.lora.file import (LoraFile, apply_lora_file, kohya_to_peft, load_lora,  # noqa: E402
-                                      peft_to_kohya, save_lora, save_lora_file)
-from alignprop_core.lora.mix import mix_loras  # noqa: E402
+from alignprop_core.lora import (LoraFile, add_lora, apply_lora_file, kohya_to_peft,  # noqa: E402
+                                 ldm_to_diffusers_paths, load_lora, lora_parameters, lora_state_dict, mix_loras,
+                                 peft_to_kohya, remove_lora, save_lora, save_lora_file, set_lora_scale,
+                                 set_lora_state_dict, unet_layout)
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 OUT0 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
@@ -107,8 +106,6 @@ def test_init_is_noop_deterministic_and_keeps_global_rng(unet, inputs):
 def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
     """The transformer and res-block layers of a diffusers UNet re-registered under LDM (ComfyUI)
     paths, in LDM order."""
-    from alignprop_core.lora.keys import ldm_to_diffusers_paths, unet_layout
-
     view = torch.nn.Module()
 
     def put(path: str, module: torch.nn.Module) -> None:
@@ -137,8 +134,6 @@ def _ldm_view(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_init_does_not_depend_on_naming_or_registration_order():
-    from alignprop_core.lora.keys import ldm_to_diffusers_paths
-
     cfg = LoraConfig(init_seed=11)
     diffusers_unet, ldm_unet = make_unet(), make_unet()
     pairs = ldm_to_diffusers_paths("sd15", ldm_unet)
@@ -375,8 +370,6 @@ def test_res_block_lora_acts_saves_loads_and_mixes(unet, inputs, tmp_path):
 def test_res_block_targets_reach_ldm_names_with_the_same_init():
     """On an LDM-named UNet, conv1/conv2/time_emb_proj/conv_shortcut target in_layers.2/out_layers.3/
     emb_layers.1/skip_connection, and every adapter starts as on the diffusers twin."""
-    from alignprop_core.lora.keys import ldm_to_diffusers_paths
-
     cfg = LoraConfig(init_seed=4, target_modules=RES_TARGETS)
     diffusers_unet, view = make_unet(), _ldm_view(make_unet())
     add_lora(diffusers_unet, cfg)

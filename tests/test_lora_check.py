@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.lora.inject import add_lora, has_lora, lora_parameters, lora_state_dict, remove_lora
-from alignprop_core.lora.check import (check_lora_finite, expected_factor_shapes, factor_mismatch)
-from alignprop_core.lora.file import (LoraFile, apply_lora_file, check_lora_fits, peft_to_kohya,
-                                      save_lora_file)
-from alignprop_core.lora.keys import convert_names
+from alignprop_core.lora import (LoraFile, add_lora, apply_lora_file, check_lora_finite, check_lora_fits,
+                                 convert_names, has_lora, load_lora, lora_parameters, lora_state_dict,
+                                 peft_to_kohya, remove_lora, save_lora, save_lora_file)
+from alignprop_core.lora.check import expected_factor_shapes, factor_mismatch  # the check module's own helpers
 from test_lora import _ldm_view, inputs, run  # noqa: F401 (fixture)
 from tiny_models import make_backend, make_unet
 
@@ -132,6 +131,40 @@ def test_save_refuses_a_non_finite_lora(attn_lora, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_save_lora_shares_the_checks_of_save_lora_file(tmp_path):
+    """A model's LoRA is written by the same writer: a diverged (NaN) LoRA is refused there too."""
+    unet = make_unet()
+    cfg = LoraConfig(rank=4, alpha=4.0, target_modules=("to_k",))
+    add_lora(unet, cfg)
+    with torch.no_grad():
+        lora_parameters(unet)[0][1].fill_(float("nan"))
+    with pytest.raises(ValueError, match="holds .* NaN"):
+        save_lora(tmp_path / "nan.safetensors", unet, cfg)
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_refuses_a_rank_or_alpha_that_its_tensors_contradict(attn_lora, tmp_path):
+    for rank, alpha in ((8, 4.0), (4, 8.0)):
+        wrong = LoraFile(state=attn_lora.state, rank=rank, alpha=alpha)
+        with pytest.raises(ValueError, match=f"says rank={rank}, alpha={alpha} but its tensors have "
+                                             r"rank=4, alpha=4\.0"):
+            save_lora_file(tmp_path / "wrong.safetensors", wrong)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_saved_lora_saved_again_from_its_file_is_the_same_file(tmp_path):
+    """save_lora and save_lora_file write the same tensors and metadata for the same LoRA."""
+    unet = make_unet()
+    cfg = LoraConfig(rank=4, alpha=4.0, target_modules=("to_k", "conv1"))
+    add_lora(unet, cfg)
+    first = save_lora(tmp_path / "a.safetensors", unet, cfg, metadata={"alignprop.step": "3"}, arch="sd15")
+    again = save_lora_file(tmp_path / "b.safetensors", load_lora(first), arch="sd15")
+    a, b = load_lora(first), load_lora(again)
+    assert a.metadata == b.metadata and a.metadata["alignprop.step"] == "3"
+    assert a.target_modules == b.target_modules == ("to_k", "conv1")
+    assert a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
 def test_renamed_lora_fits_and_a_wrong_shape_names_the_files_own_key(inputs):
     """A diffusers-named file on an LDM-named UNet (ComfyUI's) is renamed before the shape check."""
     unet = make_unet()
@@ -188,8 +221,6 @@ def test_a_lora_on_a_layer_without_a_weight_matrix_is_refused(attn_lora):
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"not a safetensors file at all" * 10])
 def test_a_damaged_lora_file_is_named(tmp_path, content):
-    from alignprop_core.lora.file import load_lora
-
     path = tmp_path / "broken.safetensors"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="broken.safetensors' is not a readable .safetensors file"):

@@ -1,4 +1,4 @@
-"""LoRA module naming (alignprop_core.lora.keys): LDM <-> diffusers UNet paths, and files that
+"""LoRA module naming (alignprop_core.lora.keys, .unet_paths): LDM <-> diffusers UNet paths, and files that
 diffusers, ComfyUI and A1111/Forge load whole.
 
 The diffusers side is checked end to end: a file we write is loaded by ``pipe.load_lora_weights``
@@ -19,12 +19,10 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from alignprop_core.lora import keys as lora_keys
 from alignprop_core.config import LoraConfig
-from alignprop_core.lora.inject import add_lora
-from alignprop_core.lora.file import apply_lora_file, load_lora, save_lora
-from alignprop_core.lora.keys import (RESNET_LAYERS, UNetLayout, convert_names, export_names, kohya_name,
-                                      ldm_to_diffusers_paths, lora_metadata, naming_of, unet_layout)
+from alignprop_core.lora import (CANONICAL_NAMING, RESNET_LAYERS, UNetLayout, add_lora, apply_lora_file,
+                                 convert_names, kohya_name, ldm_to_diffusers_paths, load_lora, lora_metadata,
+                                 naming_of, save_lora, unet_layout)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -346,7 +344,7 @@ def test_diffusers_pipeline_loads_every_key_and_matches(arch, naming, res, token
     tuned, cfg = tuned_unet(arch, base, TARGETS[arch] + RES if res else None)
     path = save_lora(tmp_path / "lora.safetensors", tuned, cfg, arch=arch, naming=naming)
     keys = list(st.load_file(str(path)))
-    assert naming_of(keys) == (naming or lora_keys.CANONICAL_NAMING[arch])
+    assert naming_of(keys) == (naming or CANONICAL_NAMING[arch])
 
     pipe = make_pipeline(arch, base, tokenizer)
     # The SD1.x loader only remaps LDM block names when told the UNet config (SDXL's always is).
@@ -440,12 +438,14 @@ def test_metadata_for_each_arch(tmp_path):
 def test_convert_names_both_forms_and_back():
     kohya = {f"lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.{s}": i
              for i, s in enumerate(("lora_down.weight", "lora_up.weight", "alpha"))}
-    diffusers = export_names(kohya, "ldm", "sdxl", naming="diffusers")
+    sdxl, sd15 = unet_layout(arch="sdxl"), unet_layout(arch="sd15")
+    diffusers = convert_names(kohya, "ldm", "diffusers", sdxl)
     assert diffusers == {f"lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k.{s}": i
                          for i, s in enumerate(("lora_down.weight", "lora_up.weight", "alpha"))}
-    assert export_names(diffusers, "diffusers", "sdxl") == kohya  # SDXL files use LDM names
+    assert CANONICAL_NAMING == {"sd15": "diffusers", "sdxl": "ldm"}  # SDXL files use LDM names
+    assert convert_names(diffusers, "diffusers", "ldm", sdxl) == kohya
     peft = {"output_blocks.3.1.transformer_blocks.0.attn1.to_k.lora_A.weight": 1}
-    assert export_names(peft, "ldm", "sd15") == {
+    assert convert_names(peft, "ldm", "diffusers", sd15) == {
         "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight": 1}
     assert convert_names(kohya, "ldm", "ldm", None) == kohya
 
@@ -453,9 +453,9 @@ def test_convert_names_both_forms_and_back():
 def test_bad_inputs_raise_actionable_errors(tmp_path):
     conv_in = {"lora_unet_input_blocks_0_0.lora_down.weight": torch.zeros(1, 1)}
     with pytest.raises(ValueError, match="no diffusers counterpart.*lora_unet_input_blocks_0_0"):
-        export_names(conv_in, "ldm", "sd15")
+        convert_names(conv_in, "ldm", "diffusers", unet_layout(arch="sd15"))
     with pytest.raises(ValueError, match="Unknown arch 'sd3'; use one of sd15, sdxl"):
-        export_names(conv_in, "ldm", "sd3", naming="ldm")
+        unet_layout(arch="sd3")
     with pytest.raises(ValueError, match="Unknown naming 'sgm'"):
         convert_names(conv_in, "sgm", "ldm", None)
     with pytest.raises(ValueError, match="mix LDM"):

@@ -32,12 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alignprop_core import config as config_mod  # noqa: E402
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig  # noqa: E402
-from alignprop_core.lora.inject import (add_lora, has_lora, lora_parameters, lora_rank_alpha,  # noqa: E402
-                                        lora_state_dict)
-from alignprop_core.lora.file import (LoraFile, apply_lora_file, kohya_to_peft, load_lora,  # noqa: E402
-                                      save_lora)
-from alignprop_core.lora.mix import mix_loras  # noqa: E402
-from alignprop_core.lora.keys import kohya_name, ldm_to_diffusers_paths  # noqa: E402
+from alignprop_core.lora import (LoraFile, add_lora, apply_lora_file, has_lora, kohya_name,  # noqa: E402
+                                 kohya_to_peft, ldm_to_diffusers_paths, load_lora, lora_parameters,
+                                 lora_rank_alpha, lora_state_dict, mix_loras, save_lora)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

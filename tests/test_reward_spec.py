@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignprop_core.cli import main
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora
 from alignprop_core.models.tiny_model import ensure_tiny_model_dir
 from alignprop_core.rewards import REWARDS, Reward, build_reward, make_reward
 from alignprop_core.rewards.mixture import make_mixture, mixture_spec

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.models.backend import unet_denoiser
-from alignprop_core.lora.inject import add_lora, lora_parameters
+from alignprop_core.lora import add_lora, lora_parameters
 from alignprop_core.rewards import make_reward
 from alignprop_core.sampling.sampler import draw_truncation, guided_prediction, sample_images, sample_latents
 from alignprop_core.training.trainer import train

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.lora.inject import lora_parameters, lora_state_dict
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora, lora_parameters, lora_state_dict
 from alignprop_core.rewards import Reward, make_reward
 from alignprop_core.training.evaluate import evaluate
 from alignprop_core.training.step import learning_rate

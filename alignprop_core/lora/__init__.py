@@ -1,2 +1,35 @@
 """LoRA: injection through peft, key names per model family, the safetensors file, shape and value
-checks, and mixing."""
+checks, and mixing.
+
+Code outside this package imports from here, not from the submodules:
+
+* ``inject``: peft LoRA layers on a module (add, remove, state, scale),
+* ``file``: the kohya-form ``.safetensors`` file (``LoraFile``; save, load, check, apply),
+* ``keys``: peft <-> kohya keys, the module naming a file uses, its metadata,
+* ``unet_paths``: UNet module paths in LDM and diffusers naming, and the layout mapping them,
+* ``check``: finite values and factor shapes that fit the target layers,
+* ``mix``: interpolating two LoRAs.
+"""
+from .check import check_factors, check_lora_finite
+from .file import (LoraFile, apply_lora_file, check_lora_fits, load_lora, save_lora,
+                   save_lora_file)
+from .inject import (add_lora, has_lora, lora_parameters, lora_rank_alpha, lora_state_dict, remove_lora,
+                     set_lora_scale, set_lora_state_dict)
+from .keys import CANONICAL_NAMING, convert_names, kohya_name, kohya_to_peft, lora_metadata, peft_to_kohya
+from .mix import MIX_MODES, mix_loras
+from .unet_paths import RESNET_LAYERS, UNetLayout, ldm_to_diffusers_paths, naming_of, unet_layout
+
+__all__ = [
+    # inject
+    "add_lora", "remove_lora", "has_lora", "lora_parameters", "lora_state_dict", "set_lora_state_dict",
+    "lora_rank_alpha", "set_lora_scale",
+    # file
+    "LoraFile", "save_lora", "save_lora_file", "load_lora", "apply_lora_file", "check_lora_fits",
+    # check
+    "check_lora_finite", "check_factors",
+    # mix
+    "mix_loras", "MIX_MODES",
+    # keys and UNet paths
+    "kohya_to_peft", "peft_to_kohya", "kohya_name", "convert_names", "lora_metadata", "CANONICAL_NAMING",
+    "naming_of", "unet_layout", "UNetLayout", "ldm_to_diffusers_paths", "RESNET_LAYERS",
+]

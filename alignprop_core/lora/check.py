@@ -1,7 +1,7 @@
 """Does a LoRA fit the model? Finite values, and factor shapes that match the layers they target.
 
 A LoRA adds ``up @ down * alpha / r`` to a layer's weight, so each factor pair must agree with that
-weight's shape (``file`` documents the key form)::
+weight's shape (``keys`` documents the key form)::
 
     Linear weight (out, in)          down (r, in)           up (out, r)
     Conv2d weight (out, in, kh, kw)  down (r, in, kh, kw)   up (out, r, 1, 1)

@@ -10,13 +10,11 @@ A conv layer (a res block's ``conv1``/``conv2``) has conv factors, as kohya's co
 write them: down ``(r, in, kh, kw)``, up ``(out, r, 1, 1)``; the update is
 ``(up.flatten(1) @ down.flatten(1)).view(out, in, kh, kw) * alpha / r``.
 
-Replacing '.' by '_' loses information (``transformer_blocks`` vs ``transformer.blocks``), so the
-reverse mapping is never guessed from the string: it is looked up among the real module names of
-the target module. Given an ``arch``, ``save_lora`` writes the module naming that arch's files use
-(SD1.x: diffusers names, SDXL: LDM names) whichever UNet was trained, and loading renames a file
-of the other naming; every key and name conversion lives in ``alignprop_core.lora.keys``. Run
-settings (steps, base model, ...) go in the safetensors metadata, never in the file name.
-``save_lora`` writes a model's LoRA, ``save_lora_file`` a ``LoraFile`` (e.g. a mix).
+Given an ``arch``, ``save_lora`` writes the module naming that arch's files use (SD1.x: diffusers
+names, SDXL: LDM names) whichever UNet was trained, and loading renames a file of the other
+naming; key conversions live in ``keys``, the UNet path map in ``unet_paths``. Run settings (steps,
+base model, ...) go in the safetensors metadata, never in the file name. ``save_lora_file`` writes
+every file (``save_lora`` turns a model's LoRA into a ``LoraFile`` and hands it over).
 ``check_lora_fits`` refuses a file with NaN/Inf values or factors that do not fit the model's layers
 (``alignprop_core.lora.check``) before ``apply_lora_file`` injects anything.
 """
@@ -38,9 +36,9 @@ from ..files.outputs import write_atomically
 from ..files.safe_load import load_error_reason
 from .check import check_lora_finite, check_module_factors
 from .inject import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
-from .keys import (KOHYA_SUFFIXES, PEFT_SUFFIXES, CANONICAL_NAMING,  # noqa: F401 (re-exported)
-                   check_arch, check_naming, convert_names, kohya_name, lora_metadata, naming_of,
-                   peft_to_kohya)
+from .keys import (CANONICAL_NAMING, convert_names, group_kohya, kohya_to_peft, lora_metadata, peft_to_kohya,
+                   rank_alpha_of)
+from .unet_paths import check_arch, check_naming, naming_of
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TARGETS_KEY = "alignprop.lora_target_modules"
@@ -58,107 +56,6 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _group_kohya(state: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
-    """kohya keys grouped by module name: ``{name: {"lora_down.weight": .., "lora_up.weight": .., ..}}``."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in state.items():
-        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith("." + s)), None)
-        if suffix is None or not key.startswith(prefix + "_"):
-            unknown.append(key)
-            continue
-        groups.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:6]) + (", ..." if len(unknown) > 6 else "")
-        raise ValueError(f"Unknown LoRA keys ({len(unknown)}): {shown}. Expected '{prefix}_<module>' + "
-                         "'.lora_down.weight' / '.lora_up.weight' / '.alpha' (UNet LoRA only).")
-    for name, parts in groups.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise ValueError(f"LoRA module {name!r} lacks its lora_down or lora_up weight; "
-                             "the file is incomplete.")
-    return groups
-
-
-def _rank_alpha(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]:
-    """Shared rank and alpha of kohya groups (a missing alpha means alpha = rank, as in kohya)."""
-    if not groups:
-        raise ValueError("The LoRA state holds no lora keys.")
-    pairs: dict[tuple[int, float], str] = {}
-    for name, parts in groups.items():
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        linear = down.dim() == 2 and up.dim() == 2
-        conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
-        if not (linear or conv) or up.shape[1] != down.shape[0] or down.shape[0] == 0:
-            raise ValueError(f"LoRA module {name!r} has shapes down {tuple(down.shape)} / up "
-                             f"{tuple(up.shape)}; expected linear factors (r, in) and (out, r), or conv "
-                             "factors (r, in, kh, kw) and (out, r, 1, 1), with rank r >= 1.")
-        rank = down.shape[0]
-        if "alpha" in parts and parts["alpha"].numel() != 1:
-            raise ValueError(f"LoRA module {name!r} has an alpha of shape {tuple(parts['alpha'].shape)}; "
-                             "alpha is one number per module: the file is damaged.")
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
-        pairs.setdefault((rank, alpha), name)
-    if len(pairs) != 1:
-        detail = "; ".join(f"rank {r}, alpha {a} (e.g. {n})" for (r, a), n in sorted(pairs.items()))
-        raise ValueError(f"Inconsistent LoRA ranks/alphas across modules: {detail}. "
-                         "One shared rank and alpha is required.")
-    return next(iter(pairs))
-
-
-def _name_map(module: nn.Module, prefix: str) -> dict[str, str | None]:
-    """kohya name -> real module path; None marks names two different paths collapse to."""
-    mapping: dict[str, str | None] = {}
-    for path, _ in module.named_modules():
-        if not path:
-            continue
-        name = kohya_name(path, prefix)
-        mapping[name] = None if name in mapping and mapping[name] != path else path
-    return mapping
-
-
-def kohya_to_peft(state: dict[str, torch.Tensor], module: nn.Module,
-                  prefix: str = "lora_unet") -> tuple[dict[str, torch.Tensor], int, float]:
-    """Convert a kohya-form LoRA state to peft form, resolving names against ``module``.
-
-    A UNet file in the other module naming (an SD1.x file with diffusers names on a ComfyUI LDM
-    UNet, an SDXL file with LDM names on a diffusers UNet) is renamed first (``keys``).
-
-    Args:
-        state: kohya-form tensors (``lora_down``/``lora_up``/``alpha`` per module).
-        module: the model the LoRA belongs to; its real module names resolve the '_' ambiguity.
-        prefix: kohya prefix.
-
-    Returns:
-        ``(peft_state, rank, alpha)``; ``peft_state`` suits ``set_lora_state_dict``.
-
-    Raises:
-        ValueError: on unknown keys, modules not found (or ambiguous) in ``module``, or ranks/alphas
-            that differ between modules.
-    """
-    groups = _group_kohya(state, prefix)
-    rank, alpha = _rank_alpha(groups)
-    names = _name_map(module, prefix)
-    if prefix == "lora_unet" and any(n not in names for n in groups):
-        have, want = naming_of(groups), naming_of(path for path, _ in module.named_modules())
-        if have and want and have != want:
-            groups = _group_kohya(convert_names(state, have, want, module), prefix)
-    missing = sorted(n for n in groups if n not in names)
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise ValueError(f"{len(missing)} LoRA module(s) are not in the target model: {shown}. "
-                         "The LoRA was made for a different model architecture.")
-    ambiguous = sorted(n for n in groups if names[n] is None)
-    if ambiguous:
-        raise ValueError(f"LoRA module names {ambiguous[:5]} match more than one module path once '.' "
-                         "becomes '_'; this model cannot be addressed with kohya keys.")
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in groups.items():
-        path = names[name]
-        out[f"{path}.lora_A.weight"] = parts["lora_down.weight"]
-        out[f"{path}.lora_B.weight"] = parts["lora_up.weight"]
-    return out, rank, alpha
-
-
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in SAVE_DTYPES.values():
         return dtype
@@ -174,39 +71,27 @@ def _check_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _file_metadata(rank: int, alpha: float, targets: tuple[str, ...], metadata: dict[str, str] | None,
-                   arch: str | None = None, naming: str | None = None) -> dict[str, str]:
-    extra = dict(metadata or {})
+def _file_metadata(lora: LoraFile, metadata: dict[str, str] | None, arch: str | None,
+                   naming: str | None) -> dict[str, str]:
+    """The file's metadata: the LoRA's own entries (``lora_metadata`` for ``arch`` and the keys'
+    ``naming``, its target modules), then ``lora.metadata`` and ``metadata`` on top."""
+    own = {k: v for k, v in lora.metadata.items() if k not in RESERVED_METADATA}
+    extra = {**own, **(metadata or {})}
     bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise ValueError(f"Metadata keys and values must be str; convert {bad[:5]} (e.g. json.dumps).")
     clash = [k for k in extra if k in RESERVED_METADATA]
     if clash:
-        raise ValueError(f"Metadata keys {clash} are written by save_lora itself; rename yours.")
-    if arch is not None:
-        base = lora_metadata(arch, rank, alpha, naming=naming)
-    else:
-        base = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                "ss_network_alpha": str(alpha)}
-    return {**base, TARGETS_KEY: json.dumps(list(targets)), **extra}
-
-
-def _write_atomic(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str],
-                  dtype: str | torch.dtype) -> Path:
-    torch_dtype = _resolve_dtype(dtype)
-    # alpha stays float32: it is a scalar whose exact value sets the scale.
-    tensors = {k: (v.float() if k.endswith(".alpha") else v.to(torch_dtype)).detach().cpu().contiguous()
-               for k, v in state.items()}
-    return write_atomically(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
+        raise ValueError(f"Metadata keys {clash} are set from the LoRA itself (rank, alpha, target modules); "
+                         "rename yours.")
+    base = lora_metadata(arch, lora.rank, lora.alpha, naming=naming)
+    return {**base, TARGETS_KEY: json.dumps(list(lora.target_modules)), **extra}
 
 
 def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
               metadata: dict[str, str] | None = None, dtype: str | torch.dtype = "fp32",
               arch: str | None = None, naming: str | None = None) -> Path:
-    """Write the LoRA of ``module`` as a kohya-form safetensors file, atomically.
-
-    The file is written to a temporary name in the same directory and renamed into place, so a
-    failure never leaves a partial file at ``path``. Parent directories are created.
+    """Write the LoRA of ``module`` as a kohya-form safetensors file, atomically (``save_lora_file``).
 
     Args:
         path: destination; must end in ``.safetensors``.
@@ -223,7 +108,8 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
         The path written.
 
     Raises:
-        ValueError: bad suffix, dtype, metadata, arch, naming, or cfg not matching the module's LoRA.
+        ValueError: bad suffix, dtype, metadata, arch, naming, a NaN/Inf value, or cfg not matching
+            the module's LoRA.
     """
     path = _check_path(path)
     _resolve_dtype(dtype)
@@ -243,13 +129,17 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
             raise ValueError("arch/naming need a UNet with diffusers (down_blocks) or LDM (input_blocks) "
                              "module names; pass the UNet itself or leave arch and naming unset.")
         state = convert_names(state, source, target, module)
-    meta = _file_metadata(rank, alpha, tuple(cfg.target_modules), metadata, arch, target)
-    return _write_atomic(path, state, meta, dtype)
+    lora = LoraFile(state=state, rank=rank, alpha=alpha, target_modules=tuple(cfg.target_modules))
+    return save_lora_file(path, lora, metadata, dtype, arch)
 
 
 def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, str] | None = None,
                    dtype: str | torch.dtype = "fp32", arch: str | None = None) -> Path:
-    """Write a ``LoraFile`` (e.g. the result of ``mix_loras``) atomically, like ``save_lora``.
+    """Write a ``LoraFile`` (e.g. the result of ``mix_loras``) as a safetensors file, atomically.
+
+    Every LoRA file is written here. The file is written to a temporary name in the same directory
+    and renamed into place, so a failure never leaves a partial file at ``path``; parent
+    directories are created. What is written can be loaded again: finite values, one rank and alpha.
 
     Args:
         path: destination; must end in ``.safetensors``.
@@ -262,18 +152,26 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
         The path written.
 
     Raises:
-        ValueError: bad suffix, dtype or arch, inconsistent ranks, or a NaN/Inf tensor.
+        ValueError: bad suffix, dtype, metadata or arch, inconsistent ranks, a rank/alpha that differs
+            from the tensors', or a NaN/Inf tensor.
     """
     path = _check_path(path)
-    _resolve_dtype(dtype)
+    torch_dtype = _resolve_dtype(dtype)
+    if arch is not None:
+        check_arch(arch)
     check_lora_finite(lora.state)
-    groups = _group_kohya(lora.state, "lora_unet")
-    _rank_alpha(groups)  # refuse to write an inconsistent LoRA
-    naming = naming_of(groups) if arch is not None else None
-    own = {k: v for k, v in lora.metadata.items() if k not in RESERVED_METADATA}
-    meta = _file_metadata(lora.rank, lora.alpha, lora.target_modules, {**own, **(metadata or {})},
-                          check_arch(arch) if arch is not None else None, naming)
-    return _write_atomic(path, lora.state, meta, dtype)
+    groups = group_kohya(lora.state, "lora_unet")
+    rank, alpha = rank_alpha_of(groups)
+    # alpha is stored as float32, so it may differ from the Python float in its last digits
+    if rank != lora.rank or not math.isclose(alpha, lora.alpha, rel_tol=1e-6):
+        raise ValueError(f"The LoraFile says rank={lora.rank}, alpha={lora.alpha} but its tensors have "
+                         f"rank={rank}, alpha={alpha}; build it with the rank and alpha of its tensors.")
+    # modelspec.implementation names the module naming of the keys as they are written
+    meta = _file_metadata(lora, metadata, arch, naming_of(groups) if arch is not None else None)
+    # alpha stays float32: it is a scalar whose exact value sets the scale.
+    tensors = {k: (v.float() if k.endswith(".alpha") else v.to(torch_dtype)).detach().cpu().contiguous()
+               for k, v in lora.state.items()}
+    return write_atomically(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
 
 
 def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraFile:
@@ -304,7 +202,7 @@ def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraF
     if not any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in state):
         raise ValueError(f"{str(path)!r} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight'); "
                          "it is not a LoRA file.")
-    rank, alpha = _rank_alpha(_group_kohya(state, "lora_unet"))
+    rank, alpha = rank_alpha_of(group_kohya(state, "lora_unet"))
     if module is not None:
         kohya_to_peft(state, module)
     targets: tuple[str, ...] = ()

@@ -32,7 +32,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..config import LoraConfig
-from .keys import RESNET_LAYERS, ldm_to_diffusers_paths, naming_of
+from .unet_paths import RESNET_LAYERS, ldm_to_diffusers_paths, naming_of
 
 # peft's default adapter slot; AlignProp only ever trains one adapter per module.
 ADAPTER = "default"

@@ -1,35 +1,30 @@
-"""LoRA module names: kohya names of module paths, and LDM <-> diffusers UNet module paths.
+"""LoRA key forms and file conventions: peft <-> kohya keys, which module naming a file uses, and
+the safetensors metadata.
 
-Key forms (one module, peft form left, kohya form right; ``file.kohya_to_peft`` goes back)::
+Key forms (one module, peft form left, kohya form right)::
 
     <module path>.lora_A.weight  (r, in)   <->  lora_unet_<module path, '.' -> '_'>.lora_down.weight
     <module path>.lora_B.weight  (out, r)  <->  lora_unet_<module path, '.' -> '_'>.lora_up.weight
                                                 lora_unet_<...>.alpha  0-dim; update = up @ down * alpha / r
 
-Module paths come in two namings of the same UNet:
-
-* ``diffusers`` (``UNet2DConditionModel``): ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``
-* ``ldm`` (ComfyUI/sgm ``UNetModel``): ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``
+Replacing '.' by '_' loses information (``transformer_blocks`` vs ``transformer.blocks``), so
+``kohya_to_peft`` never guesses the path from the string: it looks the name up among the real
+module names of the target module.
 
 Files use the naming each ecosystem expects (kohya sd-scripts conventions, read by A1111/Forge,
-ComfyUI and diffusers alike): SD1.x files use diffusers names, SDXL files use LDM names. The LDM
-<-> diffusers correspondence follows the block layout: LDM numbers input blocks consecutively
-(conv_in, then per level its res blocks and one downsampler), the middle block is
-``[res, transformer, res]``, and output blocks run from the deepest level up with one extra block
-per level; diffusers numbers blocks per level.
+ComfyUI and diffusers alike): SD1.x files use diffusers names, SDXL files use LDM names
+(``CANONICAL_NAMING``); ``convert_names`` renames a state between the two with the UNet path map
+of ``unet_paths``.
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-ARCHS = ("sd15", "sdxl")
-NAMINGS = ("ldm", "diffusers")
+from .unet_paths import check_arch, check_naming, layout_path_pairs, naming_of, unet_layout
+
 CANONICAL_NAMING = {"sd15": "diffusers", "sdxl": "ldm"}  # what kohya sd-scripts writes per arch
 PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -40,24 +35,9 @@ _ARCH_METADATA = {  # ss_base_model_version, modelspec.architecture, modelspec.r
 }
 # modelspec.implementation names the code whose module names the file uses.
 _IMPLEMENTATION = {"ldm": "https://github.com/Stability-AI/generative-models", "diffusers": "diffusers"}
-_FULL_CONFIGS = {
-    "sd15": {"down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-             "layers_per_block": 2, "transformer_layers_per_block": 1},
-    "sdxl": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-             "layers_per_block": 2, "transformer_layers_per_block": (1, 2, 10)},
-}
-_LINEARS_PER_BLOCK = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2")
-                           for proj in ("to_q", "to_k", "to_v", "to_out.0")) + ("ff.net.0.proj", "ff.net.2")
-# Res-block layers that can carry LoRA: LDM name -> diffusers name (ComfyUI's UNET_MAP_RESNET pairs).
-# LDM res blocks always have a skip_connection (an Identity where the channels stay the same);
-# diffusers ones have a conv_shortcut only where they change.
-RESNET_LAYERS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
-                 "skip_connection": "conv_shortcut"}
 
 
-# ---- peft -> kohya key form ---------------------------------------------------------------------
+# ---- peft <-> kohya key form --------------------------------------------------------------------
 
 def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:
     """The kohya name of a module path: ``down_blocks.0.attn1`` -> ``lora_unet_down_blocks_0_attn1``."""
@@ -90,241 +70,131 @@ def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float,
     return out
 
 
-# ---- UNet layout and LDM <-> diffusers paths -----------------------------------------------------
-
-@dataclass(frozen=True)
-class UNetLayout:
-    """Where the transformers sit; levels counted from full resolution (level 0) down."""
-
-    down: tuple[tuple[int, ...], ...]  # per level, transformer depth after each res block (0 = none)
-    up: tuple[tuple[int, ...], ...]  # per level, depth in each of its up blocks (res blocks + 1)
-    mid: int  # transformer depth of the middle block (0 = none)
-
-
-def _field(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-
-
-def _per_layer(value: Any, n: int) -> list[int]:
-    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
-
-
-def _block_depths(kind: str, depth: Any, count: int) -> tuple[int, ...]:
-    """Transformer depth per layer of one diffusers block."""
-    if kind in ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"):
-        return tuple(_per_layer(depth, count))
-    if kind in ("DownBlock2D", "UpBlock2D"):
-        return (0,) * count
-    raise ValueError(f"UNet block type {kind!r} is not supported for LoRA key conversion; only the SD1.x/"
-                     "SDXL blocks (CrossAttnDownBlock2D, DownBlock2D, CrossAttnUpBlock2D, UpBlock2D) are.")
-
-
-def _layout_from_diffusers(cfg: Any) -> UNetLayout:
-    down_types, up_types = list(_field(cfg, "down_block_types")), list(_field(cfg, "up_block_types"))
-    n = len(down_types)
-    layers = _per_layer(_field(cfg, "layers_per_block", 2), n)
-    depth = _field(cfg, "transformer_layers_per_block", 1)
-    depth = [depth] * n if isinstance(depth, int) else list(depth)
-    up_depth = _field(cfg, "reverse_transformer_layers_per_block") or list(reversed(depth))
-    mid_type = _field(cfg, "mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None):
-        raise ValueError(f"UNet mid_block_type {mid_type!r} is not supported for LoRA key conversion.")
-    down = tuple(_block_depths(kind, depth[i], layers[i]) for i, kind in enumerate(down_types))
-    # up block u serves level n-1-u and has one layer more than that level's down block
-    up = tuple(_block_depths(up_types[n - 1 - lv], up_depth[n - 1 - lv], layers[lv] + 1) for lv in range(n))
-    mid = _per_layer(depth[-1], 1)[0] if mid_type == "UNetMidBlock2DCrossAttn" else 0
-    return UNetLayout(down=down, up=up, mid=mid)
-
-
-def _layout_from_comfy(cfg: Any) -> UNetLayout:
-    levels = len(_field(cfg, "channel_mult"))
-    res = _per_layer(_field(cfg, "num_res_blocks"), levels)
-    depth_in = list(_field(cfg, "transformer_depth"))
-    depth_out = list(_field(cfg, "transformer_depth_output"))
-    if len(depth_in) != sum(res) or len(depth_out) != sum(res) + levels:
-        raise ValueError(f"unet_config has {len(depth_in)} transformer_depth and {len(depth_out)} "
-                         f"transformer_depth_output entries but num_res_blocks {res} needs {sum(res)} and "
-                         f"{sum(res) + levels}; pass the model's own unet_config.")
-    down, up = [], []
-    for r in res:
-        down.append(tuple(depth_in[:r]))
-        del depth_in[:r]
-        up.append(tuple(reversed(depth_out[: r + 1])))  # listed deepest-last; built deepest-first
-        del depth_out[: r + 1]
-    mid = int(_field(cfg, "transformer_depth_middle", 0))  # -1: no middle transformer, -2: no middle block
-    return UNetLayout(down=tuple(down), up=tuple(up), mid=max(mid, 0))
-
-
-def _count(names: set[str], pattern: str) -> dict[tuple[int, ...], int]:
-    """Module names matching ``pattern``: leading groups -> 1 + the largest value of the last group."""
-    found: dict[tuple[int, ...], int] = {}
-    for name in names:
-        m = re.fullmatch(pattern, name)
-        if m:
-            *head, last = (int(g) for g in m.groups())
-            found[tuple(head)] = max(found.get(tuple(head), 0), last + 1)
-    return found
-
-
-def _layout_from_diffusers_modules(names: set[str]) -> UNetLayout:
-    res = _count(names, r"down_blocks\.(\d+)\.resnets\.(\d+)")
-    ups = _count(names, r"up_blocks\.(\d+)\.resnets\.(\d+)")
-    d_in = _count(names, r"down_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)")
-    d_out = _count(names, r"up_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)")
-    n = len(res)
-    down = tuple(tuple(d_in.get((lv, i), 0) for i in range(res[(lv,)])) for lv in range(n))
-    up = tuple(tuple(d_out.get((n - 1 - lv, i), 0) for i in range(ups[(n - 1 - lv,)])) for lv in range(n))
-    mid = _count(names, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)").get((), 0)
-    return UNetLayout(down=down, up=up, mid=mid)
-
-
-def _layout_from_ldm_modules(names: set[str]) -> UNetLayout:
-    last = max(j for (j,) in _count(names, r"input_blocks\.(\d+)\.(\d+)"))
-    depth_in = _count(names, r"input_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)")
-    depth_out = _count(names, r"output_blocks\.(\d+)\.1\.transformer_blocks\.(\d+)")
-    levels: list[list[int]] = [[]]
-    for j in range(1, last + 1):  # input_blocks.0 is conv_in
-        if f"input_blocks.{j}.0.op" in names:  # a downsampler closes the level
-            levels.append([])
-        else:
-            levels[-1].append(depth_in.get((j,), 0))
-    if not levels[-1]:  # a downsampler after the last level (not in real UNets, but in some key maps)
-        levels.pop()
-    up: list[tuple[int, ...]] = [()] * len(levels)
-    n = 0
-    for level in reversed(range(len(levels))):
-        up[level] = tuple(depth_out.get((n + i,), 0) for i in range(len(levels[level]) + 1))
-        n += len(levels[level]) + 1
-    mid = _count(names, r"middle_block\.1\.transformer_blocks\.(\d+)").get((), 0)
-    return UNetLayout(down=tuple(tuple(lv) for lv in levels), up=tuple(up), mid=mid)
-
-
-def unet_layout(unet_config: Any = None, arch: str | None = None) -> UNetLayout:
-    """The transformer layout of a UNet, from whatever describes it.
+def group_kohya(state: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya keys grouped by module name.
 
     Args:
-        unet_config: a diffusers UNet config (mapping or object with ``down_block_types``), a ComfyUI
-            ``unet_config`` dict (``num_res_blocks``, ``channel_mult``, ``transformer_depth``,
-            ``transformer_depth_output``, ``transformer_depth_middle``), a UNet module of either
-            naming (read off its module names), a ``UNetLayout``, or None for the full ``arch`` model.
-        arch: ``sd15`` or ``sdxl``; only used when ``unet_config`` is None.
+        state: kohya-form tensors.
+        prefix: kohya prefix every key must start with (``lora_unet``).
 
     Returns:
-        A ``UNetLayout``.
+        ``{name: {"lora_down.weight": .., "lora_up.weight": .., "alpha": ..}}`` (alpha optional).
+
+    Raises:
+        ValueError: on keys of another form, or a module without both factors.
     """
-    if isinstance(unet_config, UNetLayout):
-        return unet_config
-    if isinstance(unet_config, nn.Module):
-        names = {n for n, _ in unet_config.named_modules()}
-        naming = naming_of(names)
-        if naming is None:
-            raise ValueError("The module has neither diffusers (down_blocks) nor LDM (input_blocks) UNet "
-                             "module names; pass the UNet itself (e.g. model.model.diffusion_model).")
-        return (_layout_from_diffusers_modules if naming == "diffusers" else _layout_from_ldm_modules)(names)
-    if unet_config is None:
-        return _layout_from_diffusers(_FULL_CONFIGS[check_arch(arch)])
-    if _field(unet_config, "num_res_blocks") is not None and _field(unet_config, "channel_mult") is not None:
-        return _layout_from_comfy(unet_config)
-    if _field(unet_config, "down_block_types") is not None:
-        return _layout_from_diffusers(unet_config)
-    raise ValueError(f"Cannot read a UNet layout from {type(unet_config).__name__}; give a diffusers config "
-                     "(down_block_types, ...) or a ComfyUI unet_config (num_res_blocks, channel_mult, ...).")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None or not key.startswith(prefix + "_"):
+            unknown.append(key)
+            continue
+        groups.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:6]) + (", ..." if len(unknown) > 6 else "")
+        raise ValueError(f"Unknown LoRA keys ({len(unknown)}): {shown}. Expected '{prefix}_<module>' + "
+                         "'.lora_down.weight' / '.lora_up.weight' / '.alpha' (UNet LoRA only).")
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"LoRA module {name!r} lacks its lora_down or lora_up weight; "
+                             "the file is incomplete.")
+    return groups
 
 
-def _level_blocks(layout: UNetLayout) -> Iterator[tuple[str, str, int, int]]:
-    """(LDM block, diffusers block, layer index, transformer depth) of every res block (with its
-    transformer, if any) of the down and up levels, in LDM build order; the middle block is not here."""
-    n = 1  # input_blocks.0 is conv_in
-    for level, depths in enumerate(layout.down):
-        for i, depth in enumerate(depths):
-            yield f"input_blocks.{n}", f"down_blocks.{level}", i, depth
-            n += 1
-        n += 1  # the downsampler block (after the last level nothing follows, so harmless)
-    n = 0
-    for u, depths in enumerate(reversed(layout.up)):
-        for i, depth in enumerate(depths):
-            yield f"output_blocks.{n}", f"up_blocks.{u}", i, depth
-            n += 1
-
-
-def _transformers(layout: UNetLayout) -> Iterator[tuple[str, str, int]]:
-    """(LDM prefix, diffusers prefix, depth) of every transformer."""
-    for ldm, diffusers, i, depth in _level_blocks(layout):
-        if depth:
-            yield f"{ldm}.1", f"{diffusers}.attentions.{i}", depth
-    if layout.mid:
-        yield "middle_block.1", "mid_block.attentions.0", layout.mid
-
-
-def _resnets(layout: UNetLayout) -> Iterator[tuple[str, str]]:
-    """(LDM prefix, diffusers prefix) of every res block."""
-    for ldm, diffusers, i, _ in _level_blocks(layout):
-        yield f"{ldm}.0", f"{diffusers}.resnets.{i}"
-    if layout.mid:  # [res, transformer, res]; a middle block without a transformer is not mapped
-        yield "middle_block.0", "mid_block.resnets.0"
-        yield "middle_block.2", "mid_block.resnets.1"
-
-
-def ldm_to_diffusers_paths(arch: str, unet_config: Any = None) -> dict[str, str]:
-    """LDM module path -> diffusers module path for every LoRA-able layer of the UNet's blocks.
-
-    Covers ``proj_in``, ``proj_out`` and, per transformer block, ``attn1``/``attn2`` ``to_q``, ``to_k``,
-    ``to_v``, ``to_out.0`` and ``ff.net.0.proj``, ``ff.net.2``; and per res block ``conv1``,
-    ``conv2``, ``time_emb_proj`` and ``conv_shortcut`` (``RESNET_LAYERS``). Not mapped: conv_in/out,
-    the time embedding, down/upsamplers and norms.
+def rank_alpha_of(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[int, float]:
+    """The rank and alpha shared by all modules of a LoRA (a missing alpha means alpha = rank, as in
+    kohya).
 
     Args:
-        arch: ``sd15`` or ``sdxl``.
-        unet_config: the UNet's structure (see ``unet_layout``); None means the full ``arch`` model.
+        groups: the result of ``group_kohya``.
 
     Returns:
-        e.g. ``{"input_blocks.1.1.transformer_blocks.0.attn1.to_q":
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", ...}``.
+        ``(rank, alpha)``.
+
+    Raises:
+        ValueError: no modules, factors that are not linear or conv LoRA factors of one rank, or
+            ranks/alphas that differ between modules.
     """
-    return _path_pairs(unet_layout(unet_config, check_arch(arch)))
+    if not groups:
+        raise ValueError("The LoRA state holds no lora keys.")
+    pairs: dict[tuple[int, float], str] = {}
+    for name, parts in groups.items():
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        linear = down.dim() == 2 and up.dim() == 2
+        conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
+        if not (linear or conv) or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+            raise ValueError(f"LoRA module {name!r} has shapes down {tuple(down.shape)} / up "
+                             f"{tuple(up.shape)}; expected linear factors (r, in) and (out, r), or conv "
+                             "factors (r, in, kh, kw) and (out, r, 1, 1), with rank r >= 1.")
+        rank = down.shape[0]
+        if "alpha" in parts and parts["alpha"].numel() != 1:
+            raise ValueError(f"LoRA module {name!r} has an alpha of shape {tuple(parts['alpha'].shape)}; "
+                             "alpha is one number per module: the file is damaged.")
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+        pairs.setdefault((rank, alpha), name)
+    if len(pairs) != 1:
+        detail = "; ".join(f"rank {r}, alpha {a} (e.g. {n})" for (r, a), n in sorted(pairs.items()))
+        raise ValueError(f"Inconsistent LoRA ranks/alphas across modules: {detail}. "
+                         "One shared rank and alpha is required.")
+    return next(iter(pairs))
 
 
-def _path_pairs(layout: UNetLayout) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for ldm, diffusers, depth in _transformers(layout):
-        suffixes = ["proj_in", "proj_out"] + [f"transformer_blocks.{t}.{s}" for t in range(depth)
-                                              for s in _LINEARS_PER_BLOCK]
-        out.update({f"{ldm}.{s}": f"{diffusers}.{s}" for s in suffixes})
-    for ldm, diffusers in _resnets(layout):
-        out.update({f"{ldm}.{a}": f"{diffusers}.{b}" for a, b in RESNET_LAYERS.items()})
-    return out
+def _name_map(module: nn.Module, prefix: str) -> dict[str, str | None]:
+    """kohya name -> real module path; None marks names two different paths collapse to."""
+    mapping: dict[str, str | None] = {}
+    for path, _ in module.named_modules():
+        if not path:
+            continue
+        name = kohya_name(path, prefix)
+        mapping[name] = None if name in mapping and mapping[name] != path else path
+    return mapping
+
+
+def kohya_to_peft(state: dict[str, torch.Tensor], module: nn.Module,
+                  prefix: str = "lora_unet") -> tuple[dict[str, torch.Tensor], int, float]:
+    """Convert a kohya-form LoRA state to peft form, resolving names against ``module``.
+
+    A UNet file in the other module naming (an SD1.x file with diffusers names on a ComfyUI LDM
+    UNet, an SDXL file with LDM names on a diffusers UNet) is renamed first (``convert_names``).
+
+    Args:
+        state: kohya-form tensors (``lora_down``/``lora_up``/``alpha`` per module).
+        module: the model the LoRA belongs to; its real module names resolve the '_' ambiguity.
+        prefix: kohya prefix.
+
+    Returns:
+        ``(peft_state, rank, alpha)``; ``peft_state`` suits ``set_lora_state_dict``.
+
+    Raises:
+        ValueError: on unknown keys, modules not found (or ambiguous) in ``module``, or ranks/alphas
+            that differ between modules.
+    """
+    groups = group_kohya(state, prefix)
+    rank, alpha = rank_alpha_of(groups)
+    names = _name_map(module, prefix)
+    if prefix == "lora_unet" and any(n not in names for n in groups):
+        have, want = naming_of(groups), naming_of(path for path, _ in module.named_modules())
+        if have and want and have != want:
+            groups = group_kohya(convert_names(state, have, want, module), prefix)
+    missing = sorted(n for n in groups if n not in names)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(f"{len(missing)} LoRA module(s) are not in the target model: {shown}. "
+                         "The LoRA was made for a different model architecture.")
+    ambiguous = sorted(n for n in groups if names[n] is None)
+    if ambiguous:
+        raise ValueError(f"LoRA module names {ambiguous[:5]} match more than one module path once '.' "
+                         "becomes '_'; this model cannot be addressed with kohya keys.")
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in groups.items():
+        path = names[name]
+        out[f"{path}.lora_A.weight"] = parts["lora_down.weight"]
+        out[f"{path}.lora_B.weight"] = parts["lora_up.weight"]
+    return out, rank, alpha
 
 
 # ---- renaming LoRA states ------------------------------------------------------------------------
-
-def check_arch(arch: str | None) -> str:
-    """``arch`` itself if it is ``sd15`` or ``sdxl``; otherwise a ValueError listing both."""
-    if arch not in ARCHS:
-        raise ValueError(f"Unknown arch {arch!r}; use one of {', '.join(ARCHS)}.")
-    return arch
-
-
-def check_naming(naming: str | None) -> str:
-    """``naming`` itself if it is ``ldm`` or ``diffusers``; otherwise a ValueError listing both."""
-    if naming not in NAMINGS:
-        raise ValueError(f"Unknown naming {naming!r}; use one of {', '.join(NAMINGS)}.")
-    return naming
-
-
-def naming_of(names: Iterable[str]) -> str | None:
-    """``ldm``, ``diffusers`` or None (neither) for module paths or kohya names of a UNet."""
-    found = set()
-    for name in names:
-        name = name[len("lora_unet_"):] if name.startswith("lora_unet_") else name
-        if re.match(r"(input_blocks|middle_block|output_blocks)[._]", name):
-            found.add("ldm")
-        elif re.match(r"(down_blocks|mid_block|up_blocks)[._]", name):
-            found.add("diffusers")
-    if len(found) > 1:
-        raise ValueError("The names mix LDM (input_blocks...) and diffusers (down_blocks...) UNet naming; "
-                         "a LoRA must use one of them.")
-    return found.pop() if found else None
-
 
 def _split_key(key: str) -> tuple[str, str]:
     for suffix in PEFT_SUFFIXES:
@@ -355,7 +225,7 @@ def convert_names(state: dict[str, Any], source: str, target: str, unet_config: 
     check_naming(target)
     if source == target:
         return dict(state)
-    paths = _path_pairs(unet_layout(unet_config))
+    paths = layout_path_pairs(unet_layout(unet_config))
     if source == "diffusers":
         paths = {d: ldm for ldm, d in paths.items()}
     names = {kohya_name(s): kohya_name(t) for s, t in paths.items()}
@@ -376,31 +246,14 @@ def convert_names(state: dict[str, Any], source: str, target: str, unet_config: 
     return out
 
 
-def export_names(state: dict[str, Any], source: str, arch: str, unet_config: Any = None,
-                 naming: str | None = None) -> dict[str, Any]:
-    """Rename a LoRA state to the naming files of ``arch`` use (sd15: diffusers, sdxl: LDM).
+# ---- metadata -----------------------------------------------------------------------------------
 
-    Args:
-        state: peft or kohya form, in ``source`` naming.
-        source: ``ldm`` or ``diffusers``.
-        arch: ``sd15`` or ``sdxl``.
-        unet_config: the UNet's structure (see ``unet_layout``); None means the full ``arch`` model.
-        naming: override the target naming (``ldm`` / ``diffusers``); also used to load a file into a
-            module with the other naming.
-
-    Returns:
-        The renamed state.
-    """
-    target = naming or CANONICAL_NAMING[check_arch(arch)]
-    return convert_names(state, source, target, unet_layout(unet_config, check_arch(arch)))
-
-
-def lora_metadata(arch: str, rank: int, alpha: float, extra: dict[str, str] | None = None,
+def lora_metadata(arch: str | None, rank: int, alpha: float, extra: dict[str, str] | None = None,
                   naming: str | None = None) -> dict[str, str]:
     """safetensors metadata that kohya tools, A1111/Forge and ComfyUI read for a UNet LoRA.
 
     Args:
-        arch: ``sd15`` or ``sdxl``.
+        arch: ``sd15`` or ``sdxl``; None (a model of neither) writes only the ``ss_network_*`` entries.
         rank, alpha: the LoRA's shared rank and alpha.
         extra: caller entries (str -> str); they override the defaults (e.g. ``modelspec.title``)
             but not the ``ss_network_*`` entries.
@@ -409,13 +262,16 @@ def lora_metadata(arch: str, rank: int, alpha: float, extra: dict[str, str] | No
     Returns:
         ``ss_network_module/dim/alpha``, ``ss_base_model_version``, ``modelspec.*`` plus ``extra``.
     """
-    base_version, architecture, resolution = _ARCH_METADATA[check_arch(arch)]
     extra = dict(extra or {})
     clash = [k for k in NETWORK_METADATA if k in extra]
     if clash:
         raise ValueError(f"Metadata keys {clash} follow from the LoRA itself; remove them from extra.")
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
-            "ss_network_alpha": str(float(alpha)), "ss_base_model_version": base_version,
+    network = {"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+               "ss_network_alpha": str(float(alpha))}
+    if arch is None:
+        return {**network, **extra}
+    base_version, architecture, resolution = _ARCH_METADATA[check_arch(arch)]
+    return {**network, "ss_base_model_version": base_version,
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
             "modelspec.implementation": _IMPLEMENTATION[check_naming(naming or CANONICAL_NAMING[arch])],
             "modelspec.title": "AlignProp LoRA", "modelspec.resolution": resolution, **extra}

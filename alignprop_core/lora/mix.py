@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from .file import LoraFile, _group_kohya, _rank_alpha
+from .file import LoraFile
+from .keys import group_kohya, rank_alpha_of
 
 MIX_MODES = ("weights", "delta")
 
@@ -32,12 +33,12 @@ def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
     """
     if mode not in MIX_MODES:
         raise ValueError(f"Unknown mix mode {mode!r}; use one of {', '.join(MIX_MODES)}.")
-    ga, gb = _group_kohya(a.state, "lora_unet"), _group_kohya(b.state, "lora_unet")
+    ga, gb = group_kohya(a.state, "lora_unet"), group_kohya(b.state, "lora_unet")
     if set(ga) != set(gb):
         only_a, only_b = sorted(set(ga) - set(gb)), sorted(set(gb) - set(ga))
         raise ValueError(f"The LoRAs cover different modules (only in a: {only_a[:3]}, only in b: "
                          f"{only_b[:3]}); mix LoRAs trained with the same target modules and model.")
-    _rank_alpha(ga), _rank_alpha(gb)  # each one well formed (rank >= 1, one alpha)
+    rank_alpha_of(ga), rank_alpha_of(gb)  # each one well formed (rank >= 1, one alpha)
     for name in sorted(ga):
         da, db = ga[name]["lora_down.weight"], gb[name]["lora_down.weight"]
         ua, ub = ga[name]["lora_up.weight"], gb[name]["lora_up.weight"]

@@ -20,8 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import LoraConfig, SamplerConfig, TrainConfig, to_dict
-from ..lora.file import LoraFile, apply_lora_file, save_lora
-from ..lora.inject import add_lora, lora_state_dict, set_lora_state_dict
+from ..lora import LoraFile, add_lora, apply_lora_file, lora_state_dict, save_lora, set_lora_state_dict
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn, as_reward
 from .evaluate import evaluate

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import LoraConfig, SamplerConfig, TrainConfig
 from ..files.outputs import check_writable, claim, lora_file_name, partial_path
-from ..lora.file import LoraFile
+from ..lora import LoraFile
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn
 from .run import TrainRun, check_run_inputs

@@ -349,8 +349,7 @@ def test_core_training_on_the_twin_matches_the_node(equivalent, node_lora, tmp_p
 
 
 def test_same_init_seed_gives_the_same_initial_lora(equivalent, node_lora, tmp_path):
-    from alignprop_core.lora.inject import add_lora
-    from alignprop_core.lora.file import save_lora
+    from alignprop_core.lora import add_lora, save_lora
 
     folder, weights, _ = equivalent
     _, _, unet, _ = _build_parts(folder, weights)

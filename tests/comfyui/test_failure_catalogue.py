@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora
 from failure_catalogue import (APPLY, COMPRESSIBILITY, LOAD, MIX, MIXER, NODE_ROWS, PREVIEW, SAMPLER, SAVE,
                                SIMPLE, TRAINER, BadInput)
 

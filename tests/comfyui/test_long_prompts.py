@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora
 from test_trainer_server import SAMPLER, trainer_graph
 
 pytestmark = pytest.mark.slow

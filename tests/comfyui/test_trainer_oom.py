@@ -85,7 +85,7 @@ def test_oom_in_the_first_evaluation_says_nothing_was_trained(oom_results):
 def test_oom_in_training_names_the_saved_partial_lora(oom_results):
     from safetensors import safe_open
 
-    from alignprop_core.lora.file import load_lora
+    from alignprop_core.lora import load_lora
 
     results, base = oom_results
     result = results["oom/at_step2"]

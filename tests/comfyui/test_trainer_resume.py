@@ -75,7 +75,7 @@ def resume_results(comfy_dir, tmp_path_factory) -> tuple[dict, object]:
 
 @pytest.mark.parametrize("call, steps_done", [(1, 0), (3, 1), (4, 2)])
 def test_cancel_then_resume_gives_the_uninterrupted_lora(resume_results, call, steps_done):
-    from alignprop_core.lora.file import load_lora
+    from alignprop_core.lora import load_lora
 
     results, base = resume_results
     loras = base / "models" / "loras" / "resume"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alignprop_core.lora.file import load_lora
+from alignprop_core.lora import load_lora
 
 pytestmark = pytest.mark.slow
 
