@@ -1,4 +1,4 @@
-"""ComfyUI adapters over `alignprop_core`: reward, sampler, trainer and LoRA nodes.
+"""ComfyUI adapters over `alignprop_core`: reward, sampler, trainer (with its settings) and LoRA nodes.
 
 Thin by design: each node converts ComfyUI objects, calls one core function and wraps the result.
 `comfy_model.py` is the only module that knows ComfyUI's model internals.
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import lora_nodes, reward_nodes, sampler_nodes, trainer_node
+from . import lora_nodes, reward_nodes, sampler_nodes, settings_nodes, trainer_node
 from .paths import register_reward_folder
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
-    *reward_nodes.NODES, *sampler_nodes.NODES, *trainer_node.NODES, *lora_nodes.NODES,
+    *reward_nodes.NODES, *sampler_nodes.NODES, *trainer_node.NODES, *settings_nodes.NODES, *lora_nodes.NODES,
 ]
 
 

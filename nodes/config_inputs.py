@@ -2,10 +2,12 @@
 
 Every field becomes an input named after it, with the field's help text as tooltip; choices come
 from the core's tuples of allowed values. `build` turns the node's keyword arguments back into the
-dataclass (whose validation then names any bad field).
+dataclass (whose validation then names any bad field). A settings node that holds some fields of a
+dataclass outputs them as a dict (`pick`), which the consuming node merges into its config (`merge`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from typing import Any
 
@@ -21,23 +23,23 @@ BIG = 2 ** 31 - 1
 
 def config_inputs(cls: type, skip: tuple[str, ...] = (), prefix: str = "",
                   limits: dict[str, tuple[float, float, float]] | None = None,
-                  optional: tuple[str, ...] = ()) -> list:
-    """One node input per dataclass field (except `skip`), defaults taken from `cls()`.
+                  only: tuple[str, ...] | None = None) -> list:
+    """One node input per dataclass field (only those in `only` when given, none in `skip`), in
+    the dataclass's order, defaults taken from `cls()`.
 
     `limits` gives (min, max, step) for numeric fields; other numbers are only bounded below by 0.
-    Fields in `optional` become optional inputs: a field added after a node shipped goes there, so
-    workflows saved before it still validate (the API format) and keep their widget values in
-    place (the UI format lists optional widgets after the required ones); a missing one keeps
-    the dataclass default.
     """
     limits = limits or {}
     defaults = cls()
+    unknown = set(only or ()) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
     inputs = []
     for f in fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         name, default, tip = prefix + f.name, getattr(defaults, f.name), f.metadata.get("help", "")
-        common = dict(default=default, tooltip=tip, optional=f.name in optional)
+        common = dict(default=default, tooltip=tip)
         if f.name in CHOICES:
             inputs.append(io.Combo.Input(name, options=list(CHOICES[f.name]), **common))
         elif isinstance(default, bool):
@@ -71,4 +73,25 @@ def build(cls: type, kwargs: dict[str, Any], prefix: str = "", **fixed: Any) -> 
     try:
         return cls(**values)
     except ValueError as err:  # name the node input, not the dataclass field behind it
-        raise with_input_names(err, {f"{cls.__name__}.{f.name}": prefix + f.name for f in fields(cls)}) from err
+        raise with_input_names(err, _input_names(cls, prefix)) from err
+
+
+def pick(cls: type, kwargs: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
+    """The fields `only` of the dataclass built from `kwargs` (so each value is checked as the
+    dataclass checks it, next to defaults for the rest): a settings node's output."""
+    cfg = build(cls, kwargs)
+    return {name: getattr(cfg, name) for name in only}
+
+
+def merge(cfg: Any, *settings: dict[str, Any] | None) -> Any:
+    """`cfg` with the fields of each settings dict (None: a socket left unconnected, which keeps
+    the defaults), checked again together, since some checks span fields of different nodes."""
+    values = {name: value for part in settings if part for name, value in part.items()}
+    try:
+        return dataclasses.replace(cfg, **values)
+    except ValueError as err:
+        raise with_input_names(err, _input_names(type(cfg))) from err
+
+
+def _input_names(cls: type, prefix: str = "") -> dict[str, str]:
+    return {f"{cls.__name__}.{f.name}": prefix + f.name for f in fields(cls)}

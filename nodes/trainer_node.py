@@ -5,6 +5,9 @@ LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMA
 Progress goes to the node's bar and text, with a preview image every `preview_every` steps (the first
 held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is).
 
+The node shows only the inputs users change; the rest come from the settings nodes
+(`settings_nodes.py`) on optional sockets, and an unconnected one keeps the config defaults.
+
 Files: every input is checked before the model is loaded; an existing LoRA of the same name is never
 replaced unless `overwrite` is on (the next free numbered name is used instead, as SaveImage does).
 Cancel stops at the next step boundary; a cancelled or failed run keeps its LoRA as
@@ -33,23 +36,14 @@ from alignprop_core.training.trainer import train
 
 from .choices import check_combos
 from .comfy_model import comfy_backend, model_family, training_session, vae_factor
-from .config_inputs import build, config_inputs
+from .config_inputs import build, config_inputs, merge
 from .lora_nodes import Lora, apply_to_model
 from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
 from .reward_nodes import Reward
 from .sampler_nodes import Sampler
+from .settings_nodes import SETTINGS_FIELDS, TRAIN_LIMITS, Evaluation, LoraSettingsSocket, Objective, Optimizer
 
-TRAIN_LIMITS = {"steps": (1, 100000, 1), "batch_size": (1, 64, 1), "grad_accum": (1, 1024, 1),
-                "lr": (1e-7, 1.0, 1e-7), "width": (8, 4096, 8), "height": (8, 4096, 8),
-                "eval_batch_size": (1, 64, 1), "eval_latents": (1, 64, 1), "max_grad_norm": (0.0, 1000.0, 0.01),
-                "weight_decay": (0.0, 1.0, 1e-5), "adam_eps": (1e-12, 1e-3, 1e-12),
-                "adam_beta1": (0.0, 0.9999, 0.001), "adam_beta2": (0.0, 0.9999, 0.0001),
-                "reward_target": (-1e6, 1e6, 0.01), "seed": (0, 2 ** 63 - 1, 1),
-                "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1),
-                "lr_warmup_steps": (0, 100000, 1)}
-ADDED_LATER = ("eval_latents",)  # TrainConfig fields newer than the node: optional, see config_inputs
 STATE_FOLDER = "alignprop_state"  # in ComfyUI's output folder: one training state per LoRA name
-LORA_LIMITS = {"rank": (1, 256, 1), "alpha": (0.01, 1024.0, 0.01)}
 
 
 def _curve_image(history, evals, title: str) -> torch.Tensor:
@@ -76,10 +70,12 @@ def _out_of_memory_message(err: BaseException, trained: dict, cfg: TrainConfig, 
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"AlignProp Trainer ran out of memory during {phase} ({first}) at {cfg.width}x{cfg.height}, "
             f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}, {sampler.steps} sampler "
-            f"steps with {k}. To fit: lower batch_size (raise grad_accum to keep the effective batch), "
-            "eval_batch_size, width/height or the sampler's K"
+            f"steps with {k}. To fit: lower batch_size (raise grad_accum in AlignProp Optimizer Settings to "
+            "keep the effective batch), eval_batch_size (AlignProp Evaluation Settings), width/height or the "
+            "sampler's K"
             + (f", turn on {' and '.join(off)} in AlignProp Sampler Settings" if off else "")
-            + ", or on a GPU set mixed_precision to bf16/fp16; close other programs using the memory. "
+            + ", or on a GPU set mixed_precision to bf16/fp16 in AlignProp Optimizer Settings; close other "
+              "programs using the memory. "
             + kept)
 
 
@@ -98,7 +94,16 @@ class AlignPropTrainer(io.ComfyNode):
                                 tooltip="training prompts, one per line (# starts a comment)"),
                 io.String.Input("lora_name", default="alignprop/alignprop_lora",
                                 tooltip="file name under models/loras (.safetensors is added)"),
+                *config_inputs(TrainConfig, skip=("reward", *SETTINGS_FIELDS), limits=TRAIN_LIMITS),
                 Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps, K=1)"),
+                Optimizer.Input("optimizer", optional=True, tooltip="AlignProp Optimizer Settings: AdamW, "
+                                "accumulation, clipping, lr schedule, mixed precision (unconnected: its defaults)"),
+                Evaluation.Input("evaluation", optional=True, tooltip="AlignProp Evaluation Settings: held-out "
+                                 "scoring and saving intervals (unconnected: its defaults)"),
+                Objective.Input("objective", optional=True, tooltip="AlignProp Objective Settings: loss, "
+                                "reward augmentation, negative prompt (unconnected: its defaults)"),
+                LoraSettingsSocket.Input("lora_settings", optional=True, tooltip="AlignProp LoRA Settings: rank, "
+                                         "alpha, layers, init seed (unconnected: its defaults); not with init_lora"),
                 Lora.Input("init_lora", optional=True, tooltip="continue training this LoRA (Load AlignProp LoRA)"),
                 io.Combo.Input("prompt_file", options=prompt_files(), default=NO_FILE, optional=True,
                                tooltip="a prompt list (one per line) from ComfyUI's input folder or shipped "
@@ -109,8 +114,6 @@ class AlignPropTrainer(io.ComfyNode):
                              tooltip="show a preview image on the node every N training steps: the first "
                                      "held-out prompt from its fixed evaluation latent, sampled with the "
                                      "current LoRA (costs one sampling run each time); 0 turns it off"),
-                *config_inputs(TrainConfig, skip=("reward",), limits=TRAIN_LIMITS, optional=ADDED_LATER),
-                *config_inputs(LoraConfig, prefix="lora_", limits=LORA_LIMITS),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="replace an existing LoRA of this name; off: the next free numbered "
                                          "name is used (name_00001, ...), as Save Image does"),
@@ -123,8 +126,9 @@ class AlignPropTrainer(io.ComfyNode):
                      io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path")])
 
     @classmethod
-    def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, init_lora=None,
-                prompt_file=NO_FILE, eval_prompts="", preview_every=0, overwrite=False, resume=False, **kwargs):
+    def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, optimizer=None, evaluation=None,
+                objective=None, lora_settings=None, init_lora=None, prompt_file=NO_FILE, eval_prompts="",
+                preview_every=0, overwrite=False, resume=False, **kwargs):
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
@@ -139,10 +143,15 @@ class AlignPropTrainer(io.ComfyNode):
             train_prompts = parse_prompts(prompts, source="the prompts input")
         held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
         cfg = build(TrainConfig, kwargs, reward=reward.spec.text())
+        cfg = merge(cfg, optimizer, evaluation, objective)
+        if init_lora is not None and lora_settings is not None:
+            raise ValueError("init_lora and lora_settings are both connected, but the LoRA file of init_lora "
+                             "fixes its rank, alpha and layers; disconnect AlignProp LoRA Settings to continue "
+                             "that LoRA, or init_lora to train a new one.")
         lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha,  # the file's own layers
                                target_modules=init_lora.target_modules or LoraConfig().target_modules)
                     if init_lora is not None
-                    else build(LoraConfig, kwargs, prefix="lora_"))
+                    else lora_settings or LoraConfig())
         if init_lora is not None:
             check_lora_fits(init_lora, model.model.diffusion_model)
         check_image_size(cfg.width, cfg.height, vae_factor(vae))

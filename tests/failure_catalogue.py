@@ -186,6 +186,8 @@ CLI_ROWS: list[BadInput] = [
 ]
 
 TRAINER = "AlignProp_Trainer"
+OPTIMIZER, EVALUATION = "AlignProp_OptimizerSettings", "AlignProp_EvaluationSettings"
+OBJECTIVE, LORA_SETTINGS = "AlignProp_ObjectiveSettings", "AlignProp_LoraSettings"
 SAMPLER = "AlignProp_SamplerSettings"
 PREVIEW = "AlignProp_PreviewSampler"
 SAVE, MIX, APPLY, LOAD = "AlignProp_SaveLora", "AlignProp_MixLoras", "AlignProp_ApplyLora", "AlignProp_LoadLora"
@@ -222,29 +224,30 @@ NODE_ROWS: list[BadInput] = [
              "eval_prompts holds no prompts"),
     _trainer("trainer-width-60", "width", "60 (not a multiple of 8)", {"width": 60},
              "width=60 and height=64 must be multiples of the VAE factor 8"),
-    _trainer("trainer-max-grad-norm-nan", "max_grad_norm", "NaN", {"max_grad_norm": NAN},
-             "max_grad_norm must be a finite number"),
-    _trainer("trainer-reward-target-nan", "reward_target", "NaN", {"reward_target": NAN},
-             "reward_target must be a finite number"),
     _trainer("trainer-lr-nan", "lr", "NaN", {"lr": NAN}, "lr must be a finite number, got nan"),
-    _trainer("trainer-lora-alpha-nan", "lora_alpha", "NaN", {"lora_alpha": NAN},
-             "lora_alpha must be a finite number"),
-    _trainer("trainer-loss-bogus", "loss", "bogus", {"loss": "bogus"}, "loss='bogus' is not one of its options"),
-    _trainer("trainer-mixed-precision-bogus", "mixed_precision", "fp8", {"mixed_precision": "fp8"},
-             "mixed_precision='fp8' is not one of its options"),
-    _trainer("trainer-lr-schedule-bogus", "lr_schedule", "bogus", {"lr_schedule": "bogus"},
-             "lr_schedule='bogus' is not one of its options"),
-    _trainer("trainer-reward-augment-bogus", "reward_augment", "bogus", {"reward_augment": "bogus"},
-             "reward_augment='bogus' is not one of its options"),
     _trainer("trainer-prompt-file-missing", "prompt_file", "missing.txt (not a listed file)",
              {"prompt_file": "missing.txt"}, "prompt_file='missing.txt' is not one of its options"),
-    _trainer("trainer-eval-latents-zero", "eval_latents", "0", {"eval_latents": 0},
-             "Value 0 smaller than min of 1: eval_latents", comfy_validation=True),
-    _trainer("trainer-lora-rank-zero", "lora_rank", "0", {"lora_rank": 0},
-             "Value 0 smaller than min of 1: lora_rank", comfy_validation=True),
     _trainer("trainer-resume-nothing-stopped", "resume", "on, with no stopped run of that name",
              {"resume": True, "lora_name": "catalogue_never_trained"},
              "resume is on but no run of lora_name 'catalogue_never_trained' was stopped early"),
+    # the trainer's settings nodes
+    _node(OPTIMIZER, "optimizer-max-grad-norm-nan", "max_grad_norm", "NaN", {"max_grad_norm": NAN},
+          "max_grad_norm must be a finite number"),
+    _node(OPTIMIZER, "optimizer-mixed-precision-bogus", "mixed_precision", "fp8", {"mixed_precision": "fp8"},
+          "mixed_precision='fp8' is not one of its options"),
+    _node(OPTIMIZER, "optimizer-lr-schedule-bogus", "lr_schedule", "bogus", {"lr_schedule": "bogus"},
+          "lr_schedule='bogus' is not one of its options"),
+    _node(EVALUATION, "evaluation-eval-latents-zero", "eval_latents", "0", {"eval_latents": 0},
+          "Value 0 smaller than min of 1: eval_latents", comfy_validation=True),
+    _node(OBJECTIVE, "objective-reward-target-nan", "reward_target", "NaN", {"reward_target": NAN},
+          "reward_target must be a finite number"),
+    _node(OBJECTIVE, "objective-loss-bogus", "loss", "bogus", {"loss": "bogus"},
+          "loss='bogus' is not one of its options"),
+    _node(OBJECTIVE, "objective-reward-augment-bogus", "reward_augment", "bogus", {"reward_augment": "bogus"},
+          "reward_augment='bogus' is not one of its options"),
+    _node(LORA_SETTINGS, "lora-settings-alpha-nan", "alpha", "NaN", {"alpha": NAN}, "alpha must be a finite number"),
+    _node(LORA_SETTINGS, "lora-settings-rank-zero", "rank", "0", {"rank": 0}, "Value 0 smaller than min of 1: rank",
+          comfy_validation=True),
     # sampler nodes
     _node(SAMPLER, "settings-eta-nan", "eta", "NaN", {"eta": NAN}, "eta must be a finite number"),
     _node(SAMPLER, "settings-truncation-bogus", "truncation", "bogus", {"truncation": "bogus"},
@@ -293,6 +296,8 @@ a test fails if it differs.
 """
 
 TITLES = {"cli": "Command line (`alignprop train`)", TRAINER: "AlignProp Trainer",
+          OPTIMIZER: "AlignProp Optimizer Settings", EVALUATION: "AlignProp Evaluation Settings",
+          OBJECTIVE: "AlignProp Objective Settings", LORA_SETTINGS: "AlignProp LoRA Settings",
           SAMPLER: "AlignProp Sampler Settings", PREVIEW: "AlignProp Preview Sampler",
           COMPRESSIBILITY: "AlignProp JPEG Compressibility Reward", SIMPLE: "AlignProp Weight-free Reward",
           MIXER: "AlignProp Reward Mixer", SAVE: "AlignProp Save LoRA", MIX: "AlignProp Mix LoRAs",

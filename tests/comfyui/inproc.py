@@ -39,7 +39,8 @@ def run_script(code: str, comfy_dir: Path, base_dir: Path, *args: str, timeout: 
 
 
 # The start of a script that trains on a checkpoint: argv = comfy_dir, base_dir, checkpoint path,
-# JSON settings ({"sampler": ..., "train": ...}), the results path, then the script's own arguments.
+# JSON settings (test_trainer_server.inproc_settings), the results path, then the script's own arguments.
+# `train_inputs` holds the trainer's own inputs and its settings sockets, each made by its settings node.
 TRAINING_PRELUDE = r"""
 import json, os, sys, torch
 import inproc
@@ -55,6 +56,9 @@ from alignprop_core.rewards.base import FunctionReward
 with torch.inference_mode():
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)[:3]
 smooth = make_reward("smoothness")
+classes = {c.define_schema().node_id: c for c in nodes.NODE_CLASSES}
+train_inputs = dict(settings["train"], **{socket: inproc.execute(classes[node_type], **inputs).result[0]
+                                          for socket, (node_type, inputs) in settings["settings"].items()})
 """
 
 

@@ -302,7 +302,7 @@ def _configs():
 
     train_fields = {f.name for f in fields(TrainConfig)}
     train_cfg = TrainConfig(reward="smoothness", **{k: v for k, v in TRAIN.items() if k in train_fields})
-    lora_cfg = LoraConfig(rank=TRAIN["lora_rank"], alpha=TRAIN["lora_alpha"], init_seed=TRAIN["lora_init_seed"])
+    lora_cfg = LoraConfig(rank=TRAIN["rank"], alpha=TRAIN["alpha"], init_seed=TRAIN["init_seed"])
     return SamplerConfig(**SAMPLER), lora_cfg, train_cfg
 
 

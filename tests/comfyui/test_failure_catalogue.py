@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from alignprop_core.lora import load_lora
-from failure_catalogue import (APPLY, COMPRESSIBILITY, LOAD, MIX, MIXER, NODE_ROWS, PREVIEW, SAMPLER, SAVE,
-                               SIMPLE, TRAINER, BadInput)
+from failure_catalogue import (APPLY, COMPRESSIBILITY, EVALUATION, LOAD, LORA_SETTINGS, MIX, MIXER, NODE_ROWS,
+                               OBJECTIVE, OPTIMIZER, PREVIEW, SAMPLER, SAVE, SIMPLE, TRAINER, BadInput)
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,19 @@ NEVER = "catalogue_never_written"  # the trainer's lora_name unless a row gives 
 SAMPLER_INPUTS = {"steps": 2, "eta": 0.0, "guidance_scale": 5.0, "use_cfg": True, "truncation": "fixed", "k": 1,
                   "k_min": 1, "k_max": 1, "k_mean": 1.0, "k_std": 0.0, "checkpoint_unet": True,
                   "checkpoint_vae": True}
-TRAIN_INPUTS = {"loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "steps": 1, "batch_size": 1,
-                "grad_accum": 1, "lr": 1e-3, "lr_schedule": "constant", "lr_warmup_steps": 0,
-                "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
-                "max_grad_norm": 1.0, "width": 64, "height": 64, "negative_prompt": "", "mixed_precision": "no",
-                "seed": 0, "eval_every": 0, "eval_seed": 1234, "eval_batch_size": 1, "save_every": 0,
-                "lora_rank": 4, "lora_alpha": 4.0, "lora_target_modules": "to_q, to_k, to_v, to_out.0",
-                "lora_init_seed": 0}
+TRAIN_INPUTS = {"steps": 1, "batch_size": 1, "lr": 1e-3, "width": 64, "height": 64, "seed": 0}
+# the trainer's settings nodes: node type -> (the trainer's socket, node id, inputs)
+SETTINGS = {
+    OPTIMIZER: ("optimizer", "21", {"grad_accum": 1, "lr_schedule": "constant", "lr_warmup_steps": 0,
+                                    "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+                                    "max_grad_norm": 1.0, "mixed_precision": "no"}),
+    EVALUATION: ("evaluation", "22", {"eval_every": 0, "eval_seed": 1234, "eval_latents": 1, "eval_batch_size": 1,
+                                      "save_every": 0}),
+    OBJECTIVE: ("objective", "23", {"loss": "maximize", "reward_target": 10.0, "reward_augment": "none",
+                                    "negative_prompt": ""}),
+    LORA_SETTINGS: ("lora_settings", "24", {"rank": 4, "alpha": 4.0, "target_modules": "to_q, to_k, to_v, to_out.0",
+                                            "init_seed": 0}),
+}
 SIMPLE_INPUTS = {"kind": "smoothness", "red": 1.0, "green": 0.5, "blue": 0.1}
 
 
@@ -47,8 +53,13 @@ def _base(ckpt: str) -> dict:
 
 
 def _trainer(graph: dict, reward: list, **inputs) -> dict:
+    """The trainer with its settings nodes, and a preview of its reward curve."""
+    sockets = {}
+    for node_type, (socket, node_id, values) in SETTINGS.items():
+        graph[node_id] = {"class_type": node_type, "inputs": dict(values)}
+        sockets[socket] = [node_id, 0]
     graph["4"] = {"class_type": TRAINER, "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": reward, "sampler": ["3", 0],
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": reward, "sampler": ["3", 0], **sockets,
         "prompts": "cat\ndog", "lora_name": NEVER, **TRAIN_INPUTS, **inputs}}
     graph["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}}
     return graph
@@ -77,6 +88,10 @@ def graph_for(row: BadInput, ckpt: str) -> dict:
     graph = _base(ckpt)
     if row.surface == TRAINER:
         return _trainer(graph, ["2", 0], **row.given)
+    if row.surface in SETTINGS:
+        graph = _trainer(graph, ["2", 0])
+        graph[SETTINGS[row.surface][1]]["inputs"].update(row.given)
+        return graph
     if row.surface in (SAMPLER, SIMPLE):
         graph["3" if row.surface == SAMPLER else "2"]["inputs"].update(row.given)
         return _trainer(graph, ["2", 0])

@@ -18,7 +18,7 @@ import pytest
 
 import harness
 import inproc
-from test_trainer_server import SAMPLER, TRAIN
+from test_trainer_server import TRAIN, inproc_settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def reward_failing_at(n):
 results = {}
 sampler = SamplerConfig(**settings["sampler"])
 for n, name in ((1, "oom/at_eval"), (3, "oom/at_step2"), (None, "oom/after")):
-    inputs = dict(settings["train"], model=model, clip=clip, vae=vae, sampler=sampler, prompts="cat\ndog",
+    inputs = dict(train_inputs, model=model, clip=clip, vae=vae, sampler=sampler, prompts="cat\ndog",
                   eval_prompts="cat", lora_name=name, reward=reward_failing_at(n) if n else
                   smooth)
     try:
@@ -58,8 +58,7 @@ json.dump(results, open(out_path, "w"), indent=1)
 def oom_results(comfy_dir, tmp_path_factory) -> tuple[dict, object]:
     base = tmp_path_factory.mktemp("oom-base")
     local = harness.install_random_checkpoint("sd15", base, comfy_dir)
-    train = {k: v for k, v in TRAIN.items() if k != "steps"} | {"steps": 2, "eval_batch_size": 1}
-    settings = json.dumps({"sampler": SAMPLER, "train": train})
+    settings = json.dumps(inproc_settings(steps=2, eval_batch_size=1))
     inproc.run_script(_OOM, comfy_dir, base, str(local), settings, str(base / "results.json"), CUDA_MESSAGE)
     results = json.loads((base / "results.json").read_text())
     print("\n[oom] " + json.dumps(results, indent=1))
@@ -97,7 +96,7 @@ def test_oom_in_training_names_the_saved_partial_lora(oom_results):
     assert "resume" in message
     assert not (base / "models" / "loras" / "oom" / "at_step2.safetensors").exists()
     lora = load_lora(path)
-    assert lora.rank == TRAIN["lora_rank"]
+    assert lora.rank == TRAIN["rank"]
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["alignprop.step"] == "1"
         assert any(float(f.get_tensor(k).abs().max()) > 0 for k in f.keys() if k.endswith("lora_up.weight"))

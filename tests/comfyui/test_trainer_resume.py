@@ -22,7 +22,7 @@ import torch
 
 import harness
 import inproc
-from test_trainer_server import SAMPLER, TRAIN
+from test_trainer_server import inproc_settings
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def cancelling_at(n):
 
 def run(name, reward, **extra):
     mm.interrupt_current_processing(False)
-    inputs = dict(settings["train"], model=model, clip=clip, vae=vae, sampler=SamplerConfig(**settings["sampler"]),
+    inputs = dict(train_inputs, model=model, clip=clip, vae=vae, sampler=SamplerConfig(**settings["sampler"]),
                   prompts="cat\ndog\nhorse", eval_prompts="cat", lora_name=name, reward=reward, **extra)
     try:
         out = inproc.execute(nodes.trainer_node.AlignPropTrainer, **inputs)
@@ -65,8 +65,7 @@ json.dump(results, open(out_path, "w"), indent=1)
 def resume_results(comfy_dir, tmp_path_factory) -> tuple[dict, object]:
     base = tmp_path_factory.mktemp("resume-base")
     local = harness.install_random_checkpoint("sd15", base, comfy_dir)
-    train = TRAIN | {"steps": 4, "eval_every": 2, "eval_batch_size": 1, "lr": 1e-2}
-    settings = json.dumps({"sampler": SAMPLER, "train": train})
+    settings = json.dumps(inproc_settings(steps=4, eval_every=2, eval_batch_size=1, lr=1e-2))
     inproc.run_script(_RESUME, comfy_dir, base, str(local), settings, str(base / "results.json"))
     results = json.loads((base / "results.json").read_text())
     print("\n[resume] " + json.dumps(results, indent=1))

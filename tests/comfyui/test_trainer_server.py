@@ -21,20 +21,49 @@ pytestmark = pytest.mark.slow
 
 SAMPLER = {"steps": 3, "eta": 0.0, "guidance_scale": 5.0, "use_cfg": True, "truncation": "fixed", "k": 1,
            "k_min": 1, "k_max": 1, "k_mean": 1.0, "k_std": 0.0, "checkpoint_unet": True, "checkpoint_vae": True}
-TRAIN = {"loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "steps": 2, "batch_size": 1,
-         "grad_accum": 1, "lr": 1e-3, "lr_schedule": "constant", "lr_warmup_steps": 0,
-         "weight_decay": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0,
-         "width": 64, "height": 64, "negative_prompt": "", "mixed_precision": "no", "seed": 0, "eval_every": 0,
-         "eval_seed": 1234, "eval_batch_size": 2, "save_every": 0, "lora_rank": 4, "lora_alpha": 4.0,
-         "lora_target_modules": "to_q, to_k, to_v, to_out.0", "lora_init_seed": 0}  # no eval_latents: optional
+# every training value of the trainer tests, flat: the trainer's own inputs and those of its settings nodes
+TRAIN = {"steps": 2, "batch_size": 1, "lr": 1e-3, "width": 64, "height": 64, "seed": 0,
+         "grad_accum": 1, "lr_schedule": "constant", "lr_warmup_steps": 0, "weight_decay": 1e-4, "adam_beta1": 0.9,
+         "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0, "mixed_precision": "no",
+         "eval_every": 0, "eval_seed": 1234, "eval_latents": 1, "eval_batch_size": 2, "save_every": 0,
+         "loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "negative_prompt": "",
+         "rank": 4, "alpha": 4.0, "target_modules": "to_q, to_k, to_v, to_out.0", "init_seed": 0}
+# the trainer's settings sockets: socket -> (settings node, node id in trainer_graph, the inputs it holds)
+SETTINGS_NODES = {
+    "optimizer": ("AlignProp_OptimizerSettings", "21",
+                  ("grad_accum", "lr_schedule", "lr_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                   "adam_eps", "max_grad_norm", "mixed_precision")),
+    "evaluation": ("AlignProp_EvaluationSettings", "22",
+                   ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every")),
+    "objective": ("AlignProp_ObjectiveSettings", "23", ("loss", "reward_target", "reward_augment", "negative_prompt")),
+    "lora_settings": ("AlignProp_LoraSettings", "24", ("rank", "alpha", "target_modules", "init_seed")),
+}
 RES_TARGETS = "to_q, to_k, to_v, to_out.0, conv1, conv2, time_emb_proj, conv_shortcut"  # + res blocks
 
 
+def split_inputs(values: dict) -> tuple[dict, dict[str, dict]]:
+    """(the trainer's own inputs, {settings socket: its node's inputs}) of flat values like TRAIN."""
+    settings = {socket: {k: values[k] for k in names if k in values}
+                for socket, (_, _, names) in SETTINGS_NODES.items()}
+    held = {k for _, _, names in SETTINGS_NODES.values() for k in names}
+    return {k: v for k, v in values.items() if k not in held}, settings
+
+
+def inproc_settings(**overrides) -> dict:
+    """The settings of an in-process trainer run (inproc.TRAINING_PRELUDE): the sampler's, the trainer's own
+    inputs, and each settings socket's node with its inputs."""
+    own, settings = split_inputs({**TRAIN, **overrides})
+    return {"sampler": SAMPLER, "train": own,
+            "settings": {socket: [SETTINGS_NODES[socket][0], inputs] for socket, inputs in settings.items()}}
+
+
 def trainer_graph(ckpt: str, lora_name: str, **overrides) -> dict:
+    """Checkpoint, reward, sampler and settings nodes -> trainer -> preview of the reward curve; each
+    override goes to the node that has that input."""
+    own, settings = split_inputs({**TRAIN, **overrides})
     inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0], "sampler": ["3", 0],
-              "prompts": "cat\ndog", "lora_name": lora_name, **TRAIN}
-    inputs.update(overrides)
-    return {
+              "prompts": "cat\ndog", "lora_name": lora_name, **own}
+    graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "AlignProp_SimpleReward",
               "inputs": {"kind": "smoothness", "red": 1.0, "green": 0.5, "blue": 0.1}},
@@ -42,6 +71,10 @@ def trainer_graph(ckpt: str, lora_name: str, **overrides) -> dict:
         "4": {"class_type": "AlignProp_Trainer", "inputs": inputs},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
     }
+    for socket, (node_type, node_id, _) in SETTINGS_NODES.items():
+        graph[node_id] = {"class_type": node_type, "inputs": settings[socket]}
+        inputs[socket] = [node_id, 0]
+    return graph
 
 
 def ksampler_graph(ckpt: str, prefix: str, lora_name: str | None) -> dict:
@@ -88,14 +121,17 @@ def test_node_list_and_inputs(server):
     info = server.object_info()
     ours = {k: v for k, v in info.items() if k.startswith("AlignProp_")}
     assert {"AlignProp_Trainer", "AlignProp_SamplerSettings", "AlignProp_PreviewSampler", "AlignProp_ScoreImages",
+            *(node_type for node_type, _, _ in SETTINGS_NODES.values()),
             "AlignProp_RewardMixer", "AlignProp_SaveLora", "AlignProp_LoadLora", "AlignProp_MixLoras",
             "AlignProp_AestheticReward", "AlignProp_HPSReward", "AlignProp_PickScoreReward",
             "AlignProp_CLIPScoreReward", "AlignProp_CompressibilityReward", "AlignProp_ObjectCountReward"} <= set(ours)
     trainer = ours["AlignProp_Trainer"]["input"]
     assert {"model", "clip", "vae", "reward", "prompts", "lora_name"} <= set(trainer["required"])
-    # added after the node shipped: optional, so older workflows (like TRAIN, which leaves it out)
-    # still validate, and the UI lists it after every older widget
-    assert "eval_latents" in trainer["optional"] and "eval_latents" not in trainer["required"]
+    # the settings sockets are optional, and each settings node holds exactly its inputs
+    assert set(SETTINGS_NODES) <= set(trainer["optional"])
+    for socket, (node_type, _, names) in SETTINGS_NODES.items():
+        assert list(ours[node_type]["input"]["required"]) == list(names), node_type
+        assert ours[node_type]["output"] == [trainer["optional"][socket][0]], node_type
     for name, node in ours.items():
         assert node["category"].startswith("AlignProp/"), name
         for spec in {**node["input"].get("required", {}), **node["input"].get("optional", {})}.values():
@@ -108,7 +144,7 @@ def test_trained_lora_loads_in_loraloader_and_changes_ksampler(server, kind, res
     ckpt = request.getfixturevalue(f"{kind}_checkpoint")
     started = time.monotonic()
     name = f"{kind}_res" if res else kind
-    overrides = {"lora_target_modules": RES_TARGETS} if res else {}
+    overrides = {"target_modules": RES_TARGETS} if res else {}
     server.run(trainer_graph(ckpt, f"alignprop_test/{name}", **overrides), timeout=1200)
     print(f"\n[comfyui] {name} trainer run: {time.monotonic() - started:.1f} s")
     path = server.models_dir / "loras" / "alignprop_test" / f"{name}.safetensors"
@@ -228,6 +264,7 @@ def test_an_init_lora_holding_nan_is_refused_before_training(server, sd15_checkp
     graph = trainer_graph(sd15_checkpoint, "alignprop_test_init/from_nan", steps=1)
     graph["9"] = {"class_type": "AlignProp_LoadLora", "inputs": {"lora_name": name}}
     graph["4"]["inputs"]["init_lora"] = ["9", 0]
+    del graph["4"]["inputs"]["lora_settings"], graph[SETTINGS_NODES["lora_settings"][1]]  # the file sets them
     entry = _wait_any(server, server.queue(graph))
     assert entry["status"]["status_str"] == "error" and "holds 1 NaN" in _messages(entry), _messages(entry)
     assert sorted(p.name for p in path.parent.iterdir()) == ["nan_init.safetensors"]  # nothing written

@@ -38,8 +38,8 @@ TEST_VALUES = {
     "AlignProp_SamplerSettings": {"steps": STEPS},
     "AlignProp_PreviewSampler": {"width": SIZE, "height": SIZE, "prompt": "a cheetah\na penguin"},
     # one held-out prompt: the evaluations at the first and last step are most of a test run's time
-    "AlignProp_Trainer": {"steps": STEPS, "batch_size": 1, "grad_accum": 1, "width": SIZE, "height": SIZE,
-                          "eval_prompts": "a cheetah"},
+    "AlignProp_Trainer": {"steps": STEPS, "batch_size": 1, "width": SIZE, "height": SIZE, "eval_prompts": "a cheetah"},
+    "AlignProp_OptimizerSettings": {"grad_accum": 1},
 }
 
 
