@@ -1,13 +1,14 @@
 """Held-out evaluation: the reward of images sampled from fixed latents, without gradient."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
 from ..config import SamplerConfig, TrainConfig
 from ..models.backend import DiffusionBackend
-from ..rewards import Reward, RewardFn, as_reward
+from ..rewards import Reward, RewardFn
 from ..sampling.sampler import sample_images
 from .step import autocast_context
 
@@ -26,13 +27,14 @@ def evaluate(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequ
     Returns:
         (per-image rewards, images (N,3,H,W) on the CPU if return_images else None)
     """
-    reward = as_reward(reward, cfg.reward)
+    # only a Reward can keep state that scoring would move; a plain function needs no guard
+    scoring = reward.scoring_only() if isinstance(reward, Reward) else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(cfg.eval_seed)
     entries = eval_entries(prompts, cfg)
     shape = backend.latent_shape(len(entries), cfg.height, cfg.width)
     x_T = torch.randn(shape, generator=gen).to(backend.device)
     scores, images = [], []
-    with reward.scoring_only():
+    with scoring:
         for i in range(0, len(entries), cfg.eval_batch_size):
             chunk = list(entries[i:i + cfg.eval_batch_size])
             with autocast_context(backend.device, cfg.mixed_precision):
