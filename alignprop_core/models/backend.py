@@ -16,13 +16,21 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..sampling.flow_schedule import FlowSchedule
 from ..sampling.schedule import NoiseSchedule
 
 Cond = dict[str, torch.Tensor]
 
 
 class Denoiser(Protocol):
-    """Model output (epsilon, v or x0, as the schedule says) for x_t at integer timesteps t."""
+    """The model's native output for x_t at timesteps t.
+
+    With a `NoiseSchedule` (DDIM; SD1.x, SDXL) t is the integer timestep (long) and the output is
+    epsilon, v or x0 as the schedule says; with a `FlowSchedule` (rectified flow; SD3, FLUX.1) t is
+    the float timestep num_train_timesteps * sigma and the output is the velocity e - x0. Latents
+    are always (B, C, h, w); a model that takes tokens packs and unpacks them itself. A model with a
+    distilled-guidance input reads it from ``cond["guidance"]`` (B,).
+    """
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor: ...
 
@@ -32,7 +40,7 @@ class DiffusionBackend:
     """A text-to-image model seen through the callables AlignProp needs."""
 
     denoiser: Denoiser  # (x_t (B,C,h,w), t (B,) long, cond) -> model output (B,C,h,w)
-    schedule: NoiseSchedule  # forward-process schedule and inference-timestep rule
+    schedule: NoiseSchedule | FlowSchedule  # noise levels and the update between them
     encode_prompts: Callable[[Sequence[str]], Cond]  # prompts -> conditioning, frozen
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents -> images (B,3,H,W) in [0,1], differentiable
     latent_channels: int  # C of the latent space
@@ -40,20 +48,27 @@ class DiffusionBackend:
     lora_target: nn.Module  # the module LoRA is injected into (the UNet)
     device: torch.device  # where latents are created
     name: str = "model"  # recorded in LoRA metadata
-    arch: str | None = None  # "sd15" | "sdxl": picks the LoRA file's key naming (see lora.keys)
+    arch: str | None = None  # "sd15" | "sdxl" | "sd3" | "flux": picks the LoRA file's key naming
+    patch_size: int = 1  # latent cells per model token side; image sides are multiples of f * patch
+    guidance_input: bool = False  # the model takes distilled guidance as an input (FLUX.1-dev)
+    default_guidance: float | None = None  # that input's value when the sampler config gives none
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape of x_T for images of height x width; errors if the VAE factor does not divide them."""
         f = self.vae_scale_factor
-        check_image_size(width, height, f)
+        check_image_size(width, height, f, self.patch_size)
         return (batch, self.latent_channels, height // f, width // f)
 
 
-def check_image_size(width: int, height: int, vae_factor: int) -> None:
-    """ValueError unless the VAE factor divides both sides (hosts check this before loading a model)."""
-    if height % vae_factor or width % vae_factor:
-        raise ValueError(f"width={width} and height={height} must be multiples of the VAE factor {vae_factor}; "
-                         f"round them to a multiple of {vae_factor}.")
+def check_image_size(width: int, height: int, vae_factor: int, patch_size: int = 1) -> None:
+    """ValueError unless the VAE factor times the model's patch size divides both sides (hosts
+    check this before loading a model)."""
+    multiple = vae_factor * patch_size
+    if height % multiple or width % multiple:
+        what = (f"the VAE factor {vae_factor}" if patch_size == 1 else
+                f"{multiple} (the VAE factor {vae_factor} times the patch size {patch_size})")
+        raise ValueError(f"width={width} and height={height} must be multiples of {what}; "
+                         f"round them to a multiple of {multiple}.")
 
 
 def unet_denoiser(unet: nn.Module) -> Denoiser:

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
+SIGMA_GRIDS = ("default", "flux")
 
 # diffusers options this module does not implement, with the value that means "off"
 UNSUPPORTED_OPTIONS = {
@@ -68,6 +69,10 @@ class FlowSchedule:
     base_image_seq_len: int = 256  # token count (latent patches) where mu = base_shift
     max_image_seq_len: int = 4096  # token count where mu = max_shift
     time_shift_type: str = "exponential"  # dynamic shift a = exp(mu) ("exponential") or mu ("linear")
+    # how the pipeline spaces its steps before the shift: diffusers' default grid (SD3 pipelines)
+    # or linspace(1, 1/n, n) (FLUX pipelines); not a scheduler-config key, the backend sets it
+    sigma_grid: str = "default"
+    patch_size: int = 2  # latent cells per transformer token side: the dynamic shift counts tokens
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
@@ -93,6 +98,12 @@ class FlowSchedule:
             raise ValueError(f"max_image_seq_len={self.max_image_seq_len} must be larger than "
                              f"base_image_seq_len={self.base_image_seq_len}; mu is interpolated "
                              "between them.")
+        if self.sigma_grid not in SIGMA_GRIDS:
+            raise ValueError(f"sigma_grid={self.sigma_grid!r} is not known; use one of "
+                             f"{', '.join(SIGMA_GRIDS)}.")
+        if not _is_int(self.patch_size) or self.patch_size < 1:
+            raise ValueError(f"patch_size={self.patch_size!r} must be a positive integer (SD3 and "
+                             "FLUX.1 use 2).")
         if self.time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"time_shift_type={self.time_shift_type!r} is not supported; use one "
                              f"of {', '.join(TIME_SHIFT_TYPES)}.")
