@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, asdict
 from typing import Any
 
 TRUNCATION_STRATEGIES = ("fixed", "uniform", "gaussian")
+ESTIMATORS = ("truncated", "draft_lv")
 LOSS_SHAPES = ("maximize", "target")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -101,12 +102,28 @@ class SamplerConfig:
     checkpoint_unet: bool = _help("gradient-checkpoint every denoising step in the gradient window",
                                   default=True)
     checkpoint_vae: bool = _help("gradient-checkpoint the VAE decode", default=True)
+    estimator: str = _help("gradient estimator: truncated (AlignProp: backprop through the last K "
+                           "steps) | draft_lv (DRaFT-LV: K = 1 plus lv_samples re-noised copies of the "
+                           "last step, rewards averaged)", default="truncated")
+    lv_samples: int = _help("draft_lv: re-noised copies n of the last step (n + 1 reward queries "
+                            "per image)", default=2)
+    distilled_guidance: float = _help("guidance fed to a guidance-distilled model as an input "
+                                      "(FLUX.1-dev; 0 = the model's default, 3.5); models without "
+                                      "that input refuse any other value", default=0.0)
 
     def __post_init__(self) -> None:
         _check_types(self)
         _positive(self, "steps")
-        _non_negative(self, "eta", "k_std")
+        _non_negative(self, "eta", "k_std", "distilled_guidance")
         _one_of(self, "truncation", TRUNCATION_STRATEGIES)
+        _one_of(self, "estimator", ESTIMATORS)
+        if self.lv_samples < 1:
+            raise ValueError(f"SamplerConfig.lv_samples={self.lv_samples} must be >= 1: DRaFT-LV "
+                             "re-noises the last step n >= 1 times (2 is the paper's choice).")
+        if self.estimator == "draft_lv" and (self.truncation != "fixed" or self.k != 1):
+            raise ValueError(f"SamplerConfig.estimator='draft_lv' backpropagates through the last step "
+                             f"only, but truncation={self.truncation!r}, k={self.k} asks for more; set "
+                             "truncation='fixed' and k=1, or use estimator='truncated'.")
         if self.use_cfg and self.guidance_scale < 1:
             raise ValueError(f"SamplerConfig.guidance_scale={self.guidance_scale} is below 1 with "
                              "classifier-free guidance on; use guidance_scale >= 1 or set use_cfg=False.")

@@ -160,7 +160,7 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
     if tp:
         tneed, ap_best = tp["alignprop_queries_needed"], max(c["train_reward"] for c in ap)
         reach = ("DDPO did not improve on them" if not tp["ddpo_improved"] else
-                 f"AlignProp's median reaches DDPO's final at "
+                 "AlignProp's median reaches DDPO's final at "
                  + (f"{tneed} queries ({tp['factor']:.1f}× fewer)" if tneed is not None else "none of its queries"))
         out.append(f"- Training-prompt column: the same runs scored on {s['train_eval_prompts']} training prompts, "
                    "one image each (noisier than the held-out column). DDPO goes from "
@@ -183,7 +183,7 @@ def efficiency_section(eff: dict, title: str = "## 4. Sample efficiency against 
 
 
 def scaling_section(sc: dict) -> list[str]:
-    out = [f"## 5. Scaling (K=1, CFG, checkpointing)", "",
+    out = ["## 5. Scaling (K=1, CFG, checkpointing)", "",
            "| model | px | T | batch | AlignProp step (s) | no-grad sample (s) | ratio | peak RSS growth (MiB) | saved for backward |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in sc["by_resolution"] + sc["by_steps"] + sc["sd15"]:

@@ -1,14 +1,21 @@
-"""Differentiable DDIM sampling with truncated, gradient-checkpointed backpropagation (AlignProp §3).
+"""Differentiable sampling with truncated, gradient-checkpointed backpropagation (AlignProp §3).
 
-The chain x_T -> x_0 runs T DDIM steps. Only the last K steps (the gradient window) are recorded by
-autograd; earlier steps run under `no_grad`, which is the paper's truncated backpropagation. Each step
-inside the window is wrapped in the reentrant `torch.utils.checkpoint`, so autograd keeps one latent
-and one graph node per step instead of the UNet's activations and graph, and recomputes the UNet
-during backward (train with `loss.backward()`; `torch.autograd.grad` cannot pass that checkpoint). K is drawn
-once per sample batch (`draw_truncation`), never per step: the reference implementation re-draws it at
-every denoising step, which makes the window non-contiguous. On the CPU, freed heap pages are handed
-back to the OS around every window step (glibc `malloc_trim`), so allocator retention does not make
-peak RSS grow with K.
+The chain x_T -> x_0 runs T steps of the model's sampler (`chain.make_chain`: DDIM for epsilon/v
+models, the Euler ODE for rectified flow). Only the last K steps (the gradient window) are recorded
+by autograd; earlier steps run under `no_grad`, which is the paper's truncated backpropagation. Each
+step inside the window is wrapped in the reentrant `torch.utils.checkpoint`, so autograd keeps one
+latent and one graph node per step instead of the denoiser's activations and graph, and recomputes
+the denoiser during backward (train with `loss.backward()`; `torch.autograd.grad` cannot pass that
+checkpoint). K is drawn once per sample batch (`draw_truncation`), never per step: the reference
+implementation re-draws it at every denoising step, which makes the window non-contiguous. On the
+CPU, freed heap pages are handed back to the OS around every window step (glibc `malloc_trim`), so
+allocator retention does not make peak RSS grow with K.
+
+The DRaFT-LV estimator (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable
+Rewards") keeps K = 1 and adds n lower-variance copies of the last step: the chain's result,
+stopped from gradient, is re-noised to the last step's noise level with fresh noise and denoised
+again with gradient, n times; the n + 1 results are returned as one batch, and the loss averages
+the reward over them.
 """
 from __future__ import annotations
 
@@ -22,8 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import SamplerConfig
 from ..models.backend import Cond, Denoiser, DiffusionBackend
+from .chain import Schedule, Step, check_eta, make_chain
 from .conditioning import batch_conds, can_batch
-from .schedule import NoiseSchedule, ddim_step
 
 
 def draw_truncation(cfg: SamplerConfig, generator: torch.Generator) -> int:
@@ -45,14 +52,16 @@ def _cat_cond(uncond: Cond, cond: Cond) -> Cond:
     return batch_conds([uncond, cond])
 
 
-def guided_prediction(denoiser: Denoiser, x_t: torch.Tensor, t: int, cond: Cond,
+def guided_prediction(denoiser: Denoiser, x_t: torch.Tensor, t: int | float, cond: Cond,
                       uncond: Cond | None, guidance_scale: float) -> torch.Tensor:
     """Denoiser output with classifier-free guidance, both branches in one batched call.
 
+    `t` is an integer timestep (DDIM models: fed as long) or a float one (flow models: float32).
     When batching would repeat the shorter context too often (ComfyUI's limit, see
     `conditioning.can_batch`), the branches run as two calls instead, with the same result.
     """
-    ts = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    dtype = torch.long if isinstance(t, int) else torch.float32
+    ts = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=dtype)
     if uncond is None:
         return denoiser(x_t, ts, cond)
     if can_batch([uncond, cond]):
@@ -63,11 +72,9 @@ def guided_prediction(denoiser: Denoiser, x_t: torch.Tensor, t: int, cond: Cond,
 
 
 def _denoise_step(x_t: torch.Tensor, noise: torch.Tensor | None, cond: Cond, uncond: Cond | None,
-                  denoiser: Denoiser, schedule: NoiseSchedule, t: int, t_prev: int,
-                  cfg: SamplerConfig) -> torch.Tensor:
-    out = guided_prediction(denoiser, x_t, t, cond, uncond, cfg.guidance_scale)
-    return ddim_step(out, x_t, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), cfg.eta,
-                     schedule.prediction_type, noise)
+                  denoiser: Denoiser, step: Step, cfg: SamplerConfig) -> torch.Tensor:
+    out = guided_prediction(denoiser, x_t, step.t, cond, uncond, cfg.guidance_scale)
+    return step.update(out, x_t, noise)
 
 
 def _checkpointed_step(x_t: torch.Tensor, args: tuple) -> torch.Tensor:
@@ -86,53 +93,77 @@ def _checkpointed_step(x_t: torch.Tensor, args: tuple) -> torch.Tensor:
     return checkpoint(_denoise_step, x_t, *args, use_reentrant=True)
 
 
-def sample_latents(denoiser: Denoiser, schedule: NoiseSchedule, x_T: torch.Tensor, cond: Cond,
+def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device so a CPU generator gives
+    the same noise on any device."""
+    gen_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+
+
+def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig) -> torch.Tensor:
+    """One denoising step that carries gradient: checkpointed (see `_checkpointed_step`) or plain."""
+    if not cfg.checkpoint_unet:
+        return _denoise_step(x, *args)
+    x = _checkpointed_step(x, args)
+    if x.device.type == "cpu":
+        _release_freed_heap(x)  # this step's discarded activations
+        if x.requires_grad:
+            x.register_hook(_release_freed_heap)  # the next stage's recomputed ones, in backward
+    return x
+
+
+def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, cond: Cond,
                    uncond: Cond | None, cfg: SamplerConfig, grad_steps: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the DDIM chain from x_T; the last `grad_steps` steps are differentiable.
+    """Run the sampling chain from x_T; the last `grad_steps` steps are differentiable.
 
     Args:
         denoiser: model-output callable (see `models.backend.Denoiser`).
-        schedule: the model's noise schedule.
+        schedule: the model's noise levels (`NoiseSchedule`: DDIM; `FlowSchedule`: Euler ODE).
         x_T: initial noise, (B, C, h, w).
         cond, uncond: conditioning of the prompts and of the negative prompt (uncond None: no CFG).
-        cfg: sampler settings (steps, eta, guidance, checkpointing).
+        cfg: sampler settings (steps, eta, guidance, checkpointing, estimator).
         grad_steps: K; 0 runs the whole chain without gradient.
-        generator: source of the eta > 0 noise; it is drawn at every step, inside the window or not,
-            so the random stream does not depend on K.
+        generator: source of the eta > 0 noise and of DRaFT-LV's re-noising; the eta noise is drawn
+            at every step, inside the window or not, so the random stream does not depend on K.
 
     Returns:
         x_0 latents, (B, C, h, w); attached to the graph when grad_steps > 0 and grad is enabled.
+        With the DRaFT-LV estimator and gradient on: ((n + 1) B, C, h, w), the chain's own result
+        first, then the n re-noised copies of its last step, each in prompt order.
     """
     if not 0 <= grad_steps <= cfg.steps:
         raise ValueError(f"grad_steps={grad_steps} is outside [0, steps={cfg.steps}].")
     if cfg.use_cfg and uncond is None:
         raise ValueError("SamplerConfig.use_cfg is on but no unconditional conditioning was given.")
     uncond = uncond if cfg.use_cfg else None
-    timesteps = schedule.timesteps(cfg.steps)
+    chain = make_chain(schedule, cfg.steps, cfg.eta, tuple(x_T.shape))
     first_grad_step = cfg.steps - grad_steps
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = schedule.previous_timestep(t, cfg.steps)
-        noise = None
-        if cfg.eta > 0:
-            # drawn on the generator's device so a CPU generator gives the same noise on any device
-            gen_device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=gen_device,
-                                dtype=x.dtype).to(x.device)
-        args = (noise, cond, uncond, denoiser, schedule, t, t_prev, cfg)
+    for i, step in enumerate(chain):
+        noise = _draw_noise(x, generator) if step.needs_noise else None
+        args = (noise, cond, uncond, denoiser, step, cfg)
         if i < first_grad_step or not torch.is_grad_enabled():
             with torch.no_grad():
                 x = _denoise_step(x, *args)
-        elif cfg.checkpoint_unet:
-            x = _checkpointed_step(x, args)
-            if x.device.type == "cpu":
-                _release_freed_heap(x)  # this step's discarded activations
-                if x.requires_grad:
-                    x.register_hook(_release_freed_heap)  # the next stage's recomputed ones, in backward
         else:
-            x = _denoise_step(x, *args)
+            x = _grad_step(x, args, cfg)
+    if cfg.estimator == "draft_lv" and grad_steps > 0 and torch.is_grad_enabled():
+        x = torch.cat([x, *_lv_copies(x, chain[-1], cond, uncond, denoiser, cfg, generator)])
     return x
+
+
+def _lv_copies(x0: torch.Tensor, last: Step, cond: Cond, uncond: Cond | None, denoiser: Denoiser,
+               cfg: SamplerConfig, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """DRaFT-LV's n extra estimates: the stop-gradient result re-noised to the last step's level
+    with fresh noise, then denoised by that step with gradient."""
+    clean = x0.detach()
+    copies = []
+    for _ in range(cfg.lv_samples):
+        x_t = last.renoise(clean, _draw_noise(clean, generator))
+        noise = _draw_noise(clean, generator) if last.needs_noise else None
+        copies.append(_grad_step(x_t, (noise, cond, uncond, denoiser, last, cfg), cfg))
+    return copies
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,17 +196,44 @@ def decode_images(backend: DiffusionBackend, latents: torch.Tensor, use_checkpoi
     return backend.decode(latents)
 
 
+def check_sampler_fits(backend: DiffusionBackend, cfg: SamplerConfig) -> None:
+    """Refuse sampler settings the model cannot take, before any work: distilled guidance on a model
+    without that input, and eta > 0 on a flow model (`chain.make_chain` says why)."""
+    if cfg.distilled_guidance and not backend.guidance_input:
+        raise ValueError(f"SamplerConfig.distilled_guidance={cfg.distilled_guidance} was given, but "
+                         f"{backend.name} has no guidance input (only guidance-distilled models such "
+                         "as FLUX.1-dev have one); set it to 0 and use guidance_scale with use_cfg "
+                         "for classifier-free guidance.")
+    check_eta(backend.schedule, cfg.eta)
+
+
+def with_guidance(backend: DiffusionBackend, cfg: SamplerConfig, cond: Cond) -> Cond:
+    """`cond` plus the distilled-guidance input (B,) when the model takes one."""
+    if not backend.guidance_input:
+        return cond
+    scale = cfg.distilled_guidance or backend.default_guidance
+    if scale is None:
+        raise ValueError(f"{backend.name} takes a distilled-guidance input; set "
+                         "SamplerConfig.distilled_guidance (FLUX.1-dev uses 3.5).")
+    batch = next(iter(cond.values())).shape[0]
+    return {**cond, "guidance": torch.full((batch,), float(scale), device=backend.device)}
+
+
 def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: SamplerConfig,
                   x_T: torch.Tensor, negative_prompt: str = "", grad_steps: int = 0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Prompts + initial noise -> images (B,3,H,W) in [0,1], differentiable through the last K steps."""
+    """Prompts + initial noise -> images (B,3,H,W) in [0,1], differentiable through the last K steps.
+
+    With the DRaFT-LV estimator and gradient on, ((n + 1) B, 3, H, W): see `sample_latents`.
+    """
     if len(prompts) != x_T.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts but {x_T.shape[0]} initial latents; "
                          "give one prompt per latent.")
+    check_sampler_fits(backend, cfg)
     with torch.no_grad():
-        cond = backend.encode_prompts(list(prompts))
-        uncond = backend.encode_prompts([negative_prompt] * len(prompts)) if cfg.use_cfg else None
+        cond = with_guidance(backend, cfg, backend.encode_prompts(list(prompts)))
+        uncond = (with_guidance(backend, cfg, backend.encode_prompts([negative_prompt] * len(prompts)))
+                  if cfg.use_cfg else None)
     latents = sample_latents(backend.denoiser, backend.schedule, x_T, cond, uncond, cfg,
                              grad_steps, generator)
     return decode_images(backend, latents, cfg.checkpoint_vae)
-

@@ -23,19 +23,23 @@ from ..config import LoraConfig, SamplerConfig, TrainConfig, to_dict
 from ..lora import LoraFile, add_lora, apply_lora_file, lora_state_dict, save_lora, set_lora_state_dict
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn, as_reward
+from ..sampling.sampler import check_sampler_fits
 from .evaluate import evaluate
 from .step import make_optimizer, make_scaler, optimizer_step
 from .train_state import TrainState, check_resumable, save_train_state
 
 
 def check_run_inputs(backend: DiffusionBackend, prompts: Sequence[str], eval_prompts: Sequence[str],
-                     cfg: TrainConfig) -> None:
-    """Refuse empty prompt lists and a resolution the model cannot take, before any work."""
+                     cfg: TrainConfig, sampler: SamplerConfig | None = None) -> None:
+    """Refuse empty prompt lists, a resolution and sampler settings the model cannot take, before
+    any work."""
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("no training prompts were given; give at least one prompt (one per line).")
     if not eval_prompts:
         raise ValueError("no evaluation prompts were given; give at least one held-out prompt.")
     backend.latent_shape(1, cfg.height, cfg.width)  # raises on a bad resolution
+    if sampler is not None:
+        check_sampler_fits(backend, sampler)
 
 
 class TrainRun:
@@ -55,7 +59,7 @@ class TrainRun:
                  eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig, cfg: TrainConfig,
                  init_lora: LoraFile | None = None, state: TrainState | None = None,
                  source: str | Path = "the training state"):
-        check_run_inputs(backend, prompts, eval_prompts, cfg)
+        check_run_inputs(backend, prompts, eval_prompts, cfg, sampler)
         self.reward = as_reward(reward, cfg.reward)
         self.cfg = dataclasses.replace(cfg, reward=self.reward.spec.text())  # the reward as it was built
         self.backend, self.prompts, self.eval_prompts = backend, list(prompts), list(eval_prompts)

@@ -102,16 +102,18 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
             images = sample_images(backend, batch_prompts, sampler, x_T, cfg.negative_prompt,
                                    grad_steps=k, generator=gen)
             scored = augment_for_reward(images.float(), cfg.reward_augment, gen)
-            r = reward(scored, batch_prompts).float()  # (B,)
+            # DRaFT-LV returns n + 1 estimates per prompt, in blocks of the batch's prompt order
+            estimates = images.shape[0] // len(batch_prompts)
+            r = reward(scored, batch_prompts * estimates).float()  # (estimates * B,)
         if not torch.isfinite(r).all():
             optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"the reward returned NaN/Inf for prompts {batch_prompts}; this optimiser "
                           "step is skipped and the LoRA is left unchanged.")
             return {"reward": math.nan, "loss": math.nan, "k": k, "grad_norm": math.nan, "skipped": True,
                     "lr": lr}
-        loss = reward_loss(r, cfg)
+        loss = reward_loss(r, cfg)  # over all estimates: DRaFT-LV's average of n + 1
         scaler.scale(loss / cfg.grad_accum).backward()
-        rewards += r.detach().tolist()
+        rewards += r[:len(batch_prompts)].detach().tolist()  # the sampled images' own rewards
         losses.append(loss.item())
         ks.append(k)
     scaler.unscale_(optimizer)
