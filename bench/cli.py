@@ -17,11 +17,11 @@ import torch
 
 from alignprop_core.cli import parse_reward_args
 from alignprop_core.config import REWARD_AUGMENTS
-from bench import efficiency, memory, overhead, plots, reference, scaling
+from bench import efficiency, estimators, memory, overhead, plots, reference, scaling
 from bench.machine import describe, load_average
 from bench.report import render, write_readme_summary
 
-ITEMS = ("overhead", "memory", "reference", "efficiency", "scaling")
+ITEMS = ("overhead", "memory", "reference", "efficiency", "scaling", "estimators")
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Plan:
     ddpo_lr_count: int | None  # how many of the DDPO learning rates given are run (None: all)
     ddpo_seeds: tuple[int, ...] = (0,)  # DDPO runs per learning rate (the median is judged)
     memory_ks: tuple[int, ...] = memory.KS
+    estimator_budget: int = 512  # truncated K=1's reward queries in item 6
+    estimator_seeds: tuple[int, ...] = tuple(range(8))
 
 
 FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
@@ -53,7 +55,7 @@ FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], reso
 QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
              alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10, alignprop_seeds=(0, 1),
-             ddpo_lr_count=1, memory_ks=(1, 20))
+             ddpo_lr_count=1, memory_ks=(1, 20), estimator_budget=16, estimator_seeds=(0,))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -112,6 +114,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--efficiency-workers", type=int, default=2,
                    help="processes for item 4's runs (DDPO and the AlignProp seeds side by side; it "
                         "counts queries, not seconds, so sharing the cores does not bias it)")
+    r.add_argument("--estimator-rewards", nargs="+", default=["toy_count", "jpeg_compressibility"],
+                   metavar="REWARD=LR", help="item 6's tasks on --efficiency-model, each with AlignProp's "
+                   "learning rate for both estimators (default: toy_count at 1.5e-3, the demo's, and "
+                   "jpeg_compressibility at 1e-2, item 4b's)")
+    r.add_argument("--estimator-workers", type=int, default=2,
+                   help="processes for item 6's seeds (each runs both estimators, one after the other)")
     r.add_argument("--efficiency-prompts", default="auto", help="shipped prompt lists: animals | toy | auto")
     r.add_argument("--official-repo", default=None,
                    help="the official AlignProp repository (checkout, bare git dir or its sd_pipeline.py); "
@@ -178,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                                           for reward in args.efficiency_also]
             for eff in results["efficiency_more"]:
                 plots.efficiency(eff, out, plots.efficiency_plot_name(eff["spec"]["reward"]))
+    if "estimators" in args.only:
+        results["estimators"] = []
+        for task in args.estimator_rewards:
+            reward, _, lr = task.partition("=")
+            lr = float(lr) if lr else {"jpeg_compressibility": 1e-2}.get(reward, 1.5e-3)
+            spec = estimators.EstimatorSpec(model=args.efficiency_model, reward=reward, lr=lr,
+                                            budget=plan.estimator_budget, seeds=plan.estimator_seeds,
+                                            workers=args.estimator_workers, threads=args.threads)
+            results["estimators"].append(estimators.run(estimators.quick(spec) if args.quick else spec))
     if "scaling" in args.only:
         results["scaling"] = scaling.run(args.scaling_model, args.reward, plan.resolutions, plan.step_counts,
                                          plan.memory_repeats + 1, args.threads, plan.sd15_px, plan.sd15_steps)
