@@ -117,7 +117,7 @@ def _transformer_arch(module: nn.Module, arch: str | None, naming: str | None) -
         raise ValueError(f"naming={naming!r} chooses between UNet namings; {arch} files always use the "
                          "diffusers transformer names: leave naming unset.")
     if have != arch:
-        what = f"an {have} model" if have else "not an SD3 or FLUX transformer"
+        what = f"of the {have} family" if have else "not an SD3 or FLUX transformer"
         raise ValueError(f"arch={arch!r} but the module is {what}; pass the diffusers "
                          f"{_TRANSFORMER_CLASSES[arch]} that was trained, or the arch of the module.")
     if not is_diffusers_transformer(module):
