@@ -6,7 +6,9 @@ diffusers is checked end to end: a file we write goes through ``pipe.load_lora_w
 computes what our LoRA-injected one computes. ComfyUI cannot be imported here, so its side is
 checked against rules read from its source: the LoRA key map of ``comfy/lora.py``
 ``model_lora_keys_unet`` (SD3 and Flux branches, over ``comfy/utils.py`` ``mmdit_to_diffusers`` and
-``flux_to_diffusers``) and the arithmetic of ``comfy/weight_adapter/lora.py`` ``LoRAAdapter``.
+``flux_to_diffusers``) and the arithmetic of ``comfy/weight_adapter/lora.py`` ``LoRAAdapter``
+(read from current ComfyUI; the entries used here are older than 0.3.75: the ``.lora_B.weight``
+form was in ``comfy/lora.py`` ``load_lora`` before the weight adapters were split out).
 """
 from __future__ import annotations
 
@@ -371,6 +373,14 @@ def test_save_errors_name_the_fix(tmp_path):
         save_lora(tmp_path / "x.safetensors", model, cfg, arch="sd3")
     with pytest.raises(ValueError, match="naming='ldm' chooses between UNet namings; flux files"):
         save_lora(tmp_path / "x.safetensors", model, cfg, arch="flux", naming="ldm")
+    comfy_flux = torch.nn.Module()  # ComfyUI's Flux names: no diffusers transformer to name the keys by
+    comfy_flux.double_blocks = torch.nn.ModuleList([torch.nn.Module()])
+    comfy_flux.double_blocks[0].img_attn = torch.nn.Module()
+    comfy_flux.double_blocks[0].img_attn.qkv = torch.nn.Linear(4, 12)
+    qkv = LoraConfig(rank=RANK, alpha=3.0, target_modules=("qkv",))
+    add_lora(comfy_flux, qkv)
+    with pytest.raises(ValueError, match="uses ComfyUI's module names .*written from the diffusers Flux"):
+        save_lora(tmp_path / "x.safetensors", comfy_flux, qkv, arch="flux")
     with pytest.raises(ValueError, match="Unknown LoRA keys .*one key form per file"):
         save_lora_file(tmp_path / "x.safetensors", LoraFile(
             state={**peft_to_diffusers(lora_state_dict(model)), "lora_unet_x.lora_down.weight": torch.zeros(2, 2)},
