@@ -8,8 +8,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from alignprop_core.config import check_finite
-from alignprop_core.lora import (MIX_MODES, LoraFile, check_factors, check_lora_finite, load_lora, mix_loras,
-                                 save_lora_file)
+from alignprop_core.lora import (MIX_MODES, LoraFile, check_factors, check_family, check_lora_finite, load_lora,
+                                 mix_loras, save_lora_file)
 from alignprop_core.files.outputs import claim, lora_file_name, numbered_path
 
 from .choices import check_combos
@@ -17,21 +17,25 @@ from .paths import existing_path, output_path
 
 Lora = io.Custom("ALIGNPROP_LORA")
 CATEGORY = "AlignProp/lora"
-FACTORS = ("lora_down.weight", "lora_up.weight")
+# (down, up) factor suffixes: kohya (UNet files), diffusers transformer form (SD3/FLUX files)
+FACTOR_PAIRS = (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight"))
+SUFFIXES = (*(s for pair in FACTOR_PAIRS for s in pair), "alpha")
 
 
 def _unmatched(state: dict, key_map: dict) -> list[str]:
     """LoRA module names (keys less their factor/alpha suffix) that this MODEL has no weight for."""
     names = set()
     for key in state:
-        suffix = next((s for s in (*FACTORS, "alpha") if key.endswith("." + s)), None)
+        suffix = next((s for s in SUFFIXES if key.endswith("." + s)), None)
         names.add(key[: -len(suffix) - 1] if suffix else key)
     return sorted(names - set(key_map))
 
 
 def check_patch_shapes(model, state: dict, key_map: dict) -> None:
     """ValueError naming the first LoRA key whose factor does not fit the MODEL weight it patches."""
-    for name in sorted(n for n in key_map if all(f"{n}.{f}" in state for f in FACTORS)):
+    pairs = [(name, pair) for name in sorted(key_map) for pair in FACTOR_PAIRS
+             if all(f"{name}.{f}" in state for f in pair)]
+    for name, pair in pairs:
         target = key_map[name]
         key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
         try:
@@ -40,7 +44,7 @@ def check_patch_shapes(model, state: dict, key_map: dict) -> None:
             continue  # not a weight of this MODEL: ComfyUI skips it, _unmatched reports the LoRA module
         if offset is not None:  # a slice of a fused weight (dim, start, length)
             shape[offset[0]] = offset[2]
-        down_key, up_key = (f"{name}.{f}" for f in FACTORS)
+        down_key, up_key = (f"{name}.{f}" for f in pair)
         # exact=False: ComfyUI reshapes the product onto the weight (linear factors on a 1x1 conv work)
         check_factors(down_key, state[down_key], up_key, state[up_key], key.removesuffix(".weight"),
                       shape, exact=False)
@@ -49,13 +53,15 @@ def check_patch_shapes(model, state: dict, key_map: dict) -> None:
 def apply_to_model(model, lora: LoraFile, strength: float = 1.0):
     """A clone of `model` with the LoRA as ComfyUI weight patches, after checking that it fits.
 
-    Raises ValueError, before anything is patched, for a NaN/Inf tensor, a factor whose shape does
-    not fit the weight it targets, or LoRA modules this MODEL does not have.
+    Raises ValueError, before anything is patched, for a NaN/Inf tensor, a LoRA of another model
+    family, a factor whose shape does not fit the weight it targets, or LoRA modules this MODEL does
+    not have.
     """
     import comfy.lora
     import comfy.lora_convert
 
     check_lora_finite(lora.state)
+    check_family(lora.state, lora.metadata, model.model.diffusion_model)
     state = comfy.lora_convert.convert_lora(dict(lora.state))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     check_patch_shapes(model, state, key_map)

@@ -472,7 +472,9 @@ def test_bad_inputs_raise_actionable_errors(tmp_path):
     add_lora(holder, cfg)
     with pytest.raises(ValueError, match="need a UNet"):
         save_lora(tmp_path / "x.safetensors", holder, cfg, arch="sd15")
-    with pytest.raises(ValueError, match="Unknown arch"):
+    with pytest.raises(ValueError, match="Unknown arch 'sd4'; use one of sd15, sdxl, sd3, flux"):
+        save_lora(tmp_path / "x.safetensors", holder, cfg, arch="sd4")
+    with pytest.raises(ValueError, match="arch='sd3' but the module is not an SD3 or FLUX transformer"):
         save_lora(tmp_path / "x.safetensors", holder, cfg, arch="sd3")
     with pytest.raises(ValueError, match="Unknown naming"):
         save_lora(tmp_path / "x.safetensors", holder, cfg, naming="kohya")

@@ -4,8 +4,10 @@ checks, and mixing.
 Code outside this package imports from here, not from the submodules:
 
 * ``inject``: peft LoRA layers on a module (add, remove, state, scale),
-* ``file``: the kohya-form ``.safetensors`` file (``LoraFile``; save, load, check, apply),
-* ``keys``: peft <-> kohya keys, the module naming a file uses, its metadata,
+* ``file``: the ``.safetensors`` file (``LoraFile``; save, load, check, apply),
+* ``keys``: peft <-> kohya keys (UNet files), the module naming a file uses, its metadata,
+* ``transformer_keys``: the diffusers key form of SD3/FLUX files, reading either form,
+* ``families``: the model family of a model or a file, cross-family refusal, default targets,
 * ``unet_paths``: UNet module paths in LDM and diffusers naming, and the layout mapping them,
 * ``check``: finite values and factor shapes that fit the target layers,
 * ``mix``: interpolating two LoRAs.
@@ -13,10 +15,13 @@ Code outside this package imports from here, not from the submodules:
 from .check import check_factors, check_lora_finite
 from .file import (LoraFile, apply_lora_file, check_lora_fits, load_lora, save_lora,
                    save_lora_file)
+from .families import DEFAULT_TARGETS, check_family, file_archs, lora_preset, metadata_arch, model_arch
 from .inject import (add_lora, has_lora, lora_parameters, lora_rank_alpha, lora_state_dict, remove_lora,
                      set_lora_scale, set_lora_state_dict)
-from .keys import CANONICAL_NAMING, convert_names, kohya_name, kohya_to_peft, lora_metadata, peft_to_kohya
+from .keys import (CANONICAL_NAMING, LORA_ARCHS, convert_names, kohya_name, kohya_to_peft, lora_metadata,
+                   peft_to_kohya)
 from .mix import MIX_MODES, mix_loras
+from .transformer_keys import group_lora, lora_to_peft, peft_to_diffusers
 from .unet_paths import RESNET_LAYERS, UNetLayout, ldm_to_diffusers_paths, naming_of, unet_layout
 
 __all__ = [
@@ -31,5 +36,8 @@ __all__ = [
     "mix_loras", "MIX_MODES",
     # keys and UNet paths
     "kohya_to_peft", "peft_to_kohya", "kohya_name", "convert_names", "lora_metadata", "CANONICAL_NAMING",
-    "naming_of", "unet_layout", "UNetLayout", "ldm_to_diffusers_paths", "RESNET_LAYERS",
+    "naming_of", "unet_layout", "UNetLayout", "ldm_to_diffusers_paths", "RESNET_LAYERS", "LORA_ARCHS",
+    # transformer (SD3/FLUX) keys and families
+    "peft_to_diffusers", "group_lora", "lora_to_peft",
+    "model_arch", "metadata_arch", "file_archs", "check_family", "lora_preset", "DEFAULT_TARGETS",
 ]

@@ -1,6 +1,7 @@
 """LoRA files: atomic save, load and apply (mixing two files is in `mix`).
 
-Files are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads directly::
+UNet files (SD1.x, SDXL) are safetensors with kohya-style keys, which ComfyUI's LoraLoader reads
+directly::
 
     lora_unet_<module path, '.' -> '_'>.lora_down.weight   (r, in)   = peft lora_A.weight
     lora_unet_<module path, '.' -> '_'>.lora_up.weight     (out, r)  = peft lora_B.weight
@@ -12,7 +13,14 @@ write them: down ``(r, in, kh, kw)``, up ``(out, r, 1, 1)``; the update is
 
 Given an ``arch``, ``save_lora`` writes the module naming that arch's files use (SD1.x: diffusers
 names, SDXL: LDM names) whichever UNet was trained, and loading renames a file of the other
-naming; key conversions live in ``keys``, the UNet path map in ``unet_paths``. Run settings (steps,
+naming; key conversions live in ``keys``, the UNet path map in ``unet_paths``.
+
+SD3 and FLUX.1 files use the diffusers transformer form (``transformer.<path>.lora_A.weight`` /
+``.lora_B.weight``, ``transformer_keys``), which diffusers and ComfyUI both load. Alpha: FLUX files
+keep a ``.alpha`` per module, which both honour; diffusers' SD3 loader refuses any key without
+"lora" in its name, so SD3 files carry none: the scale alpha / r is multiplied into every lora_B
+and the file's alpha is r (``alignprop.folded_alpha`` records the trained alpha). A file of one
+family is refused on a model of another (``families.check_family``). Run settings (steps,
 base model, ...) go in the safetensors metadata, never in the file name. ``save_lora_file`` writes
 every file (``save_lora`` turns a model's LoRA into a ``LoraFile`` and hands it over).
 ``check_lora_fits`` refuses a file with NaN/Inf values or factors that do not fit the model's layers
@@ -20,6 +28,7 @@ every file (``save_lora`` turns a model's LoRA into a ``LoraFile`` and hands it 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,19 +44,24 @@ from ..config import LoraConfig
 from ..files.outputs import write_atomically
 from ..files.safe_load import load_error_reason
 from .check import check_lora_finite, check_module_factors
+from .families import check_family, is_diffusers_transformer, metadata_arch, model_arch
 from .inject import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
-from .keys import (CANONICAL_NAMING, convert_names, group_kohya, kohya_to_peft, lora_metadata, peft_to_kohya,
-                   rank_alpha_of)
-from .unet_paths import check_arch, check_naming, naming_of
+from .keys import (CANONICAL_NAMING, TRANSFORMER_ARCHS, check_lora_arch, convert_names, lora_metadata,
+                   peft_to_kohya, rank_alpha_of)
+from .transformer_keys import FACTOR_SUFFIXES, group_lora, key_form, lora_to_peft, peft_to_diffusers
+from .unet_paths import check_naming, naming_of
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TARGETS_KEY = "alignprop.lora_target_modules"
+FOLDED_ALPHA_KEY = "alignprop.folded_alpha"  # the trained alpha of an SD3 file whose scale is in lora_B
 RESERVED_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", TARGETS_KEY)
+_TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 
 
 @dataclass
 class LoraFile:
-    """A LoRA as stored on disk: kohya-form tensors plus what is needed to inject it."""
+    """A LoRA as stored on disk: its tensors (kohya or diffusers-transformer keys) plus what is needed
+    to inject it."""
 
     state: dict[str, torch.Tensor]
     rank: int
@@ -88,10 +102,34 @@ def _file_metadata(lora: LoraFile, metadata: dict[str, str] | None, arch: str | 
     return {**base, TARGETS_KEY: json.dumps(list(lora.target_modules)), **extra}
 
 
+def _transformer_arch(module: nn.Module, arch: str | None, naming: str | None) -> str | None:
+    """The SD3/FLUX family whose file form ``save_lora`` writes for ``module``, or None for a UNet file.
+
+    ``arch`` None takes the family of a diffusers SD3/FLUX transformer; a transformer ``arch`` needs
+    such a transformer of that family.
+    """
+    have = model_arch(module)
+    if arch is None:
+        arch = have if have in TRANSFORMER_ARCHS and naming is None and is_diffusers_transformer(module) else None
+    if arch not in TRANSFORMER_ARCHS:
+        return None
+    if naming is not None:
+        raise ValueError(f"naming={naming!r} chooses between UNet namings; {arch} files always use the "
+                         "diffusers transformer names: leave naming unset.")
+    if have != arch:
+        what = f"of the {have} family" if have else "not an SD3 or FLUX transformer"
+        raise ValueError(f"arch={arch!r} but the module is {what}; pass the diffusers "
+                         f"{_TRANSFORMER_CLASSES[arch]} that was trained, or the arch of the module.")
+    if not is_diffusers_transformer(module):
+        raise ValueError(f"The {arch} module uses ComfyUI's module names (joint_blocks/double_blocks); "
+                         f"{arch} LoRA files are written from the diffusers {_TRANSFORMER_CLASSES[arch]}.")
+    return arch
+
+
 def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
               metadata: dict[str, str] | None = None, dtype: str | torch.dtype = "fp32",
               arch: str | None = None, naming: str | None = None) -> Path:
-    """Write the LoRA of ``module`` as a kohya-form safetensors file, atomically (``save_lora_file``).
+    """Write the LoRA of ``module`` as a safetensors file, atomically (``save_lora_file``).
 
     Args:
         path: destination; must end in ``.safetensors``.
@@ -99,28 +137,36 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
         cfg: the LoRA config it was built with (rank/alpha are checked against the module).
         metadata: extra str -> str entries (step count, base model, settings).
         dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
-        arch: ``sd15`` or ``sdxl``: write that arch's module naming (sd15: diffusers, sdxl: LDM, as
-            kohya sd-scripts does, so A1111/Forge, ComfyUI and diffusers load every key) and its
-            ``ss_base_model_version``/``modelspec.*`` metadata. None keeps the module's own paths.
-        naming: ``ldm`` or ``diffusers`` to override the naming chosen by ``arch``.
+        arch: ``sd15``, ``sdxl``, ``sd3`` or ``flux``: write that family's keys and its
+            ``ss_base_model_version``/``modelspec.*`` metadata. UNets: kohya keys in the arch's module
+            naming (sd15: diffusers, sdxl: LDM, as kohya sd-scripts does, so A1111/Forge, ComfyUI and
+            diffusers load every key). SD3/FLUX (a diffusers transformer): the diffusers transformer
+            form that diffusers and ComfyUI load. None: a diffusers SD3/FLUX transformer is written
+            as its family; any other module as kohya keys of its own paths, with no family metadata.
+        naming: ``ldm`` or ``diffusers`` to override the UNet naming chosen by ``arch``.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: bad suffix, dtype, metadata, arch, naming, a NaN/Inf value, or cfg not matching
-            the module's LoRA.
+        ValueError: bad suffix, dtype, metadata, arch, naming, a module of another family than
+            ``arch``, a NaN/Inf value, or cfg not matching the module's LoRA.
     """
     path = _check_path(path)
     _resolve_dtype(dtype)
     if arch is not None:
-        check_arch(arch)
+        check_lora_arch(arch)
     if naming is not None:
         check_naming(naming)
     rank, alpha = lora_rank_alpha(module)
     if rank != cfg.rank or not math.isclose(alpha, cfg.alpha):
         raise ValueError(f"cfg says rank={cfg.rank}, alpha={cfg.alpha} but the module's LoRA has "
                          f"rank={rank}, alpha={alpha}; pass the config the LoRA was built with.")
+    transformer = _transformer_arch(module, arch, naming)
+    if transformer is not None:
+        state = peft_to_diffusers(lora_state_dict(module), alpha)
+        lora = LoraFile(state=state, rank=rank, alpha=alpha, target_modules=tuple(cfg.target_modules))
+        return save_lora_file(path, lora, metadata, dtype, transformer)
     state = peft_to_kohya(lora_state_dict(module), alpha)
     target = naming or (CANONICAL_NAMING[arch] if arch is not None else None)
     if target is not None:
@@ -133,6 +179,19 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
     return save_lora_file(path, lora, metadata, dtype, arch)
 
 
+def _fold_alpha(lora: LoraFile) -> LoraFile:
+    """``lora`` in the form diffusers' SD3 loader takes: no ``.alpha`` keys (it refuses keys without
+    "lora" in the name) and the scale alpha / r multiplied into every lora_B, so alpha = r and the
+    update is unchanged for every reader."""
+    scale = lora.alpha / lora.rank
+    state = {k: (v * scale if scale != 1 and k.endswith(".lora_B.weight") else v)
+             for k, v in lora.state.items() if not k.endswith(".alpha")}
+    metadata = dict(lora.metadata)
+    if scale != 1:
+        metadata[FOLDED_ALPHA_KEY] = repr(float(lora.alpha))
+    return dataclasses.replace(lora, state=state, alpha=float(lora.rank), metadata=metadata)
+
+
 def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, str] | None = None,
                    dtype: str | torch.dtype = "fp32", arch: str | None = None) -> Path:
     """Write a ``LoraFile`` (e.g. the result of ``mix_loras``) as a safetensors file, atomically.
@@ -140,13 +199,16 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
     Every LoRA file is written here. The file is written to a temporary name in the same directory
     and renamed into place, so a failure never leaves a partial file at ``path``; parent
     directories are created. What is written can be loaded again: finite values, one rank and alpha.
+    A diffusers-form SD3 LoRA (``arch`` or, without it, the LoRA's own metadata says ``sd3``) is
+    written with its alpha folded into lora_B (see the module docstring).
 
     Args:
         path: destination; must end in ``.safetensors``.
         lora: the LoRA to write; its own metadata is kept, ``metadata`` entries are added on top.
         metadata: extra str -> str entries.
         dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
-        arch: ``sd15`` or ``sdxl`` to add that arch's metadata (the keys are written as they are).
+        arch: ``sd15``, ``sdxl``, ``sd3`` or ``flux`` to add that family's metadata (the keys are
+            written as they are).
 
     Returns:
         The path written.
@@ -158,16 +220,19 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
     path = _check_path(path)
     torch_dtype = _resolve_dtype(dtype)
     if arch is not None:
-        check_arch(arch)
+        check_lora_arch(arch)
     check_lora_finite(lora.state)
-    groups = group_kohya(lora.state, "lora_unet")
+    groups = group_lora(lora.state)
     rank, alpha = rank_alpha_of(groups)
     # alpha is stored as float32, so it may differ from the Python float in its last digits
     if rank != lora.rank or not math.isclose(alpha, lora.alpha, rel_tol=1e-6):
         raise ValueError(f"The LoraFile says rank={lora.rank}, alpha={lora.alpha} but its tensors have "
                          f"rank={rank}, alpha={alpha}; build it with the rank and alpha of its tensors.")
+    if key_form(lora.state) == "diffusers" and (arch or metadata_arch(lora.metadata)) == "sd3":
+        lora = _fold_alpha(lora)
     # modelspec.implementation names the module naming of the keys as they are written
-    meta = _file_metadata(lora, metadata, arch, naming_of(groups) if arch is not None else None)
+    naming = naming_of(groups) if arch is not None and arch not in TRANSFORMER_ARCHS else None
+    meta = _file_metadata(lora, metadata, arch, naming)
     # alpha stays float32: it is a scalar whose exact value sets the scale.
     tensors = {k: (v.float() if k.endswith(".alpha") else v.to(torch_dtype)).detach().cpu().contiguous()
                for k, v in lora.state.items()}
@@ -175,18 +240,20 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
 
 
 def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraFile:
-    """Read a kohya-form LoRA safetensors file.
+    """Read a LoRA safetensors file: kohya keys (UNets) or diffusers transformer keys (SD3/FLUX).
 
     Args:
         path: the ``.safetensors`` file.
-        module: optional target model; if given, every LoRA module is checked to exist in it.
+        module: optional target model; if given, the file's family must be the model's and every
+            LoRA module must exist in it.
 
     Returns:
         A ``LoraFile`` (tensors on CPU in their stored dtype).
 
     Raises:
         FileNotFoundError: naming the path if it does not exist.
-        ValueError: if the file holds no lora keys, unknown keys, or inconsistent ranks/alphas.
+        ValueError: if the file holds no lora keys, unknown keys, or inconsistent ranks/alphas, or
+            (with ``module``) is for another model family or has modules the model lacks.
     """
     path = Path(path)
     if not path.is_file():
@@ -199,12 +266,13 @@ def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraF
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({load_error_reason(err)}); it "
                          "is damaged or incomplete: copy it again, or train it again.") from err
-    if not any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in state):
-        raise ValueError(f"{str(path)!r} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight'); "
-                         "it is not a LoRA file.")
-    rank, alpha = rank_alpha_of(group_kohya(state, "lora_unet"))
+    if not any(k.endswith(FACTOR_SUFFIXES) for k in state):
+        raise ValueError(f"{str(path)!r} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight' or "
+                         "'.lora_A.weight'/'.lora_B.weight'); it is not a LoRA file.")
+    rank, alpha = rank_alpha_of(group_lora(state))
     if module is not None:
-        kohya_to_peft(state, module)
+        check_family(state, metadata, module)
+        lora_to_peft(state, module)
     targets: tuple[str, ...] = ()
     if TARGETS_KEY in metadata:
         try:
@@ -215,9 +283,11 @@ def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraF
 
 
 def _fitted(lora: LoraFile, module: nn.Module) -> tuple[dict[str, torch.Tensor], int, float]:
-    """``kohya_to_peft`` of a LoRA checked to be finite and to fit ``module`` shape for shape."""
+    """``lora_to_peft`` of a LoRA checked to be finite, of the model's family and to fit ``module``
+    shape for shape."""
     check_lora_finite(lora.state)
-    state, rank, alpha = kohya_to_peft(lora.state, module)
+    check_family(lora.state, lora.metadata, module)
+    state, rank, alpha = lora_to_peft(lora.state, module)
     # Renaming keeps the tensor objects, so each peft key finds the key the user's file has.
     file_key = {id(value): key for key, value in lora.state.items()}
     check_module_factors(state, module, {k: file_key.get(id(v), k) for k, v in state.items()})

@@ -1,7 +1,7 @@
-"""LoRA key forms and file conventions: peft <-> kohya keys, which module naming a file uses, and
-the safetensors metadata.
+"""LoRA key forms and file conventions: peft <-> kohya keys, which module naming a file uses, and the
+safetensors metadata.
 
-Key forms (one module, peft form left, kohya form right)::
+UNet files (SD1.x, SDXL) use the kohya form (one module, peft form left, kohya form right)::
 
     <module path>.lora_A.weight  (r, in)   <->  lora_unet_<module path, '.' -> '_'>.lora_down.weight
     <module path>.lora_B.weight  (out, r)  <->  lora_unet_<module path, '.' -> '_'>.lora_up.weight
@@ -15,6 +15,8 @@ Files use the naming each ecosystem expects (kohya sd-scripts conventions, read 
 ComfyUI and diffusers alike): SD1.x files use diffusers names, SDXL files use LDM names
 (``CANONICAL_NAMING``); ``convert_names`` renames a state between the two with the UNet path map
 of ``unet_paths``.
+
+SD3 and FLUX.1 transformer files use the diffusers form instead (``transformer_keys``).
 """
 from __future__ import annotations
 
@@ -23,16 +25,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from .unet_paths import check_arch, check_naming, layout_path_pairs, naming_of, unet_layout
+from .unet_paths import check_naming, layout_path_pairs, naming_of, unet_layout
 
-CANONICAL_NAMING = {"sd15": "diffusers", "sdxl": "ldm"}  # what kohya sd-scripts writes per arch
+LORA_ARCHS = ("sd15", "sdxl", "sd3", "flux")  # model families a LoRA file can be written for
+TRANSFORMER_ARCHS = ("sd3", "flux")  # families whose files use the diffusers transformer form
+CANONICAL_NAMING = {"sd15": "diffusers", "sdxl": "ldm"}  # what kohya sd-scripts writes per UNet arch
 PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 NETWORK_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha")
-_ARCH_METADATA = {  # ss_base_model_version, modelspec.architecture, modelspec.resolution
+ARCH_METADATA = {  # ss_base_model_version, modelspec.architecture, modelspec.resolution
     "sd15": ("sd_v1", "stable-diffusion-v1/lora", "512x512"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
+    "sd3": ("sd3", "stable-diffusion-3-medium/lora", "1024x1024"),
+    "flux": ("flux1", "flux-1-dev/lora", "1024x1024"),
 }
+
+
+def check_lora_arch(arch: str | None) -> str:
+    """``arch`` itself if a LoRA file can be written for it; otherwise a ValueError listing them."""
+    if arch not in LORA_ARCHS:
+        raise ValueError(f"Unknown arch {arch!r}; use one of {', '.join(LORA_ARCHS)}.")
+    return arch
 # modelspec.implementation names the code whose module names the file uses.
 _IMPLEMENTATION = {"ldm": "https://github.com/Stability-AI/generative-models", "diffusers": "diffusers"}
 
@@ -250,10 +263,12 @@ def convert_names(state: dict[str, Any], source: str, target: str, unet_config: 
 
 def lora_metadata(arch: str | None, rank: int, alpha: float, extra: dict[str, str] | None = None,
                   naming: str | None = None) -> dict[str, str]:
-    """safetensors metadata that kohya tools, A1111/Forge and ComfyUI read for a UNet LoRA.
+    """safetensors metadata that kohya tools, A1111/Forge and ComfyUI read for a LoRA.
 
     Args:
-        arch: ``sd15`` or ``sdxl``; None (a model of neither) writes only the ``ss_network_*`` entries.
+        arch: ``sd15``, ``sdxl``, ``sd3`` or ``flux``; None (a model of none of them) writes only the
+            ``ss_network_*`` entries. The SD3 and FLUX entries name SD3-medium and FLUX.1-dev; give
+            ``modelspec.architecture`` in ``extra`` for another member of the family.
         rank, alpha: the LoRA's shared rank and alpha.
         extra: caller entries (str -> str); they override the defaults (e.g. ``modelspec.title``)
             but not the ``ss_network_*`` entries.
@@ -270,8 +285,9 @@ def lora_metadata(arch: str | None, rank: int, alpha: float, extra: dict[str, st
                "ss_network_alpha": str(float(alpha))}
     if arch is None:
         return {**network, **extra}
-    base_version, architecture, resolution = _ARCH_METADATA[check_arch(arch)]
+    base_version, architecture, resolution = ARCH_METADATA[check_lora_arch(arch)]
+    naming = naming or CANONICAL_NAMING.get(arch, "diffusers")  # SD3/FLUX files: diffusers names
     return {**network, "ss_base_model_version": base_version,
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
-            "modelspec.implementation": _IMPLEMENTATION[check_naming(naming or CANONICAL_NAMING[arch])],
+            "modelspec.implementation": _IMPLEMENTATION[check_naming(naming)],
             "modelspec.title": "AlignProp LoRA", "modelspec.resolution": resolution, **extra}

@@ -6,9 +6,13 @@ import math
 import torch
 
 from .file import LoraFile
-from .keys import group_kohya, rank_alpha_of
+from .keys import rank_alpha_of
+from .transformer_keys import group_lora, key_form, lora_key
 
 MIX_MODES = ("weights", "delta")
+# metadata naming the model family, kept when both LoRAs agree on it
+FAMILY_METADATA = ("ss_base_model_version", "modelspec.architecture", "modelspec.implementation",
+                   "modelspec.resolution")
 
 
 def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
@@ -17,7 +21,9 @@ def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
     ``weights`` interpolates every factor, ``(1-t)*down_a + t*down_b`` and likewise for up, as in the
     paper; it needs equal rank and alpha. ``delta`` interpolates the weight update exactly:
     ``dW = (1-t)*dW_a + t*dW_b`` by stacking the factors (rank ``r_a + r_b``, the alpha/rank scales
-    folded into ``up`` and ``alpha = rank`` so the stored scale is 1).
+    folded into ``up`` and ``alpha = rank`` so the stored scale is 1). Keys keep the LoRAs' form; a
+    diffusers-form (SD3/FLUX) result has ``.alpha`` keys only where ``a`` has them, so an SD3 mix
+    stays loadable by diffusers.
 
     Args:
         a, b: LoRAs over the same modules.
@@ -33,7 +39,7 @@ def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
     """
     if mode not in MIX_MODES:
         raise ValueError(f"Unknown mix mode {mode!r}; use one of {', '.join(MIX_MODES)}.")
-    ga, gb = group_kohya(a.state, "lora_unet"), group_kohya(b.state, "lora_unet")
+    ga, gb = group_lora(a.state), group_lora(b.state)
     if set(ga) != set(gb):
         only_a, only_b = sorted(set(ga) - set(gb)), sorted(set(gb) - set(ga))
         raise ValueError(f"The LoRAs cover different modules (only in a: {only_a[:3]}, only in b: "
@@ -48,15 +54,16 @@ def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
                              f"{tuple(ub.shape)}); mix LoRAs trained for the same model.")
     t = float(t)
     state: dict[str, torch.Tensor] = {}
+    # kohya files always carry alpha; diffusers-form ones only where the input does (SD3 files never)
+    with_alpha = key_form(a.state) == "kohya" or any("alpha" in parts for parts in ga.values())
     if mode == "weights":
         if a.rank != b.rank or not math.isclose(a.alpha, b.alpha):
             raise ValueError(f"mode 'weights' needs equal rank and alpha, got rank {a.rank}/{b.rank}, "
                              f"alpha {a.alpha}/{b.alpha}; use mode 'delta' instead.")
         for name in ga:
-            for suffix in ("lora_down.weight", "lora_up.weight"):
-                wa, wb = ga[name][suffix].float(), gb[name][suffix].float()
-                state[f"{name}.{suffix}"] = (1 - t) * wa + t * wb
-            state[f"{name}.alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
+            for part in ("lora_down.weight", "lora_up.weight"):
+                wa, wb = ga[name][part].float(), gb[name][part].float()
+                state[lora_key(name, part)] = (1 - t) * wa + t * wb
         rank, alpha = a.rank, a.alpha
     else:
         rank = a.rank + b.rank
@@ -66,9 +73,12 @@ def mix_loras(a: LoraFile, b: LoraFile, t: float, mode: str) -> LoraFile:
             up = torch.cat([(1 - t) * (a.alpha / a.rank) * pa["lora_up.weight"].float(),
                             t * (b.alpha / b.rank) * pb["lora_up.weight"].float()], dim=1)
             down = torch.cat([pa["lora_down.weight"].float(), pb["lora_down.weight"].float()], dim=0)
-            state[f"{name}.lora_down.weight"] = down
-            state[f"{name}.lora_up.weight"] = up
-            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            state[lora_key(name, "lora_down.weight")] = down
+            state[lora_key(name, "lora_up.weight")] = up
+    if with_alpha:
+        for name in ga:
+            state[lora_key(name, "alpha")] = torch.tensor(alpha, dtype=torch.float32)
     targets = a.target_modules if a.target_modules == b.target_modules else ()
-    metadata = {"alignprop.mix_mode": mode, "alignprop.mix_t": repr(t)}
+    family = {k: a.metadata[k] for k in FAMILY_METADATA if k in a.metadata and a.metadata[k] == b.metadata.get(k)}
+    metadata = {**family, "alignprop.mix_mode": mode, "alignprop.mix_t": repr(t)}
     return LoraFile(state=state, rank=rank, alpha=alpha, target_modules=targets, metadata=metadata)
