@@ -23,7 +23,8 @@ from alignprop_core.models.flux_model import pack_latents, unpack_latents
 from alignprop_core.models.loading import load_backend, model_folder_info
 from alignprop_core.models.prompt_cache import cached_encoder
 from alignprop_core.models.sd3_model import load_sd3_model, sd3_backend
-from alignprop_core.models.tiny_flow_models import ensure_tiny_flux_dir, ensure_tiny_sd3_dir
+from alignprop_core.models.tiny_flow_models import (build_tiny_flux_pipeline, build_tiny_sd3_pipeline,
+                                                    ensure_tiny_flux_dir, ensure_tiny_sd3_dir)
 from alignprop_core.rewards import make_reward
 from alignprop_core.sampling.chain import make_chain
 from alignprop_core.sampling.sampler import sample_images, sample_latents, with_guidance
@@ -95,6 +96,20 @@ def test_loaded_networks_are_frozen_and_described(backends, kind):
     assert backend.guidance_input == (kind == "flux")
     assert backend.default_guidance == (3.5 if kind == "flux" else None)
     assert backend.schedule.sigma_grid == ("flux" if kind == "flux" else "default")
+    with torch.no_grad():
+        assert backend.decode(torch.zeros(1, 16, 16, 16)).shape == (1, 3, 32, 32)
+
+
+def test_tiny_weights_are_a_pure_function_of_the_seed():
+    state = torch.get_rng_state()
+    a, b = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    other = build_tiny_sd3_pipeline(seed=1), build_tiny_sd3_pipeline(seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
+    for net in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, net).state_dict(), getattr(b, net).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), net
+    s1, s0 = other[0].transformer.state_dict(), other[1].transformer.state_dict()
+    assert not torch.equal(s1["pos_embed.proj.weight"], s0["pos_embed.proj.weight"])
 
 
 def test_prompt_cache_runs_each_text_encoder_once_per_prompt(folders):
@@ -132,11 +147,10 @@ def test_prompt_cache_drops_the_least_recently_used_prompt():
 # ---- sampling and decoding against the pipelines ----
 
 def _pipeline_latents(pipe, kind, x_T, cfg, output_type="latent"):
-    common = dict(prompt=PROMPTS, num_inference_steps=cfg.steps, height=x_T.shape[-2] * 2,
-                  width=x_T.shape[-1] * 2, output_type=output_type)
+    common = dict(prompt=PROMPTS, num_inference_steps=cfg.steps, height=HEIGHT, width=WIDTH,
+                  output_type=output_type)
     if kind == "sd3":
-        out = pipe(latents=x_T, negative_prompt="", guidance_scale=cfg.guidance_scale, **common).images
-        return out
+        return pipe(latents=x_T, negative_prompt="", guidance_scale=cfg.guidance_scale, **common).images
     out = pipe(latents=pack_latents(x_T), guidance_scale=cfg.distilled_guidance or 3.5, **common).images
     return unpack_latents(out, *x_T.shape[-2:]) if output_type == "latent" else out
 
