@@ -30,14 +30,18 @@ import torch
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict, with_input_names
 from .files.outputs import check_writable, claim, lora_file_name
 from .files.prompts import read_prompts, shipped_prompts
+from .models.loading import model_folder_info
 from .rewards import REWARDS, build_reward
 from .rewards.spec import RewardSpec, parse_value
 from .training.train_state import check_resumable, load_train_state
 
 # (flag prefix, dataclass): TrainConfig fields have no prefix
 CONFIGS: tuple[tuple[str, type], ...] = (("sampler-", SamplerConfig), ("lora-", LoraConfig), ("", TrainConfig))
-MODEL_HINT = ("give a local diffusers-format model folder (model_index.json, unet/, vae/, text_encoder/, "
-              "tokenizer/, scheduler/); single-file checkpoints (.safetensors, .ckpt) are not supported")
+MODEL_HINT = ("give a local diffusers-format model folder: SD1.x (model_index.json, unet/, vae/, text_encoder/, "
+              "tokenizer/, scheduler/), SD3/SD3.5 or FLUX.1 (model_index.json, transformer/, vae/, "
+              "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/, and the T5 in "
+              "text_encoder_3/ for SD3 or text_encoder_2/ for FLUX); single-file checkpoints (.safetensors, "
+              ".ckpt) are not supported")
 # errors whose message is written for users; any other exception also shows its type
 USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "run AlignProp on the embedded tiny model (no download)")
         if name == "train":
             p.add_argument("--model", required=True, type=Path,
-                           help="local diffusers-format model folder (model_index.json, unet/, vae/, ...)")
+                           help="local diffusers-format model folder of SD1.x, SD3/SD3.5 or FLUX.1 "
+                                "(model_index.json, unet/ or transformer/, vae/, ...)")
             p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
         else:
             p.add_argument("--model", type=Path, default=None,
@@ -208,7 +213,8 @@ def check_device(name: str, train: TrainConfig) -> torch.device:
 
 
 def check_model_dir(path: Path, train: TrainConfig) -> None:
-    """`path` looks like a diffusers model folder and its VAE factor divides --width and --height."""
+    """`path` is a diffusers folder of a supported pipeline (SD1.x, SD3/SD3.5, FLUX.1) and --width and
+    --height are multiples of its VAE factor times its patch size; reads JSON configs only."""
     if path.is_file():
         raise NotADirectoryError(f"--model {path} is a file, not a folder; {MODEL_HINT}.")
     if not path.is_dir():
@@ -217,14 +223,15 @@ def check_model_dir(path: Path, train: TrainConfig) -> None:
         if not (path / needed).is_file():
             raise FileNotFoundError(f"--model {path} has no {needed}; {MODEL_HINT}.")
     try:
-        channels = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
-        factor = 2 ** (len(channels) - 1)  # each VAE block after the first halves the image
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"--model {path}: vae/config.json cannot be read ({type(err).__name__}: {err}); "
-                         f"{MODEL_HINT}.") from err
-    if train.width % factor or train.height % factor:
-        raise ValueError(f"--width {train.width} and --height {train.height} must be multiples of the VAE "
-                         f"factor {factor} of --model {path}; round them to a multiple of {factor}.")
+        info = model_folder_info(path)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"--model {path}: {err}") from err
+    multiple = info.size_multiple
+    if train.width % multiple or train.height % multiple:
+        what = (f"the VAE factor {multiple}" if info.patch_size == 1 else
+                f"{multiple} (the VAE factor {info.vae_scale_factor} times the patch size {info.patch_size})")
+        raise ValueError(f"--width {train.width} and --height {train.height} must be multiples of {what} of "
+                         f"--model {path}; round them to a multiple of {multiple}.")
 
 
 def check_reward_args(name: str, kwargs: dict[str, Any]) -> None:

@@ -13,8 +13,7 @@ import torch
 
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
 from .lora import set_lora_scale
-from .models.backend import diffusers_backend
-from .models.t2i_model import load_t2i_model
+from .models.loading import load_backend
 from .plots import plot_reward_curve, save_before_after_grid
 from .rewards import Reward
 from .run_log import write_metrics
@@ -49,8 +48,8 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
     cfg = dataclasses.replace(cfg, reward=reward.spec.text())  # the reward as built, with its arguments
-    model = load_t2i_model(model_dir, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision])
-    backend = diffusers_backend(model, name=Path(model_dir).name)
+    backend = load_backend(model_dir, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision],
+                           name=Path(model_dir).name)
     # A reward with a report (e.g. toy_count's accuracy) is reported on every held-out prompt;
     # otherwise only the grid's prompts are sampled again.
     shown = list(eval_prompts) if reward.has_report else list(eval_prompts)[:8]

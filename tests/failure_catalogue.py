@@ -102,6 +102,9 @@ CLI_ROWS: list[BadInput] = [
          "--model", "nope does not exist"),
     _cli("model-not-diffusers", "--model", "a folder without model_index.json", ("--model", "{files}/not_a_model"),
          "--model", "not_a_model", "model_index.json"),
+    _cli("model-unsupported-pipeline", "--model", "a folder of another diffusers pipeline (KandinskyPipeline)",
+         ("--model", "{files}/kandinsky"), "--model", "kandinsky", "is a KandinskyPipeline folder",
+         "StableDiffusion3Pipeline (SD3/SD3.5)"),
     _cli("prompts-is-a-folder", "--prompts", "a folder", ("--prompts", "{files}/a_folder"),
          "--prompts file", "a_folder is a folder"),
     _cli("prompts-not-utf8", "--prompts", "a Latin-1 text file", ("--prompts", "{files}/latin1.txt"),
@@ -183,6 +186,9 @@ CLI_ROWS: list[BadInput] = [
     _cli("height-odd-on-vae2", "--height", "15", ("--height", "15"), "--height 15", "multiples of the VAE factor 2"),
     _cli("width-30-on-vae8", "--width", "30 on a model whose VAE factor is 8",
          ("--model", "{files}/vae8", "--width", "30"), "--width 30", "VAE factor 8", "vae8"),
+    _cli("width-18-on-flux", "--width", "18 on a FLUX.1 model (VAE factor 2, 2x2 patches)",
+         ("--model", "{files}/flux_configs", "--width", "18"), "--width 18",
+         "multiples of 4 (the VAE factor 2 times the patch size 2)", "flux_configs"),
 ]
 
 TRAINER = "AlignProp_Trainer"

@@ -75,10 +75,22 @@ def files(tmp_path_factory, model_dir):
     config = json.loads((vae8 / "vae" / "config.json").read_text())
     config["block_out_channels"] = [8, 8, 8, 8]
     (vae8 / "vae" / "config.json").write_text(json.dumps(config))
+    # a folder of a pipeline AlignProp does not train, and a FLUX.1 folder's configs (patch size 2)
+    _write_configs(root / "kandinsky", "KandinskyPipeline", "unet")
+    _write_configs(root / "flux_configs", "FluxPipeline", "transformer")
     (root / "existing").mkdir()
     (root / "existing" / "alignprop_lora.safetensors").write_bytes(b"a finished LoRA")
     (root / "out_is_a_file").write_text("x")
     return f
+
+
+def _write_configs(folder: Path, pipeline: str, denoiser: str) -> None:
+    """Only the JSON configs the CLI reads before loading: model_index.json, vae/ and the denoiser's."""
+    for sub in ("vae", denoiser):
+        (folder / sub).mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [16, 32]}))
+    (folder / denoiser / "config.json").write_text(json.dumps({"patch_size": 1}))
 
 
 def _flags(row: BadInput, files: dict) -> list[str]:

@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .folders import check_layout
+
 LAYOUT_HINT = ("give a local diffusers-format model directory (with model_index.json, unet/, vae/, "
                "text_encoder/, tokenizer/, scheduler/)")
 
@@ -85,22 +87,7 @@ class T2IModel:
 
 def _check_layout(path: Path) -> None:
     """Raise FileNotFoundError naming what is missing, before any weight is loaded."""
-    if not path.exists():
-        raise FileNotFoundError(f"Model directory {str(path)!r} does not exist; {LAYOUT_HINT}.")
-    if not path.is_dir():
-        raise FileNotFoundError(f"Model path {str(path)!r} is a file, not a directory (single-file "
-                                f"checkpoints are not supported); {LAYOUT_HINT}.")
-    missing_dirs = [name for name in _REQUIRED_FILES if not (path / name).is_dir()]
-    if missing_dirs:
-        raise FileNotFoundError(
-            f"Model directory {str(path)!r} lacks subfolder(s) {', '.join(d + '/' for d in missing_dirs)}; "
-            f"{LAYOUT_HINT}.")
-    missing_files = [f"{name}/{files[0]}" for name, files in _REQUIRED_FILES.items()
-                     if not any((path / name / f).is_file() for f in files)]
-    if missing_files:
-        raise FileNotFoundError(
-            f"Model directory {str(path)!r} is incomplete: missing {', '.join(missing_files)}; "
-            f"{LAYOUT_HINT}.")
+    check_layout(path, _REQUIRED_FILES, LAYOUT_HINT)
 
 
 def load_t2i_model(path: str | Path, device: torch.device | str = "cpu",

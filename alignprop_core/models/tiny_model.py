@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import unicodedata
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -143,12 +144,18 @@ def _write_with_specials(folder: Path, vocab: dict[str, int], merges: list[tuple
     return folder
 
 
+def tiny_clip_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, width: int = 32,
+                     hidden_act: str = "quick_gelu") -> CLIPTextConfig:
+    """A 2-layer CLIP text transformer of `width` features (projection too) over MAX_TOKENS tokens."""
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+        hidden_act=hidden_act, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+
+
 def _build_networks(vocab_size: int, bos_id: int, eos_id: int, pad_id: int
                     ) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, projection_dim=32,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-        hidden_act="quick_gelu", bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id))
+    text_encoder = CLIPTextModel(tiny_clip_config(vocab_size, bos_id, eos_id, pad_id))
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -201,6 +208,18 @@ def ensure_tiny_model_dir(path: str | Path, seed: int = 0,
     Raises:
         FileExistsError: `path` exists, is not empty and holds no model_index.json.
     """
+    return ensure_model_folder(path, lambda tmp: save_t2i_model(build_tiny_model(seed, vocab_words), tmp))
+
+
+def ensure_model_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Return `path` if it holds model_index.json, else fill it atomically with `write`.
+
+    `write(tmp)` writes a whole model folder into a sibling temp folder, which is then renamed onto
+    `path`: the folder appears complete or not at all, and a concurrent builder's folder is kept.
+
+    Raises:
+        FileExistsError: `path` exists, is not empty and holds no model_index.json.
+    """
     path = Path(path).expanduser()
     if (path / "model_index.json").is_file():
         return path
@@ -210,7 +229,7 @@ def ensure_tiny_model_dir(path: str | Path, seed: int = 0,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     try:
-        save_t2i_model(build_tiny_model(seed, vocab_words), tmp)
+        write(tmp)
         try:
             if path.is_dir():
                 path.rmdir()  # known empty; Windows cannot rename onto an existing folder
