@@ -31,6 +31,8 @@ from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict, with_input_
 from .files.outputs import check_writable, claim, lora_file_name
 from .files.prompts import read_prompts, shipped_prompts
 from .models.loading import model_folder_info
+from .sampling.chain import check_flow_eta
+from .sampling.sampler import check_model_takes
 from .rewards import REWARDS, build_reward
 from .rewards.spec import RewardSpec, parse_value
 from .training.train_state import check_resumable, load_train_state
@@ -212,7 +214,7 @@ def check_device(name: str, train: TrainConfig) -> torch.device:
     return device
 
 
-def check_model_dir(path: Path, train: TrainConfig) -> None:
+def check_model_dir(path: Path, train: TrainConfig, sampler: SamplerConfig | None = None) -> None:
     """`path` is a diffusers folder of a supported pipeline (SD1.x, SD3/SD3.5, FLUX.1) and --width and
     --height are multiples of its VAE factor times its patch size; reads JSON configs only."""
     if path.is_file():
@@ -232,6 +234,10 @@ def check_model_dir(path: Path, train: TrainConfig) -> None:
                 f"{multiple} (the VAE factor {info.vae_scale_factor} times the patch size {info.patch_size})")
         raise ValueError(f"--width {train.width} and --height {train.height} must be multiples of {what} of "
                          f"--model {path}; round them to a multiple of {multiple}.")
+    if sampler is not None:
+        check_model_takes(sampler, f"--model {path} ({info.pipeline_class})", info.guidance_input)
+        if info.family != "sd15":  # the rectified-flow families
+            check_flow_eta(sampler.eta)
 
 
 def check_reward_args(name: str, kwargs: dict[str, Any]) -> None:
@@ -309,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from .toy import toy_model_dir
 
         args.model = toy_model_dir()
-    check_model_dir(args.model, train)
+    check_model_dir(args.model, train, sampler)
     spec = reward_spec(train.reward, args.reward_arg)
     train = dataclasses.replace(train, reward=spec.text())
     if args.resume is not None:  # read again by the trainer; here only to fail early

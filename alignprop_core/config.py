@@ -122,8 +122,9 @@ class SamplerConfig:
                              "re-noises the last step n >= 1 times (2 is the paper's choice).")
         if self.estimator == "draft_lv" and (self.truncation != "fixed" or self.k != 1):
             raise ValueError(f"SamplerConfig.estimator='draft_lv' backpropagates through the last step "
-                             f"only, but truncation={self.truncation!r}, k={self.k} asks for more; set "
-                             "truncation='fixed' and k=1, or use estimator='truncated'.")
+                             f"only, but SamplerConfig.truncation={self.truncation!r} with "
+                             f"SamplerConfig.k={self.k} asks for more; set SamplerConfig.truncation='fixed' "
+                             "and SamplerConfig.k=1, or SamplerConfig.estimator='truncated'.")
         if self.use_cfg and self.guidance_scale < 1:
             raise ValueError(f"SamplerConfig.guidance_scale={self.guidance_scale} is below 1 with "
                              "classifier-free guidance on; use guidance_scale >= 1 or set use_cfg=False.")

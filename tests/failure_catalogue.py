@@ -189,6 +189,19 @@ CLI_ROWS: list[BadInput] = [
     _cli("width-18-on-flux", "--width", "18 on a FLUX.1 model (VAE factor 2, 2x2 patches)",
          ("--model", "{files}/flux_configs", "--width", "18"), "--width 18",
          "multiples of 4 (the VAE factor 2 times the patch size 2)", "flux_configs"),
+    # sampler settings against the model
+    _cli("distilled-guidance-without-input", "--sampler-distilled-guidance",
+         "3.5 on a model without a guidance input (SD1.x)", ("--sampler-distilled-guidance", "3.5"),
+         "distilled_guidance=3.5", "has no guidance input", "guidance_scale with use_cfg",
+         names="distilled_guidance=3.5"),
+    _cli("eta-on-flux", "--sampler-eta", "0.5 on a FLUX.1 (rectified-flow) model",
+         ("--model", "{files}/flux_configs", "--sampler-eta", "0.5"), "eta=0.5", "rectified-flow model", "set eta to 0",
+         names="eta=0.5"),
+    _cli("lv-samples-0", "--sampler-lv-samples", "0", ("--sampler-estimator", "draft_lv", "--sampler-lv-samples", "0"),
+         "--sampler-lv-samples=0", "must be >= 1"),
+    _cli("draft-lv-with-k-3", "--sampler-estimator", "draft_lv with --sampler-k 3",
+         ("--sampler-estimator", "draft_lv", "--sampler-k", "3"), "--sampler-estimator='draft_lv'",
+         "--sampler-k=3 asks for more", "set --sampler-truncation='fixed' and --sampler-k=1"),
 ]
 
 TRAINER = "AlignProp_Trainer"

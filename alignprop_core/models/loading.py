@@ -37,6 +37,7 @@ class ModelFolderInfo:
     family: str  # "sd15" | "sd3" | "flux"
     vae_scale_factor: int  # image pixels per latent cell
     patch_size: int  # latent cells per model token side (1 for a UNet)
+    guidance_input: bool = False  # a guidance-distilled transformer (FLUX.1-dev)
 
     @property
     def size_multiple(self) -> int:
@@ -96,17 +97,20 @@ def model_folder_info(path: str | Path) -> ModelFolderInfo:
     if not isinstance(channels, list) or not channels:
         raise ValueError(f"{str(path / 'vae' / 'config.json')!r} has no block_out_channels list; "
                          f"{FOLDER_HINT}.")
+    guidance_input = False
     if family == "sd15":
         patch = 1
     elif family == "flux":
         patch = _FLUX_PACK
+        config = read_json(path / denoiser / "config.json", FOLDER_HINT)
+        guidance_input = bool(config.get("guidance_embeds", False))
     else:
         patch = read_json(path / denoiser / "config.json", FOLDER_HINT).get("patch_size", 2)
         if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
             raise ValueError(f"{str(path / denoiser / 'config.json')!r} has patch_size={patch!r}, "
                              "not a positive integer.")
     # each VAE block after the first halves the image
-    return ModelFolderInfo(cls, family, 2 ** (len(channels) - 1), patch)
+    return ModelFolderInfo(cls, family, 2 ** (len(channels) - 1), patch, guidance_input)
 
 
 def load_backend(path: str | Path, device: torch.device | str = "cpu",

@@ -111,7 +111,13 @@ def check_eta(schedule: Schedule, eta: float) -> None:
     """ValueError for eta > 0 on a flow model; TypeError for a schedule of another kind."""
     if not isinstance(schedule, (NoiseSchedule, FlowSchedule)):
         raise TypeError(f"schedule {type(schedule).__name__} is not a NoiseSchedule or FlowSchedule.")
-    if isinstance(schedule, FlowSchedule) and eta > 0:
+    if isinstance(schedule, FlowSchedule):
+        check_flow_eta(eta)
+
+
+def check_flow_eta(eta: float) -> None:
+    """ValueError for eta > 0, which a rectified-flow model cannot take."""
+    if eta > 0:
         raise ValueError(f"eta={eta} adds DDIM's ancestral noise, which applies to epsilon/v models "
                          "(SD1.x, SDXL); this is a rectified-flow model, sampled with the "
                          "deterministic Euler ODE; set eta to 0.")

@@ -199,12 +199,18 @@ def decode_images(backend: DiffusionBackend, latents: torch.Tensor, use_checkpoi
 def check_sampler_fits(backend: DiffusionBackend, cfg: SamplerConfig) -> None:
     """Refuse sampler settings the model cannot take, before any work: distilled guidance on a model
     without that input, and eta > 0 on a flow model (`chain.make_chain` says why)."""
-    if cfg.distilled_guidance and not backend.guidance_input:
+    check_model_takes(cfg, backend.name, backend.guidance_input)
+    check_eta(backend.schedule, cfg.eta)
+
+
+def check_model_takes(cfg: SamplerConfig, name: str, guidance_input: bool) -> None:
+    """ValueError for distilled guidance on a model without that input (hosts call this from what
+    they know of the model before loading it)."""
+    if cfg.distilled_guidance and not guidance_input:
         raise ValueError(f"SamplerConfig.distilled_guidance={cfg.distilled_guidance} was given, but "
-                         f"{backend.name} has no guidance input (only guidance-distilled models such "
+                         f"{name} has no guidance input (only guidance-distilled models such "
                          "as FLUX.1-dev have one); set it to 0 and use guidance_scale with use_cfg "
                          "for classifier-free guidance.")
-    check_eta(backend.schedule, cfg.eta)
 
 
 def with_guidance(backend: DiffusionBackend, cfg: SamplerConfig, cond: Cond) -> Cond:
