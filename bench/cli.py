@@ -48,11 +48,11 @@ class Plan:
     estimator_seeds: tuple[int, ...] = tuple(range(8))
 
 
-FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small"], resolutions=[32, 64, 96],
+FULL = Plan(repeats=5, memory_repeats=2, overhead_models=["tiny", "small", "tiny-sd3", "tiny-flux"], resolutions=[32, 64, 96],
             step_counts=[10, 20, 50], sd15_px=[64, 128], sd15_steps=4, reference_models=["tiny", "small"],
             alignprop_queries=256, ddpo_queries=1024, ddpo_eval_every=128, efficiency_steps=10,
             alignprop_seeds=tuple(range(8)), ddpo_lr_count=None, ddpo_seeds=(0, 1, 2))
-QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny"], resolutions=[32, 48],
+QUICK = Plan(repeats=3, memory_repeats=1, overhead_models=["tiny", "tiny-flux"], resolutions=[32, 48],
              step_counts=[10, 20], sd15_px=[], sd15_steps=4, reference_models=["tiny"],
              alignprop_queries=8, ddpo_queries=64, ddpo_eval_every=64, efficiency_steps=10, alignprop_seeds=(0, 1),
              ddpo_lr_count=1, memory_ks=(1, 20), estimator_budget=16, estimator_seeds=(0,))
@@ -75,6 +75,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--memory-worst-case", action=argparse.BooleanOptionalAction, default=True,
                    help="also run item 2 on the tiny model with the weight-free --reward (nothing but "
                         "latents to save: the worst case of the saved-bytes ratio)")
+    r.add_argument("--memory-flow-models", nargs="*", default=["tiny-sd3", "tiny-flux"],
+                   help="item 2 again on these rectified-flow models (with --memory-reward); none: skip")
     r.add_argument("--scaling-model", default="tiny", help="model of the item 5 sweeps")
     r.add_argument("--efficiency-model", default="alignprop_core/data/toy_world",
                    help="model of item 4: tiny | small | a diffusers folder (e.g. the toy world)")
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             results["memory_worst_case"] = memory.run("tiny", args.reward, plan.memory_repeats,
                                                       args.threads, plan.memory_ks)
             plots.memory_vs_k(results["memory_worst_case"], out, "memory_vs_k_worst_case.png")
+        results["memory_flow"] = [memory.run(model, args.memory_reward, plan.memory_repeats, args.threads,
+                                             plan.memory_ks) for model in args.memory_flow_models]
     if "reference" in args.only:
         results["reference"] = reference.run(plan.reference_models, args.reward, min(plan.repeats, 3),
                                              args.threads, cache, args.official_repo)

@@ -5,7 +5,10 @@
   64-wide text encoder of 4 layers, VAE factor 4); 64 px images by default.
 * ``sd15``: the full Stable Diffusion 1.5 architecture (UNet 860M, CLIP ViT-L text encoder, VAE
   factor 8) from its standard config, random weights, nothing downloaded.
-* any other name is a path to a local diffusers-format folder (e.g. the pretrained toy world).
+* ``tiny-sd3``, ``tiny-flux``: the tiny random SD3.5-like and FLUX.1-dev-like folders of
+  `alignprop_core.models.tiny_flow_models` (32 px images), written once into `FOLDER_CACHE`.
+* any other name is a path to a local diffusers-format folder (e.g. the pretrained toy world); SD3
+  and FLUX.1 folders run through `build_backend`.
 
 `model_folder` writes a model as a diffusers folder (for the reference implementations, which load
 pipelines from disk) and caches it.
@@ -20,10 +23,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from alignprop_core.models.backend import DiffusionBackend, diffusers_backend
+from alignprop_core.models.loading import load_backend
 from alignprop_core.models.t2i_model import T2IModel, load_t2i_model, save_t2i_model
 from alignprop_core.models.tiny_model import TINY_SCHEDULER_CONFIG, build_tiny_model, build_tiny_tokenizer
 
 BUILTIN = ("tiny", "small", "sd15")
+FLOW_BUILTIN = ("tiny-sd3", "tiny-flux")
+FOLDER_CACHE = Path(__file__).resolve().parent / ".cache"
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,8 @@ class ModelSpec:
 
 def default_px(name: str) -> int:
     """Image size the benchmarks use for a model when none is given (a folder: its UNet's native size)."""
-    if name in BUILTIN:
-        return {"tiny": 32, "small": 64, "sd15": 64}[name]
+    if name in BUILTIN + FLOW_BUILTIN:
+        return {"tiny": 32, "small": 64, "sd15": 64, "tiny-sd3": 32, "tiny-flux": 32}[name]
     folder = Path(name).expanduser()
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
@@ -124,3 +131,20 @@ def model_folder(name: str, cache: Path, seed: int = 0) -> Path:
     if not (folder / "model_index.json").is_file():
         save_t2i_model(build_model(name, seed), folder)
     return folder
+
+
+def flow_folder(name: str, seed: int = 0) -> Path:
+    """The folder of a builtin flow model (`FLOW_BUILTIN`), written on first use."""
+    from alignprop_core.models.tiny_flow_models import ensure_tiny_flux_dir, ensure_tiny_sd3_dir
+
+    ensure = {"tiny-sd3": ensure_tiny_sd3_dir, "tiny-flux": ensure_tiny_flux_dir}[name]
+    return ensure(FOLDER_CACHE / f"{name}-seed{seed}", seed=seed)
+
+
+def build_backend(name: str, seed: int = 0) -> DiffusionBackend:
+    """A backend for any benchmark model: builtin (SD1.x-style or flow) or a folder of any family."""
+    if name in FLOW_BUILTIN:
+        return load_backend(flow_folder(name, seed), name=name)
+    if name not in BUILTIN and Path(name).expanduser().is_dir():
+        return load_backend(Path(name).expanduser(), name=name)
+    return diffusers_backend(build_model(name, seed), name=name)

@@ -237,6 +237,8 @@ def render(results: dict) -> str:
                   "cost of checkpointing is a large share of the total, so this ratio is the upper bound "
                   "of what checkpointing costs in K; any reward network (the row above) dilutes it.", "",
                   "![memory vs K, weight-free reward](memory_vs_k_worst_case.png)", ""]
+    for mem in results.get("memory_flow", []):
+        lines += memory_section(mem, "### 2c. A rectified-flow model")
     if "reference" in results:
         lines += reference_section(results["reference"])
     if "efficiency" in results:
@@ -272,18 +274,19 @@ def summary_table(results: dict) -> list[str]:
         rows.append("| one AlignProp step (T=20, K=1, CFG) / no-grad sampling of the same steps | "
                     + ", ".join(f"{r['model']} ({r['px']} px) {r['ratio']:.3f}" for r in o)
                     + f" | <= 1.25 | {_mark(all(r['met'] for r in o))} |")
-    for key, label in (("memory", ""), ("memory_worst_case", "; worst case: weight-free reward")):
-        if key in results:
-            m = results[key]
-            lo = next(r for r in m["rows"] if r["checkpoint"] and r["K"] == m["k_lo"])
-            hi = next(r for r in m["rows"] if r["checkpoint"] and r["K"] == m["k_hi"])
-            where = f"{Path(m['model']).name}, `{m['reward']}`{label}"
-            rows.append(f"| saved for backward, checkpointed, K={m['k_hi']} / K={m['k_lo']} ({where}) | "
-                        f"{m['saved_ratio']:.2f} ({_size(lo['saved_bytes'])} -> {_size(hi['saved_bytes'])}) | "
-                        f"<= 1.2 | {_mark(m['saved_met'])} |")
-            rows.append(f"| peak RSS growth, checkpointed, K={m['k_hi']} / K={m['k_lo']} ({where}) | "
-                        f"{m['rss_ratio']:.2f} ({lo['rss_growth'] / MIB:.1f} -> {hi['rss_growth'] / MIB:.1f} MiB) | "
-                        f"<= 1.5 | {_mark(m['rss_met'])} |")
+    memories = [(results[key], label) for key, label in
+                (("memory", ""), ("memory_worst_case", "; worst case: weight-free reward")) if key in results]
+    memories += [(m, "") for m in results.get("memory_flow", [])]
+    for m, label in memories:
+        lo = next(r for r in m["rows"] if r["checkpoint"] and r["K"] == m["k_lo"])
+        hi = next(r for r in m["rows"] if r["checkpoint"] and r["K"] == m["k_hi"])
+        where = f"{Path(m['model']).name}, `{m['reward']}`{label}"
+        rows.append(f"| saved for backward, checkpointed, K={m['k_hi']} / K={m['k_lo']} ({where}) | "
+                    f"{m['saved_ratio']:.2f} ({_size(lo['saved_bytes'])} -> {_size(hi['saved_bytes'])}) | "
+                    f"<= 1.2 | {_mark(m['saved_met'])} |")
+        rows.append(f"| peak RSS growth, checkpointed, K={m['k_hi']} / K={m['k_lo']} ({where}) | "
+                    f"{m['rss_ratio']:.2f} ({lo['rss_growth'] / MIB:.1f} -> {hi['rss_growth'] / MIB:.1f} MiB) | "
+                    f"<= 1.5 | {_mark(m['rss_met'])} |")
     if "reference" in results:
         for kind, target, what in (("time", 0.8, "step time"), ("mem", 0.9, "peak RSS growth")):
             cells = [(r["model"], name, r[f"{kind}_vs_{name}"]) for r in results["reference"]["rows"]

@@ -19,7 +19,7 @@ from alignprop_core.rewards import RewardFn, make_reward
 from alignprop_core.sampling.sampler import sample_images
 from alignprop_core.training.step import make_optimizer, make_scaler, optimizer_step
 
-from bench.models import build_model, default_px
+from bench.models import build_backend, default_px
 
 PROMPTS = ("a red cat on the grass", "a blue dog in a field", "a photo of a white horse",
            "a painting of a green frog", "a black bird on a yellow background", "an owl in the field")
@@ -94,8 +94,8 @@ def build_rig(spec: RigSpec, model=None, prompts: Sequence[str] | None = None) -
     `prompts` default to `default_prompts(spec.reward)`."""
     prompts = default_prompts(spec.reward) if prompts is None else prompts
     torch.manual_seed(spec.seed)
-    model = model if model is not None else build_model(spec.model, spec.seed)
-    backend = diffusers_backend(model, name=spec.model)
+    backend = (diffusers_backend(model, name=spec.model) if model is not None
+               else build_backend(spec.model, spec.seed))
     sampler = sampler_config(spec)
     train = TrainConfig(reward=spec.reward, batch_size=spec.batch, width=spec.size, height=spec.size,
                         lr=spec.lr, seed=spec.seed, eval_every=0)
