@@ -9,6 +9,7 @@ checked against rules read from its source: the LoRA key map of ``comfy/lora.py`
 ``flux_to_diffusers``) and the arithmetic of ``comfy/weight_adapter/lora.py`` ``LoRAAdapter``
 (read from current ComfyUI; the entries used here are older than 0.3.75: the ``.lora_B.weight``
 form was in ``comfy/lora.py`` ``load_lora`` before the weight adapters were split out).
+``tests/comfyui/test_lora_flow_comfy.py`` loads the same files in the real ComfyUI 0.3.75.
 """
 from __future__ import annotations
 
