@@ -207,11 +207,13 @@ def estimators_section(est: dict) -> list[str]:
            "|---|---|---|---|---|---|"]
     for name, label in (("truncated", "truncated, K=1"), ("draft_lv", f"DRaFT-LV, n={spec['lv_samples']}")):
         curve = med[name]
-        steps = curve[-1]["queries"] // (spec["batch"] * (spec["lv_samples"] + 1 if name == "draft_lv" else 1))
+        steps = int(curve[-1]["queries"]) // (spec["batch"] * (spec["lv_samples"] + 1 if name == "draft_lv" else 1))
         out.append(f"| {label} | {steps} | {curve[-1]['queries']:.0f} | {curve[-1]['train_s']:.0f} | "
                    f"{curve[0]['reward']:.4f} | {curve[-1]['reward']:.4f} |")
     hit = est["draft_lv_reach"]
-    reach = ("DRaFT-LV's median never reached it" if hit is None else
+    reach = ("Truncated K=1 ended at or below the untrained start, so there is nothing to reach: no "
+             "verdict; compare the end columns" if not est.get("truncated_improved", True) else
+             "DRaFT-LV's median never reached it" if hit is None else
              f"DRaFT-LV's median reaches it after {hit['queries']:.0f} queries and {hit['train_s']:.0f} s "
              f"of training: **{est['wall_fraction']:.2f}×** truncated K=1's time")
     out += ["", f"Goal: truncated K=1's median held-out reward at {goal['queries']:.0f} queries, "
@@ -308,7 +310,10 @@ def summary_table(results: dict) -> list[str]:
                     + f" | <= 1/{e['target_factor']} | {_mark(e['met'])} |")
     for est in results.get("estimators", []):
         spec = est["spec"]
-        got = ("not reached" if est["wall_fraction"] is None else
+        got = ("no verdict: truncated K=1 ended below its start "
+               f"({est['median']['truncated'][0]['reward']:.3f} -> {est['goal']['reward']:.3f}; DRaFT-LV "
+               f"{est['median']['draft_lv'][-1]['reward']:.3f})" if not est.get("truncated_improved", True) else
+               "not reached" if est["wall_fraction"] is None else
                f"{est['wall_fraction']:.2f}x ({est['draft_lv_reach']['train_s']:.0f} s vs "
                f"{est['goal']['train_s']:.0f} s)")
         rows.append(f"| DRaFT-LV (n={spec['lv_samples']}) training time to truncated K=1's held-out reward at "

@@ -24,7 +24,18 @@ def test_the_goal_is_truncated_at_its_budget_and_the_fraction_is_draft_lv_time_t
     assert res["draft_lv_reach"] == {"queries": 24, "train_s": 7, "reward": 0.75}  # reached, not passed
     assert res["wall_fraction"] == 7 / 22 and res["met"]
     monkeypatch.setattr(estimators, "TARGET_WALL_FRACTION", 0.1)
-    assert not estimators.run(estimators.EstimatorSpec(seeds=(0, 1)))["met"]
+    assert estimators.run(estimators.EstimatorSpec(seeds=(0, 1)))["met"] is False
+
+
+def test_no_verdict_when_truncated_ends_at_or_below_its_start(monkeypatch):
+    """A goal below the untrained start would be 'reached' at zero queries: that is no comparison."""
+    down = _curve([(0, 0, 0.0), (8, 10, -0.5)])
+    monkeypatch.setattr(estimators, "_seed_pair", lambda spec, seed: {"truncated": down, "draft_lv": down})
+    res = estimators.run(estimators.EstimatorSpec(seeds=(0,)))
+    assert res["met"] is None and res["draft_lv_reach"] is None and not res["truncated_improved"]
+    from bench.report import estimators_section, summary_table
+    assert "nothing to reach" in "\n".join(estimators_section(res))
+    assert "no verdict" in summary_table({"estimators": [res]})[-1]
 
 
 def test_a_quick_run_on_the_tiny_model_counts_n_plus_1_queries_per_image_and_renders():
