@@ -122,6 +122,9 @@ def flow_denoiser(model) -> Denoiser:
         # guidance=None keeps extra_conds from adding its scalar default; ours is per sample
         conds = base.extra_conds(cross_attn=cond["context"], pooled_output=cond["pooled"], guidance=None,
                                  noise=x_t, device=x_t.device)
+        if "c_concat" in conds:
+            raise ValueError(f"this {type(base).__name__} model takes an image condition (a Fill, Canny or "
+                             "Depth variant); the flow backend trains text-to-image models only.")
         kwargs = {key: c.cond for key, c in conds.items()}
         if guided:
             if "guidance" not in cond:

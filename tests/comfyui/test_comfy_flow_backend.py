@@ -6,9 +6,10 @@ CLIP-L/G + T5 or CLIP-L + T5 from configs would dominate the run time); the back
 is run on a stand-in CLIP that returns random tensors, for its shapes only. Checked per family:
 - `flow_schedule_of` gives a static-shift schedule whose sigmas equal KSampler's "simple" (and for
   SD3 "normal") scheduler, with the model's own shift and after ModelSamplingSD3/Flux nodes;
-  non-flow model sampling is refused;
+  non-flow models, other schedulers and image sizes off the patch grid are refused;
 - the denoiser's velocity equals the diffusers transformer's at a few sigmas;
-- a 4-step sampling run on the ComfyUI backend equals one on the diffusers denoiser;
+- a 4-step sampling run on the ComfyUI backend, without and with CFG, equals one on the diffusers
+  denoiser;
 - gradients of that run (checkpointed, as the trainer runs it) reach a LoRA injected into
   ComfyUI's diffusion model and equal the gradients of the same LoRA on the diffusers twin; FLUX
   needs the backend's LayerNorm input copies for that, and none are left on the model afterwards.
@@ -50,6 +51,8 @@ LORA_PAIRS = {
 EXPECTED = {"sd3": FlowSchedule(shift=3.0, sigma_grid="flux", patch_size=2),
             "flux": FlowSchedule(shift=math.exp(1.15), sigma_grid="flux", patch_size=2)}
 SAMPLER = SamplerConfig(steps=STEPS, use_cfg=False, guidance_scale=1.0, checkpoint_unet=False)
+# classifier-free guidance: both branches batched in one call
+CFG_SAMPLER = SamplerConfig(steps=STEPS, use_cfg=True, guidance_scale=4.0, checkpoint_unet=False)
 # the trainer's path for the gradient run: every step of the window under the reentrant checkpoint
 GRAD_SAMPLER = SamplerConfig(steps=STEPS, use_cfg=False, guidance_scale=1.0, checkpoint_unet=True)
 
@@ -62,12 +65,12 @@ inproc.setup(sys.argv[1], sys.argv[2])
 import comfy.model_base, comfy.samplers, comfy.utils
 from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 from flow_twins import comfy_flow_model
-from test_comfy_flow_backend import GRAD_SAMPLER, LORA_PAIRS, RANK, ALPHA, SAMPLER, STEPS
+from test_comfy_flow_backend import CFG_SAMPLER, GRAD_SAMPLER, LORA_PAIRS, RANK, ALPHA, SAMPLER, STEPS
 from alignprop_core.config import LoraConfig
 from alignprop_core.lora import add_lora
 from alignprop_core.sampling.chain import flow_chain
 from alignprop_core.sampling.sampler import sample_latents
-from ComfyUI_AlignProp.nodes.comfy_flow import flow_backend, flow_schedule_of
+from ComfyUI_AlignProp.nodes.comfy_flow import flow_arch, flow_backend, flow_schedule_of
 
 
 class StandInClip:
@@ -106,32 +109,40 @@ def schedules(patcher, arch):
     return rows
 
 
-def refusals():
-    eps = comfy.model_base.model_sampling(None, comfy.model_base.ModelType.EPS)
-    stub = types.SimpleNamespace(get_model_object=lambda name: eps)
+def refused(fn, *args):
     try:
-        flow_schedule_of(stub)
+        fn(*args)
     except ValueError as error:
         return str(error)
     return None
 
 
-results = {"refusal": refusals()}
+eps = comfy.model_base.model_sampling(None, comfy.model_base.ModelType.EPS)
+results = {"refusals": {
+    "eps sampling": refused(flow_schedule_of, types.SimpleNamespace(get_model_object=lambda name: eps)),
+    "not a flow model": refused(flow_arch, types.SimpleNamespace(model=torch.nn.Identity())),
+}}
 args = sys.argv[4:]
 for arch, weights, extra, inputs_path in zip(*[args[i::4] for i in range(4)]):
     io = comfy.utils.load_torch_file(inputs_path, safe_load=True)
     patcher = comfy_flow_model(weights, extra)
     clip = StandInClip(io["context"].shape[-1], io["pooled"].shape[-1])
     vae = types.SimpleNamespace(first_stage_model=torch.nn.Conv2d(16, 3, 1), downscale_ratio=8)
+    results["refusals"][f"{arch} unknown scheduler"] = refused(flow_schedule_of, patcher, "karras")
+    if arch == "flux":  # its 10000-entry table ends below what FlowSchedule's default grid can express
+        results["refusals"]["flux normal scheduler"] = refused(flow_schedule_of, patcher, "normal")
+    results["refusals"][f"{arch} image size"] = refused(flow_backend, patcher, clip, vae, 64, 72)
     backend = flow_backend(patcher, clip, vae, 64, 64, name="tiny")
     encoded = backend.encode_prompts(["a", "a longer prompt"])
     cond = {k: io[k] for k in ("context", "pooled", "guidance") if k in io}
+    uncond = {k: io["un_" + k] if "un_" + k in io else v for k, v in cond.items()}
     velocities = []
     with torch.no_grad():
         for sigma in io["sigmas"].tolist():
             t = torch.full((io["probe"].shape[0],), 1000.0 * sigma)
             velocities.append(backend.denoiser(io["probe"], t, cond))
         sampled = sample_latents(backend.denoiser, backend.schedule, io["x_T"], cond, None, SAMPLER, 0)
+        guided = sample_latents(backend.denoiser, backend.schedule, io["x_T"], cond, uncond, CFG_SAMPLER, 0)
     pairs = LORA_PAIRS[arch]
     add_lora(backend.lora_target, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=tuple(c for _, c in pairs)))
     params = []
@@ -153,6 +164,7 @@ for arch, weights, extra, inputs_path in zip(*[args[i::4] for i in range(4)]):
         "schedules": schedules(patcher, arch),
         "velocities": torch.stack(velocities),
         "sampled": sampled,
+        "guided": guided,
         "grads": list(grads),
         "hooks_left": sum(len(m._forward_pre_hooks) for m in backend.lora_target.modules()),
     }
@@ -169,6 +181,8 @@ def twin_inputs(arch: str, base) -> dict[str, torch.Tensor]:
           "weights": torch.randn(BATCH, 16, SIDE, SIDE, generator=g),
           "context": torch.randn(BATCH, TOKENS, cfg.joint_attention_dim, generator=g),
           "pooled": torch.randn(BATCH, cfg.pooled_projection_dim, generator=g),
+          "un_context": torch.randn(BATCH, TOKENS + 2, cfg.joint_attention_dim, generator=g),
+          "un_pooled": torch.randn(BATCH, cfg.pooled_projection_dim, generator=g),
           "sigmas": torch.tensor(SIGMAS)}
     if arch == "flux":
         io["guidance"] = torch.tensor([3.5, 2.0])
@@ -183,11 +197,13 @@ def diffusers_side(arch: str, base, io: dict[str, torch.Tensor]) -> dict:
     """What the diffusers denoiser gives for the same inputs: velocities, a sampling run, LoRA grads."""
     make_denoiser = sd3_denoiser if arch == "sd3" else flux_denoiser
     cond = {k: io[k] for k in ("context", "pooled", "guidance") if k in io}
+    uncond = {k: io["un_" + k] if "un_" + k in io else v for k, v in cond.items()}
     schedule = EXPECTED[arch]
     with torch.no_grad():
         denoise = make_denoiser(base)
         velocities = torch.stack([denoise(io["probe"], torch.full((BATCH,), 1000.0 * s), cond) for s in SIGMAS])
         sampled = sample_latents(denoise, schedule, io["x_T"], cond, None, SAMPLER, 0)
+        guided = sample_latents(denoise, schedule, io["x_T"], cond, uncond, CFG_SAMPLER, 0)
     model = copy.deepcopy(base)
     pairs = LORA_PAIRS[arch]
     add_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=tuple(d for d, _ in pairs)))
@@ -200,7 +216,7 @@ def diffusers_side(arch: str, base, io: dict[str, torch.Tensor]) -> dict:
             params += [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     x0 = sample_latents(make_denoiser(model), schedule, io["x_T"], cond, None, GRAD_SAMPLER, STEPS)
     (x0 * io["weights"]).sum().backward()
-    return {"velocities": velocities, "sampled": sampled, "grads": [p.grad for p in params]}
+    return {"velocities": velocities, "sampled": sampled, "guided": guided, "grads": [p.grad for p in params]}
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +270,18 @@ def test_sigmas_equal_ksampler_schedulers(arch, both_sides):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6, msg=label)  # float32 table
 
 
-def test_non_flow_model_sampling_is_refused(both_sides):
-    refusal = both_sides[0]["refusal"]
-    assert refusal is not None and "not a rectified flow" in refusal
+def test_bad_models_and_settings_are_refused(both_sides):
+    refusals = both_sides[0]["refusals"]
+    expected = {"eps sampling": "not a rectified flow (CONST)",
+                "not a flow model": "this MODEL is Identity",
+                "sd3 unknown scheduler": "use one of simple, normal",
+                "flux unknown scheduler": "use one of simple, normal",
+                "flux normal scheduler": "use scheduler='simple'",
+                "sd3 image size": "multiples of 16",
+                "flux image size": "multiples of 16"}
+    assert set(refusals) == set(expected)
+    for case, words in expected.items():
+        assert refusals[case] is not None and words in refusals[case], (case, refusals[case])
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -270,6 +295,9 @@ def test_velocity_equals_diffusers(arch, both_sides):
 def test_sampling_run_equals_diffusers(arch, both_sides):
     got, ours = both_sides[0][arch], both_sides[1][arch]
     torch.testing.assert_close(got["sampled"], ours["sampled"], rtol=1e-4, atol=5e-5)
+    # with CFG (a negative prompt of another token length, batched with the prompt)
+    assert not torch.allclose(ours["guided"], ours["sampled"], atol=1e-2)
+    torch.testing.assert_close(got["guided"], ours["guided"], rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
