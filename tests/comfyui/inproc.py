@@ -28,7 +28,8 @@ def run_script(code: str, comfy_dir: Path, base_dir: Path, *args: str, timeout: 
 
     `code` should start with ``import inproc; inproc.setup(sys.argv[1], sys.argv[2])``.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
+    # tests/ too, for the tiny-model makers (tiny_flow_transformers) that scripts share with tests
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     prelude = "import sys\nsys.argv = sys.argv[1:]\n"
     out = subprocess.run([sys.executable, "-c", prelude + code, "-", str(comfy_dir), str(base_dir), *args],
                          env=env, capture_output=True, text=True, timeout=timeout, cwd=str(comfy_dir))
@@ -74,8 +75,9 @@ def setup(comfy_dir: str, base_dir: str):
 
     args.cpu = True  # before comfy.model_management is imported: no CUDA probing
     import folder_paths
-    import utils.install_util  # noqa: F401 ComfyUI's utils package, imported before its nodes.py puts
-    # comfy/ first on sys.path (after which "utils" would be comfy/utils.py), as main.py does
+    # ComfyUI's utils package, imported before its nodes.py puts comfy/ first on sys.path (after
+    # which "utils" would be comfy/utils.py), as main.py does
+    importlib.import_module("utils.install_util")
 
     base = Path(base_dir).resolve()
     folder_paths.base_path = str(base)

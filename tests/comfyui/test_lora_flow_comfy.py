@@ -26,9 +26,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_flow_transformers import flux_inputs, make_flux, make_sd3, run_transformer, sd3_inputs
+from tiny_flow_transformers import run_transformer
 
 import inproc
+from flow_twins import FAMILIES
 from alignprop_core.config import LoraConfig
 from alignprop_core.lora import add_lora, save_lora
 
@@ -36,16 +37,6 @@ pytestmark = pytest.mark.slow
 
 RANK, ALPHA = 2, 3.0
 DM = "diffusion_model."
-# Per family: the diffusers model, its sizes, and the ComfyUI config entries detection cannot infer.
-# ComfyUI's MMDiT takes its depth (and head count) as width / 64, so the SD3 model is 2 blocks of
-# 2 heads of 64; ComfyUI's Flux packs 2x2 patches of 16 channels, so the FLUX model takes 64 inputs.
-FAMILIES = {
-    "sd3": dict(make=make_sd3, inputs=sd3_inputs, comfy_config={},
-                sizes=dict(in_channels=16, out_channels=16, attention_head_dim=64, num_attention_heads=2,
-                           caption_projection_dim=128)),
-    "flux": dict(make=make_flux, inputs=flux_inputs, comfy_config={"num_heads": 2, "axes_dim": [2, 2, 4]},
-                 sizes=dict(in_channels=64)),
-}
 
 
 def _rows(start: int, length: int) -> tuple:
@@ -83,7 +74,8 @@ import json, logging, sys
 import torch
 import inproc
 inproc.setup(sys.argv[1], sys.argv[2])
-import comfy.lora, comfy.model_detection, comfy.model_patcher, comfy.sd, comfy.utils
+import comfy.lora, comfy.sd, comfy.utils
+from flow_twins import comfy_flow_model
 
 
 class Collect(logging.Handler):
@@ -114,15 +106,8 @@ def describe(target):
 results = {}
 args = sys.argv[4:]
 for arch, base_path, lora_path, extra, inputs_path in zip(*[args[i::5] for i in range(5)]):
-    sd = comfy.model_detection.convert_diffusers_mmdit(comfy.utils.load_torch_file(base_path), "")
-    unet_config = comfy.model_detection.detect_unet_config(sd, "")
-    unet_config.update(json.loads(extra))
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model(sd, "")
-    model.diffusion_model.load_state_dict(sd, strict=True)  # the sizes match the diffusers model's
-    cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    patcher = comfy_flow_model(base_path, extra)
+    model = patcher.model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     io = comfy.utils.load_torch_file(inputs_path, safe_load=True)
     base_out = run(arch, model.diffusion_model, io)

@@ -1,0 +1,44 @@
+"""Tiny SD3 and FLUX.1 transformers as diffusers models and as real ComfyUI MODELs on the same weights.
+
+The test process builds the diffusers side (``FAMILIES``: each family's maker from
+``tiny_flow_transformers``, resized to what ComfyUI's detection assumes) and saves its weights; a
+ComfyUI subprocess (inproc.py) turns those weights into a MODEL with `comfy_flow_model`, as ComfyUI's
+diffusion-model loader does.
+"""
+from __future__ import annotations
+
+import json
+
+from tiny_flow_transformers import flux_inputs, make_flux, make_sd3, sd3_inputs
+
+# Per family: the diffusers model, its sizes, and the ComfyUI config entries detection cannot infer.
+# ComfyUI's MMDiT takes its depth (and head count) as width / 64, so the SD3 model is 2 blocks of
+# 2 heads of 64; ComfyUI's Flux packs 2x2 patches of 16 channels, so the FLUX model takes 64 inputs.
+FAMILIES = {
+    "sd3": dict(make=make_sd3, inputs=sd3_inputs, comfy_config={},
+                sizes=dict(in_channels=16, out_channels=16, attention_head_dim=64, num_attention_heads=2,
+                           caption_projection_dim=128)),
+    "flux": dict(make=make_flux, inputs=flux_inputs, comfy_config={"num_heads": 2, "axes_dim": [2, 2, 4]},
+                 sizes=dict(in_channels=64)),
+}
+
+
+def comfy_flow_model(weights_path: str, extra_config: str | dict):
+    """A float32 CPU ComfyUI ModelPatcher over diffusers-named transformer weights (in a ComfyUI
+    process): ``convert_diffusers_mmdit``, ``detect_unet_config`` plus the entries it cannot read
+    (``extra_config``, a dict or its JSON), then the weights loaded strictly."""
+    import torch
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.utils
+
+    extra = json.loads(extra_config) if isinstance(extra_config, str) else extra_config
+    sd = comfy.model_detection.convert_diffusers_mmdit(comfy.utils.load_torch_file(weights_path), "")
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    unet_config.update(extra)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    model.diffusion_model.load_state_dict(sd, strict=True)  # the sizes match the diffusers model's
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
