@@ -13,21 +13,23 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from alignprop_core.config import (LOSS_SHAPES, LR_SCHEDULES, MIXED_PRECISION, REWARD_AUGMENTS,
+from alignprop_core.config import (ESTIMATORS, LOSS_SHAPES, LR_SCHEDULES, MIXED_PRECISION, REWARD_AUGMENTS,
                                    TRUNCATION_STRATEGIES, with_input_names)
 
 CHOICES = {"truncation": TRUNCATION_STRATEGIES, "loss": LOSS_SHAPES, "mixed_precision": MIXED_PRECISION,
-           "lr_schedule": LR_SCHEDULES, "reward_augment": REWARD_AUGMENTS}
+           "lr_schedule": LR_SCHEDULES, "reward_augment": REWARD_AUGMENTS, "estimator": ESTIMATORS}
 BIG = 2 ** 31 - 1
 
 
 def config_inputs(cls: type, skip: tuple[str, ...] = (), prefix: str = "",
                   limits: dict[str, tuple[float, float, float]] | None = None,
-                  only: tuple[str, ...] | None = None) -> list:
+                  only: tuple[str, ...] | None = None, optional: tuple[str, ...] = ()) -> list:
     """One node input per dataclass field (only those in `only` when given, none in `skip`), in
     the dataclass's order, defaults taken from `cls()`.
 
     `limits` gives (min, max, step) for numeric fields; other numbers are only bounded below by 0.
+    Fields in `optional` become optional inputs: fields added after workflows were saved, so those
+    workflows still validate (a missing input keeps the field's default).
     """
     limits = limits or {}
     defaults = cls()
@@ -39,7 +41,7 @@ def config_inputs(cls: type, skip: tuple[str, ...] = (), prefix: str = "",
         if f.name in skip or (only is not None and f.name not in only):
             continue
         name, default, tip = prefix + f.name, getattr(defaults, f.name), f.metadata.get("help", "")
-        common = dict(default=default, tooltip=tip)
+        common = dict(default=default, tooltip=tip, **({"optional": True} if f.name in optional else {}))
         if f.name in CHOICES:
             inputs.append(io.Combo.Input(name, options=list(CHOICES[f.name]), **common))
         elif isinstance(default, bool):

@@ -16,7 +16,9 @@ Sampler = io.Custom("ALIGNPROP_SAMPLER")
 CATEGORY = "AlignProp/sampling"
 SAMPLER_LIMITS = {"steps": (1, 1000, 1), "k": (1, 1000, 1), "k_min": (1, 1000, 1), "k_max": (1, 1000, 1),
                   "eta": (0.0, 1.0, 0.01), "guidance_scale": (0.0, 30.0, 0.1), "k_mean": (1.0, 1000.0, 0.1),
-                  "k_std": (0.0, 1000.0, 0.1)}
+                  "k_std": (0.0, 1000.0, 0.1), "lv_samples": (1, 64, 1), "distilled_guidance": (0.0, 30.0, 0.1)}
+# added after the first workflows were shared: optional, so those still validate with the defaults
+LATER_FIELDS = ("estimator", "lv_samples", "distilled_guidance")
 
 
 class SamplerSettings(io.ComfyNode):
@@ -24,7 +26,7 @@ class SamplerSettings(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SamplerSettings", display_name="AlignProp Sampler Settings", category=CATEGORY,
-            inputs=config_inputs(SamplerConfig, limits=SAMPLER_LIMITS),
+            inputs=config_inputs(SamplerConfig, limits=SAMPLER_LIMITS, optional=LATER_FIELDS),
             outputs=[Sampler.Output(display_name="sampler")])
 
     @classmethod
