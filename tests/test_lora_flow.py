@@ -374,14 +374,11 @@ def test_save_errors_name_the_fix(tmp_path):
         save_lora(tmp_path / "x.safetensors", model, cfg, arch="sd3")
     with pytest.raises(ValueError, match="naming='ldm' chooses between UNet namings; flux files"):
         save_lora(tmp_path / "x.safetensors", model, cfg, arch="flux", naming="ldm")
-    comfy_flux = torch.nn.Module()  # ComfyUI's Flux names: no diffusers transformer to name the keys by
-    comfy_flux.double_blocks = torch.nn.ModuleList([torch.nn.Module()])
-    comfy_flux.double_blocks[0].img_attn = torch.nn.Module()
-    comfy_flux.double_blocks[0].img_attn.qkv = torch.nn.Linear(4, 12)
-    qkv = LoraConfig(rank=RANK, alpha=3.0, target_modules=("qkv",))
-    add_lora(comfy_flux, qkv)
-    with pytest.raises(ValueError, match="uses ComfyUI's module names .*written from the diffusers Flux"):
-        save_lora(tmp_path / "x.safetensors", comfy_flux, qkv, arch="flux")
+    flux_kohya = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(RANK, 4),
+                  "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(12, RANK)}
+    with pytest.raises(ValueError, match="arch='sd3' but the LoRA's module names are those of flux"):
+        save_lora_file(tmp_path / "x.safetensors", LoraFile(state=flux_kohya, rank=RANK, alpha=float(RANK)),
+                       arch="sd3")
     with pytest.raises(ValueError, match="Unknown LoRA keys .*one key form per file"):
         save_lora_file(tmp_path / "x.safetensors", LoraFile(
             state={**peft_to_diffusers(lora_state_dict(model)), "lora_unet_x.lora_down.weight": torch.zeros(2, 2)},

@@ -5,7 +5,8 @@ Code outside this package imports from here, not from the submodules:
 
 * ``inject``: peft LoRA layers on a module (add, remove, state, scale),
 * ``file``: the ``.safetensors`` file (``LoraFile``; save, load, check, apply),
-* ``keys``: peft <-> kohya keys (UNet files), the module naming a file uses, its metadata,
+* ``keys``: peft <-> kohya keys (UNet files; SD3/FLUX files of ComfyUI's models), the module naming
+  a file uses, its metadata,
 * ``transformer_keys``: the diffusers key form of SD3/FLUX files, reading either form,
 * ``families``: the model family of a model or a file, cross-family refusal, default targets,
 * ``unet_paths``: UNet module paths in LDM and diffusers naming, and the layout mapping them,

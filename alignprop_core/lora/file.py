@@ -15,8 +15,13 @@ Given an ``arch``, ``save_lora`` writes the module naming that arch's files use 
 names, SDXL: LDM names) whichever UNet was trained, and loading renames a file of the other
 naming; key conversions live in ``keys``, the UNet path map in ``unet_paths``.
 
-SD3 and FLUX.1 files use the diffusers transformer form (``transformer.<path>.lora_A.weight`` /
-``.lora_B.weight``, ``transformer_keys``), which diffusers and ComfyUI both load. Alpha: FLUX files
+SD3 and FLUX.1 files of a diffusers transformer use the diffusers transformer form
+(``transformer.<path>.lora_A.weight`` / ``.lora_B.weight``, ``transformer_keys``), which diffusers
+and ComfyUI both load. Those of a transformer with the original module names (ComfyUI's
+``diffusion_model``: ``joint_blocks.N.x_block.attn.qkv``, ``double_blocks.N.img_attn.qkv``,
+``single_blocks.N.linear1``, ...) are kohya keys of those names, fused layers kept whole
+(``lora_unet_double_blocks_0_img_attn_qkv``), with ``.alpha``: the form kohya sd-scripts writes for
+FLUX, which ComfyUI and Forge read for both families (diffusers converts it for FLUX only). Alpha: FLUX files
 keep a ``.alpha`` per module, which both honour; diffusers' SD3 loader refuses any key without
 "lora" in its name, so SD3 files carry none: the scale alpha / r is multiplied into every lora_B
 and the file's alpha is r (``alignprop.folded_alpha`` records the trained alpha). A file of one
@@ -44,7 +49,7 @@ from ..config import LoraConfig
 from ..files.outputs import write_atomically
 from ..files.safe_load import load_error_reason
 from .check import check_lora_finite, check_module_factors
-from .families import check_family, is_diffusers_transformer, metadata_arch, model_arch
+from .families import check_family, file_archs, is_diffusers_transformer, metadata_arch, model_arch
 from .inject import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
 from .keys import (CANONICAL_NAMING, TRANSFORMER_ARCHS, check_lora_arch, convert_names, lora_metadata,
                    peft_to_kohya, rank_alpha_of)
@@ -102,28 +107,27 @@ def _file_metadata(lora: LoraFile, metadata: dict[str, str] | None, arch: str | 
     return {**base, TARGETS_KEY: json.dumps(list(lora.target_modules)), **extra}
 
 
-def _transformer_arch(module: nn.Module, arch: str | None, naming: str | None) -> str | None:
-    """The SD3/FLUX family whose file form ``save_lora`` writes for ``module``, or None for a UNet file.
+def _transformer_form(module: nn.Module, arch: str | None, naming: str | None) -> tuple[str, str] | None:
+    """The SD3/FLUX family of the file ``save_lora`` writes for ``module`` and the module naming of
+    its keys (``diffusers`` or ``native``), or None for a UNet file.
 
-    ``arch`` None takes the family of a diffusers SD3/FLUX transformer; a transformer ``arch`` needs
-    such a transformer of that family.
+    ``arch`` None takes the family of an SD3/FLUX transformer in either naming; a transformer ``arch``
+    needs such a transformer of that family.
     """
     have = model_arch(module)
     if arch is None:
-        arch = have if have in TRANSFORMER_ARCHS and naming is None and is_diffusers_transformer(module) else None
+        arch = have if have in TRANSFORMER_ARCHS and naming is None else None
     if arch not in TRANSFORMER_ARCHS:
         return None
     if naming is not None:
-        raise ValueError(f"naming={naming!r} chooses between UNet namings; {arch} files always use the "
-                         "diffusers transformer names: leave naming unset.")
+        raise ValueError(f"naming={naming!r} chooses between UNet namings; {arch} files use the module names "
+                         "of the transformer that was trained (diffusers' or ComfyUI's): leave naming unset.")
     if have != arch:
         what = f"of the {have} family" if have else "not an SD3 or FLUX transformer"
-        raise ValueError(f"arch={arch!r} but the module is {what}; pass the diffusers "
-                         f"{_TRANSFORMER_CLASSES[arch]} that was trained, or the arch of the module.")
-    if not is_diffusers_transformer(module):
-        raise ValueError(f"The {arch} module uses ComfyUI's module names (joint_blocks/double_blocks); "
-                         f"{arch} LoRA files are written from the diffusers {_TRANSFORMER_CLASSES[arch]}.")
-    return arch
+        raise ValueError(f"arch={arch!r} but the module is {what}; pass the {arch} transformer that was "
+                         f"trained (the diffusers {_TRANSFORMER_CLASSES[arch]} or ComfyUI's diffusion_model), "
+                         "or the arch of the module.")
+    return arch, "diffusers" if is_diffusers_transformer(module) else "native"
 
 
 def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
@@ -140,9 +144,11 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
         arch: ``sd15``, ``sdxl``, ``sd3`` or ``flux``: write that family's keys and its
             ``ss_base_model_version``/``modelspec.*`` metadata. UNets: kohya keys in the arch's module
             naming (sd15: diffusers, sdxl: LDM, as kohya sd-scripts does, so A1111/Forge, ComfyUI and
-            diffusers load every key). SD3/FLUX (a diffusers transformer): the diffusers transformer
-            form that diffusers and ComfyUI load. None: a diffusers SD3/FLUX transformer is written
-            as its family; any other module as kohya keys of its own paths, with no family metadata.
+            diffusers load every key). SD3/FLUX: a diffusers transformer in the diffusers
+            transformer form that diffusers and ComfyUI load; ComfyUI's diffusion model in kohya
+            keys of its own (fused) layers, which ComfyUI and Forge load. None: an SD3/FLUX
+            transformer is written as its family; any other module as kohya keys of its own paths,
+            with no family metadata.
         naming: ``ldm`` or ``diffusers`` to override the UNet naming chosen by ``arch``.
 
     Returns:
@@ -162,12 +168,15 @@ def save_lora(path: str | os.PathLike, module: nn.Module, cfg: LoraConfig,
     if rank != cfg.rank or not math.isclose(alpha, cfg.alpha):
         raise ValueError(f"cfg says rank={cfg.rank}, alpha={cfg.alpha} but the module's LoRA has "
                          f"rank={rank}, alpha={alpha}; pass the config the LoRA was built with.")
-    transformer = _transformer_arch(module, arch, naming)
-    if transformer is not None:
+    transformer = _transformer_form(module, arch, naming)
+    if transformer is not None and transformer[1] == "diffusers":
         state = peft_to_diffusers(lora_state_dict(module), alpha)
         lora = LoraFile(state=state, rank=rank, alpha=alpha, target_modules=tuple(cfg.target_modules))
-        return save_lora_file(path, lora, metadata, dtype, transformer)
+        return save_lora_file(path, lora, metadata, dtype, transformer[0])
     state = peft_to_kohya(lora_state_dict(module), alpha)
+    if transformer is not None:  # ComfyUI's SD3/FLUX: its own module names are the file's
+        lora = LoraFile(state=state, rank=rank, alpha=alpha, target_modules=tuple(cfg.target_modules))
+        return save_lora_file(path, lora, metadata, dtype, transformer[0])
     target = naming or (CANONICAL_NAMING[arch] if arch is not None else None)
     if target is not None:
         source = naming_of(n for n, _ in module.named_modules())
@@ -208,7 +217,7 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
         metadata: extra str -> str entries.
         dtype: tensor dtype on disk: ``fp32`` (default), ``fp16`` or ``bf16``.
         arch: ``sd15``, ``sdxl``, ``sd3`` or ``flux`` to add that family's metadata (the keys are
-            written as they are).
+            written as they are; key names of another family are refused).
 
     Returns:
         The path written.
@@ -228,10 +237,20 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
     if rank != lora.rank or not math.isclose(alpha, lora.alpha, rel_tol=1e-6):
         raise ValueError(f"The LoraFile says rank={lora.rank}, alpha={lora.alpha} but its tensors have "
                          f"rank={rank}, alpha={alpha}; build it with the rank and alpha of its tensors.")
-    if key_form(lora.state) == "diffusers" and (arch or metadata_arch(lora.metadata)) == "sd3":
+    form = key_form(lora.state)
+    named, _ = file_archs(lora.state)
+    if arch is not None and named and arch not in named:
+        raise ValueError(f"arch={arch!r} but the LoRA's module names are those of {' or '.join(named)}; "
+                         "give the arch the LoRA was trained for.")
+    if form == "diffusers" and (arch or metadata_arch(lora.metadata)) == "sd3":
         lora = _fold_alpha(lora)
     # modelspec.implementation names the module naming of the keys as they are written
-    naming = naming_of(groups) if arch is not None and arch not in TRANSFORMER_ARCHS else None
+    if arch is None:
+        naming = None
+    elif arch in TRANSFORMER_ARCHS:
+        naming = "diffusers" if form == "diffusers" else "native"
+    else:
+        naming = naming_of(groups)
     meta = _file_metadata(lora, metadata, arch, naming)
     # alpha stays float32: it is a scalar whose exact value sets the scale.
     tensors = {k: (v.float() if k.endswith(".alpha") else v.to(torch_dtype)).detach().cpu().contiguous()
@@ -240,7 +259,8 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
 
 
 def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraFile:
-    """Read a LoRA safetensors file: kohya keys (UNets) or diffusers transformer keys (SD3/FLUX).
+    """Read a LoRA safetensors file: kohya keys (UNets; SD3/FLUX in their original module names) or
+    diffusers transformer keys (SD3/FLUX).
 
     Args:
         path: the ``.safetensors`` file.

@@ -16,7 +16,10 @@ ComfyUI and diffusers alike): SD1.x files use diffusers names, SDXL files use LD
 (``CANONICAL_NAMING``); ``convert_names`` renames a state between the two with the UNet path map
 of ``unet_paths``.
 
-SD3 and FLUX.1 transformer files use the diffusers form instead (``transformer_keys``).
+SD3 and FLUX.1 files of a diffusers transformer use the diffusers form instead (``transformer_keys``);
+those of the models' original (``native``) module names, which ComfyUI's models have
+(``joint_blocks``, ``double_blocks``/``single_blocks``), use the kohya form above, as kohya
+sd-scripts writes FLUX files.
 """
 from __future__ import annotations
 
@@ -28,7 +31,10 @@ from torch import nn
 from .unet_paths import check_naming, layout_path_pairs, naming_of, unet_layout
 
 LORA_ARCHS = ("sd15", "sdxl", "sd3", "flux")  # model families a LoRA file can be written for
-TRANSFORMER_ARCHS = ("sd3", "flux")  # families whose files use the diffusers transformer form
+TRANSFORMER_ARCHS = ("sd3", "flux")  # families whose files may use the diffusers transformer form
+# SD3/FLUX module namings: diffusers' transformer, or the original one (SAI's MMDiT, BFL's Flux) that
+# ComfyUI's models have
+TRANSFORMER_NAMINGS = ("diffusers", "native")
 CANONICAL_NAMING = {"sd15": "diffusers", "sdxl": "ldm"}  # what kohya sd-scripts writes per UNet arch
 PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -48,6 +54,18 @@ def check_lora_arch(arch: str | None) -> str:
     return arch
 # modelspec.implementation names the code whose module names the file uses.
 _IMPLEMENTATION = {"ldm": "https://github.com/Stability-AI/generative-models", "diffusers": "diffusers"}
+_NATIVE_IMPLEMENTATION = {"sd3": "https://github.com/Stability-AI/sd3.5",
+                          "flux": "https://github.com/black-forest-labs/flux"}
+
+
+def _implementation(arch: str, naming: str | None) -> str:
+    """``modelspec.implementation`` of an ``arch`` file whose keys use ``naming``."""
+    if arch not in TRANSFORMER_ARCHS:
+        return _IMPLEMENTATION[check_naming(naming or CANONICAL_NAMING[arch])]
+    naming = naming or "diffusers"
+    if naming not in TRANSFORMER_NAMINGS:
+        raise ValueError(f"Unknown {arch} naming {naming!r}; use one of {', '.join(TRANSFORMER_NAMINGS)}.")
+    return "diffusers" if naming == "diffusers" else _NATIVE_IMPLEMENTATION[arch]
 
 
 # ---- peft <-> kohya key form --------------------------------------------------------------------
@@ -272,7 +290,8 @@ def lora_metadata(arch: str | None, rank: int, alpha: float, extra: dict[str, st
         rank, alpha: the LoRA's shared rank and alpha.
         extra: caller entries (str -> str); they override the defaults (e.g. ``modelspec.title``)
             but not the ``ss_network_*`` entries.
-        naming: the file's module naming (default: the canonical one for ``arch``).
+        naming: the file's module naming: ``ldm`` or ``diffusers`` for a UNet (default: the
+            canonical one for ``arch``), ``diffusers`` (default) or ``native`` for SD3/FLUX.
 
     Returns:
         ``ss_network_module/dim/alpha``, ``ss_base_model_version``, ``modelspec.*`` plus ``extra``.
@@ -286,8 +305,7 @@ def lora_metadata(arch: str | None, rank: int, alpha: float, extra: dict[str, st
     if arch is None:
         return {**network, **extra}
     base_version, architecture, resolution = ARCH_METADATA[check_lora_arch(arch)]
-    naming = naming or CANONICAL_NAMING.get(arch, "diffusers")  # SD3/FLUX files: diffusers names
     return {**network, "ss_base_model_version": base_version,
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
-            "modelspec.implementation": _IMPLEMENTATION[check_naming(naming)],
+            "modelspec.implementation": _implementation(arch, naming),
             "modelspec.title": "AlignProp LoRA", "modelspec.resolution": resolution, **extra}

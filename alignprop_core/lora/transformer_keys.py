@@ -9,7 +9,8 @@ SD3 and FLUX.1 files hold the peft keys under a ``transformer.`` prefix, the for
     transformer.<module path>.alpha          0-dim, optional (alpha = r without it)
 
 The module path is the diffusers one (``transformer_blocks.0.attn.to_q``), dots kept, so it names
-the module without the lookup kohya names need. UNet files keep the kohya form (``keys``); inside
+the module without the lookup kohya names need. UNet files, and SD3/FLUX files of a model with the
+original module names (ComfyUI's ``joint_blocks``/``double_blocks``), keep the kohya form (``keys``); inside
 the package both forms are grouped per module under the kohya part names (``group_lora``), so
 rank, alpha, checks and mixing work the same on either.
 """
