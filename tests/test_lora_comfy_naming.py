@@ -3,7 +3,7 @@ the kohya file ``save_lora`` writes, its metadata, and the bit-exact way back on
 
 ComfyUI cannot be imported here, so the models are module trees with its names and layer shapes
 (``joint_blocks.N.x_block.attn.qkv``, ``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``,
-...); ``tests/comfyui/test_lora_comfy_naming.py`` does the same on the real ComfyUI models and loads
+...); ``tests/comfyui/test_native_lora_comfy.py`` does the same on the real ComfyUI models and loads
 the files through ComfyUI's LoRA loader.
 """
 from __future__ import annotations
