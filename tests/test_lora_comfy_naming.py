@@ -165,3 +165,35 @@ def test_a_comfy_named_file_of_another_family_or_size_is_refused(tmp_path):
     deeper = load_lora(save_lora(tmp_path / "d.safetensors", *tuned("sd3", base=comfy_sd3(blocks=3)), arch="sd3"))
     with pytest.raises(ValueError, match=r"LoRA module\(s\) are not in the target model: lora_unet_joint_blocks_2"):
         check_lora_fits(deeper, comfy_sd3())
+
+
+# what the diffusers-named targets reach on the original module names (families.NATIVE_TWINS)
+NATIVE_INJECTED = {
+    "sd3": {"default": {"joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj",
+                        "joint_blocks.1.x_block.attn.qkv", "joint_blocks.1.x_block.attn.proj"},
+            "joint": {f"joint_blocks.{i}.{s}_block.attn.{p}" for i in (0, 1) for s in ("x", "context")
+                      for p in ("qkv", "proj")}},
+    "flux": {"default": {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj",
+                         "single_blocks.0.linear1"},
+             "joint": {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "single_blocks.0.linear1",
+                       "double_blocks.0.txt_attn.qkv", "double_blocks.0.txt_attn.proj"}},
+}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_diffusers_targets_reach_the_fused_native_layers(arch):
+    """The default targets (to_q, to_k, to_v, to_out.0) train the image stream's attention on a
+    ComfyUI-named model too, and the joint preset adds the text stream, as on the diffusers model."""
+    from alignprop_core.lora import DEFAULT_TARGETS
+
+    def injected(model):
+        return {k.removesuffix(".lora_A.weight") for k in lora_state_dict(model) if k.endswith(".lora_A.weight")}
+
+    for preset, targets in (("default", LoraConfig().target_modules), ("joint", DEFAULT_TARGETS[arch])):
+        model = COMFY[arch]()
+        add_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=targets))
+        assert injected(model) == NATIVE_INJECTED[arch][preset], preset
+    # native names given directly still work alone
+    model = COMFY[arch]()
+    add_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=("linear2",) if arch == "flux" else ("fc2",)))
+    assert len(injected(model)) == (1 if arch == "flux" else 4)

@@ -30,6 +30,19 @@ UNET_ARCHS = ("sd15", "sdxl")
 JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 DEFAULT_TARGETS = {"sd15": LoraConfig().target_modules, "sdxl": LoraConfig().target_modules,
                    "sd3": JOINT_ATTENTION, "flux": JOINT_ATTENTION}
+# The layers of the original (ComfyUI) SD3/FLUX module names that hold the diffusers targets: q, k and
+# v are one fused ``qkv`` per stream, so targeting any of them targets it; FLUX's single blocks fuse
+# q, k, v and the MLP input in ``linear1``.
+NATIVE_TWINS = {
+    "sd3": {"to_q": ("x_block.attn.qkv",), "to_k": ("x_block.attn.qkv",), "to_v": ("x_block.attn.qkv",),
+            "to_out.0": ("x_block.attn.proj",), "add_q_proj": ("context_block.attn.qkv",),
+            "add_k_proj": ("context_block.attn.qkv",), "add_v_proj": ("context_block.attn.qkv",),
+            "to_add_out": ("context_block.attn.proj",)},
+    "flux": {"to_q": ("img_attn.qkv", "linear1"), "to_k": ("img_attn.qkv", "linear1"),
+             "to_v": ("img_attn.qkv", "linear1"), "to_out.0": ("img_attn.proj",),
+             "add_q_proj": ("txt_attn.qkv",), "add_k_proj": ("txt_attn.qkv",), "add_v_proj": ("txt_attn.qkv",),
+             "to_add_out": ("txt_attn.proj",)},
+}
 # modelspec.architecture prefixes (kohya sd-scripts / SAI model spec) and ss_base_model_version prefixes
 _ARCHITECTURES = (("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
                   ("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3"), ("flux-1", "flux"))
@@ -52,6 +65,23 @@ def lora_preset(cfg: LoraConfig, arch: str) -> LoraConfig:
         A new ``LoraConfig``.
     """
     return dataclasses.replace(cfg, target_modules=DEFAULT_TARGETS[check_lora_arch(arch)])
+
+
+def native_targets(targets: Iterable[str], arch: str) -> tuple[str, ...]:
+    """``targets`` plus the native (ComfyUI) twins of its diffusers names on an SD3/FLUX model.
+
+    A diffusers target such as ``to_q`` names no layer of a model with the original module names;
+    its twin (``x_block.attn.qkv``, ``img_attn.qkv`` ...) does, so one target list works on both
+    namings. Names without a twin (native paths given directly) are kept as they are.
+
+    Args:
+        targets: target-module suffixes, diffusers or native.
+        arch: ``sd3`` or ``flux`` (other families are returned unchanged).
+    """
+    targets = tuple(targets)
+    twins = NATIVE_TWINS.get(arch, {})
+    extra = [twin for t in targets for twin in twins.get(t, ())]
+    return targets + tuple(dict.fromkeys(t for t in extra if t not in targets))
 
 
 def model_arch(module: nn.Module) -> str | None:

@@ -14,7 +14,9 @@ while every base weight stays frozen and bit-identical. peft does the layer surg
 * strict state loading: missing, unexpected or mis-shaped keys raise instead of being skipped,
 * target suffixes in diffusers names everywhere: on an LDM UNet (ComfyUI) the res-block names
   ``conv1``, ``conv2``, ``time_emb_proj``, ``conv_shortcut`` also target their LDM twins
-  (``in_layers.2``, ``out_layers.3``, ``emb_layers.1``, ``skip_connection``).
+  (``in_layers.2``, ``out_layers.3``, ``emb_layers.1``, ``skip_connection``), and on an SD3/FLUX
+  model with the original module names the attention names target their fused twins
+  (``families.NATIVE_TWINS``: ``to_q`` -> ``x_block.attn.qkv`` / ``img_attn.qkv``, ...).
 
 State dicts here use peft's key form (``<module path>.lora_A.weight`` / ``.lora_B.weight``); the
 file format (kohya keys) lives in ``alignprop_core.lora.file``.
@@ -32,6 +34,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..config import LoraConfig
+from .families import native_targets
 from .unet_paths import RESNET_LAYERS, ldm_to_diffusers_paths, naming_of
 
 # peft's default adapter slot; AlignProp only ever trains one adapter per module.
@@ -49,6 +52,14 @@ def _with_ldm_names(targets: tuple[str, ...], names: list[str]) -> tuple[str, ..
         return targets
     ldm_of = {diffusers: ldm for ldm, diffusers in RESNET_LAYERS.items()}
     return targets + tuple(ldm_of[t] for t in targets if t in ldm_of and ldm_of[t] not in targets)
+
+
+def _with_native_names(targets: tuple[str, ...], names: list[str]) -> tuple[str, ...]:
+    """``targets`` plus the native twins of its diffusers names, on an SD3/FLUX model with the
+    original (ComfyUI) module names."""
+    arch = ("sd3" if "joint_blocks.0.x_block" in names else
+            "flux" if "double_blocks.0.img_attn" in names else None)
+    return native_targets(targets, arch) if arch else targets
 
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -129,7 +140,7 @@ def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
                          "set_lora_state_dict (or apply_lora_file), or call remove_lora first.")
     modules = [(n, m) for n, m in module.named_modules() if n]
     names = [n for n, _ in modules]
-    targets = _with_ldm_names(tuple(cfg.target_modules), names)
+    targets = _with_native_names(_with_ldm_names(tuple(cfg.target_modules), names), names)
     # An Identity holds no weight to adapt (ComfyUI's skip_connection where the channels stay the
     # same); peft is given the matched layers by full path so it never sees one.
     paths = [n for n, m in modules if _matches(n, targets) and not isinstance(m, nn.Identity)]
