@@ -20,19 +20,23 @@ from alignprop_core.sampling.conditioning import concat_token_sequences
 from alignprop_core.models.backend import Cond, DiffusionBackend
 from alignprop_core.sampling.schedule import NoiseSchedule
 
-SUPPORTED_FAMILIES = ("SD15", "SDXL")
+# ComfyUI's model config classes (comfy.supported_models) the trainer takes -> the family's arch;
+# by exact class, so variants that take other inputs (inpainting, refiners, Flux2, Chroma) are refused
+FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
+UNET_FAMILIES = ("SD15", "SDXL")  # sampled by DDIM on eps / v; the others are rectified flows
+SUPPORTED = "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3) and FLUX.1 dev/schnell (Flux, FluxSchnell)"
 
 
 def model_family(model) -> str:
-    """'SD15' or 'SDXL' for a ComfyUI ModelPatcher; ValueError naming the supported families otherwise."""
+    """The model config class name (a key of FAMILIES) of a ComfyUI ModelPatcher; ValueError naming
+    the supported families otherwise."""
     config = getattr(getattr(model, "model", None), "model_config", None)
-    names = [cls.__name__ for cls in type(config).__mro__] if config is not None else []
-    for family in SUPPORTED_FAMILIES:
-        if family in names[:1]:
-            return family
-    found = names[0] if names else type(model).__name__
-    raise ValueError(f"AlignProp trains SD1.x (SD15) and SDXL models; this MODEL is {found}. "
-                     "Load an SD1.5 or SDXL checkpoint with Load Checkpoint.")
+    found = type(config).__name__ if config is not None else type(model).__name__
+    if found in FAMILIES:
+        return found
+    raise ValueError(f"AlignProp trains {SUPPORTED} models; this MODEL is {found}. Load one of those "
+                     "with Load Checkpoint or Load Diffusion Model (video, audio, upscaler, inpainting and "
+                     "edit models cannot be trained toward an image reward here).")
 
 
 def noise_schedule(model) -> NoiseSchedule:
@@ -123,6 +127,8 @@ def comfy_backend(model, clip, vae, width: int, height: int, name: str = "comfyu
     Call inside `torch.inference_mode(False)` after `comfy.model_management.load_models_gpu`.
     """
     family = model_family(model)
+    if family not in UNET_FAMILIES:
+        raise ValueError(f"comfy_backend takes SD1.x/SDXL models, not {family}; use comfy_families.family_backend.")
     import comfy.model_management as mm
 
     diffusion_model = model.model.diffusion_model

@@ -6,10 +6,10 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import SamplerConfig
-from alignprop_core.models.backend import check_image_size
 from alignprop_core.sampling.sampler import sample_images
 
-from .comfy_model import comfy_backend, training_session, vae_factor
+from .comfy_families import check_clip, check_family_inputs, family_backend
+from .comfy_model import training_session
 from .config_inputs import build, config_inputs
 
 Sampler = io.Custom("ALIGNPROP_SAMPLER")
@@ -39,9 +39,9 @@ class PreviewSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_PreviewSampler", display_name="AlignProp Preview Sampler", category=CATEGORY,
-            inputs=[io.Model.Input("model", tooltip="SD1.x or SDXL model (LoRA patches apply)"),
-                    io.Clip.Input("clip", tooltip="the checkpoint's CLIP"),
-                    io.Vae.Input("vae", tooltip="the checkpoint's VAE"),
+            inputs=[io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5 or FLUX.1 model (LoRA patches apply)"),
+                    io.Clip.Input("clip", tooltip="the model's text encoders"),
+                    io.Vae.Input("vae", tooltip="the model's VAE"),
                     Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps)"),
                     io.String.Input("prompt", multiline=True, default="a photo of a cat", tooltip="one prompt per line"),
                     io.String.Input("negative_prompt", default="", tooltip="unconditional branch prompt"),
@@ -56,9 +56,10 @@ class PreviewSampler(io.ComfyNode):
         if not prompts:
             raise ValueError("the prompt is empty; write at least one prompt (one per line).")
         cfg = sampler or SamplerConfig()
-        check_image_size(width, height, vae_factor(vae))
+        check_family_inputs(model, vae, cfg, width, height)
+        check_clip(model, clip)
         with training_session(model, vae):
-            backend = comfy_backend(model, clip, vae, width, height)
+            backend = family_backend(model, clip, vae, width, height)
             gen = torch.Generator().manual_seed(seed)
             x_T = torch.randn(backend.latent_shape(len(prompts), height, width), generator=gen).to(backend.device)
             with torch.no_grad():

@@ -26,7 +26,6 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.models.backend import check_image_size
 from alignprop_core.lora import check_lora_fits, load_lora, remove_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
@@ -35,7 +34,8 @@ from alignprop_core.training.evaluate import evaluate
 from alignprop_core.training.trainer import train
 
 from .choices import check_combos
-from .comfy_model import comfy_backend, model_family, training_session, vae_factor
+from .comfy_families import check_clip, check_family_inputs, family_backend
+from .comfy_model import training_session
 from .config_inputs import build, config_inputs, merge
 from .lora_nodes import Lora, apply_to_model
 from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
@@ -86,8 +86,8 @@ class AlignPropTrainer(io.ComfyNode):
             node_id="AlignProp_Trainer", display_name="AlignProp Trainer", category="AlignProp/training",
             is_output_node=True, hidden=[io.Hidden.unique_id],
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x or SDXL MODEL from Load Checkpoint"),
-                io.Clip.Input("clip", tooltip="the checkpoint's CLIP (frozen)"),
+                io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5 or FLUX.1 MODEL (Load Checkpoint or Load Diffusion Model; fp8 weights train too)"),
+                io.Clip.Input("clip", tooltip="the model's text encoders (frozen): its checkpoint's CLIP, or for FLUX.1 DualCLIPLoader (clip_l + t5xxl)"),
                 io.Vae.Input("vae", tooltip="the checkpoint's VAE (frozen; the reward's gradient flows through it)"),
                 Reward.Input("reward", tooltip="what to maximise (an AlignProp reward node)"),
                 io.String.Input("prompts", multiline=True, default="cat\ndog\nhorse",
@@ -136,7 +136,6 @@ class AlignPropTrainer(io.ComfyNode):
 
         # 1. everything that can be wrong is checked before any model work
         check_combos(cls.define_schema(), {"prompt_file": prompt_file, **kwargs})
-        family = model_family(model)
         if prompt_file and prompt_file != NO_FILE:
             train_prompts = parse_prompts(read_prompt_file(prompt_file), source=f"prompt file {prompt_file}")
         else:
@@ -144,6 +143,8 @@ class AlignPropTrainer(io.ComfyNode):
         held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
         cfg = build(TrainConfig, kwargs, reward=reward.spec.text())
         cfg = merge(cfg, optimizer, evaluation, objective)
+        sampler = sampler or SamplerConfig()
+        family = check_family_inputs(model, vae, sampler, cfg.width, cfg.height)
         if init_lora is not None and lora_settings is not None:
             raise ValueError("init_lora and lora_settings are both connected, but the LoRA file of init_lora "
                              "fixes its rank, alpha and layers; disconnect AlignProp LoRA Settings to continue "
@@ -154,16 +155,15 @@ class AlignPropTrainer(io.ComfyNode):
                     else lora_settings or LoraConfig())
         if init_lora is not None:
             check_lora_fits(init_lora, model.model.diffusion_model)
-        check_image_size(cfg.width, cfg.height, vae_factor(vae))
         requested = output_path("loras", lora_file_name(lora_name, "lora_name"), what="lora_name")
         state_dir = _state_dir(folder_paths.get_output_directory(), lora_name)
         state_file = os.path.join(state_dir, "train_state.pt")
         if resume and not os.path.isfile(state_file):
             raise FileNotFoundError(f"resume is on but no run of lora_name {lora_name!r} was stopped early "
                                     f"(no training state at {state_file}); turn resume off to start anew.")
+        check_clip(model, clip)
         check_writable(os.path.dirname(requested), "the loras folder")  # the last check: it makes the folder
         path = requested if overwrite else str(numbered_path(requested))
-        sampler = sampler or SamplerConfig()
 
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
@@ -210,7 +210,7 @@ class AlignPropTrainer(io.ComfyNode):
 
         # 2. train on the model itself; LoRA layers are removed again whatever happens
         with training_session(model, vae):
-            backend = comfy_backend(model, clip, vae, cfg.width, cfg.height, name=f"comfyui-{family}")
+            backend = family_backend(model, clip, vae, cfg.width, cfg.height, name=f"comfyui-{family}")
             try:
                 result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
                                out_dir=os.path.dirname(path), lora_name=os.path.basename(path),

@@ -22,14 +22,15 @@ def _fake_model(config_class_name: str):
     return type("ModelPatcher", (), {"model": inner})()
 
 
-@pytest.mark.parametrize("name", ["SD15", "SDXL"])
+@pytest.mark.parametrize("name", ["SD15", "SDXL", "SD3", "Flux", "FluxSchnell"])
 def test_supported_families_are_recognised(name):
     assert comfy_model.model_family(_fake_model(name)) == name
 
 
-@pytest.mark.parametrize("name", ["Flux", "SD3", "SDXLRefiner", "SD15_instructpix2pix", "WAN21_T2V"])
+@pytest.mark.parametrize("name", ["SDXLRefiner", "SD15_instructpix2pix", "WAN21_T2V", "FluxInpaint", "Flux2",
+                                  "Chroma", "StableAudio"])
 def test_other_families_are_refused_by_name(name):
     with pytest.raises(ValueError) as err:
         comfy_model.model_family(_fake_model(name))
     message = str(err.value)
-    assert name in message and "SD1.x (SD15) and SDXL" in message
+    assert name in message and "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3) and FLUX.1" in message

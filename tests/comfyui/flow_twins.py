@@ -42,3 +42,31 @@ def comfy_flow_model(weights_path: str, extra_config: str | dict):
     model.diffusion_model.load_state_dict(sd, strict=True)  # the sizes match the diffusers model's
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def comfy_flow_vae(seed: int = 0):
+    """ComfyUI's own 16-channel VAE (SD3 / FLUX.1 latents) with random weights (in a ComfyUI process).
+
+    ``comfy.sd.VAE`` builds the full-size decoder from a fixed config whatever the weights, so the
+    weights are those of an ``AutoencodingEngine`` of that config. ComfyUI's layers skip their own
+    initialisation (``torch.empty``), so every weight is drawn here: normal(0, 1/fan_in) for
+    convolutions and linear layers, ones and zeros for norms and biases.
+    """
+    import torch
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    engine = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in engine.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5))
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.sd.VAE(sd=engine.state_dict())

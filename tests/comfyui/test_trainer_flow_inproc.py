@@ -1,0 +1,226 @@
+"""The AlignProp Trainer node on real ComfyUI SD3 and FLUX.1 MODELs, run as ComfyUI's executor runs it.
+
+In a ComfyUI process (inproc.py), per family: the MODEL is ComfyUI's own diffusion model built by its
+detection from the tiny weights of ``flow_twins``, the VAE ComfyUI's own 16-channel VAE (random
+weights), and the CLIP a stand-in with the text widths the MODEL takes (ComfyUI's T5-XXL is 4.7 B
+parameters; the real SD3 CLIP-L/G path runs on the server). The trainer trains 2 steps toward the
+smoothness reward with CFG (and FLUX.1-dev's distilled guidance), then:
+
+- the LoRA file holds kohya keys of ComfyUI's fused layers and names the family and the reward;
+- ComfyUI's LoraLoaderModelOnly loads it with no "lora key not loaded" line and KSampler's output
+  changes; the trainer's own MODEL output samples what the loader's does;
+- the MODEL the trainer was given is left as it was (no LoRA layers, every weight bit-identical);
+- a CLIP of other widths, eta > 0, distilled guidance on SD3, DRaFT-LV with n < 1 and an init LoRA
+  of the other family are each refused with a message naming what to change, and nothing is written.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import inproc
+from flow_twins import FAMILIES
+from test_trainer_server import inproc_settings
+
+pytestmark = pytest.mark.slow
+
+# argv after comfy_dir, base_dir: results path, JSON settings, then per family arch, weights, JSON config
+_SCRIPT = r"""
+import json, logging, os, sys
+import torch
+import inproc
+pack = inproc.setup(sys.argv[1], sys.argv[2])
+import folder_paths
+import nodes as comfy_nodes
+from flow_twins import comfy_flow_model, comfy_flow_vae
+from alignprop_core.lora import has_lora
+from ComfyUI_AlignProp.nodes.comfy_families import text_widths
+
+
+class StandInClip:
+    # tokenize / encode_from_tokens with fixed random embeddings per prompt, of the given widths
+    def __init__(self, dim, pooled_dim):
+        self.dim, self.pooled_dim = dim, pooled_dim
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
+        return torch.randn(1, 4, self.dim, generator=g), torch.randn(1, self.pooled_dim, generator=g)
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+classes = {c.define_schema().node_id: c for c in pack.NODE_CLASSES}
+
+
+def node(node_id, **inputs):
+    return inproc.execute(classes[node_id], **inputs).result
+
+
+settings = json.loads(sys.argv[4])
+reward = node("AlignProp_SimpleReward", kind="smoothness", red=1.0, green=0.5, blue=0.1)[0]
+sampler_inputs = dict(settings["sampler"], estimator="truncated", lv_samples=2, distilled_guidance=0.0)
+
+
+def sampler(**over):
+    return node("AlignProp_SamplerSettings", **{**sampler_inputs, **over})[0]
+
+
+train_inputs = dict(settings["train"], **{socket: node(kind, **inputs)[0]
+                                          for socket, (kind, inputs) in settings["settings"].items()})
+vae = comfy_flow_vae()
+loras_dir = folder_paths.get_folder_paths("loras")[0]
+
+
+def listing():
+    return sorted(os.path.relpath(os.path.join(root, f), loras_dir) for root, _, files in os.walk(loras_dir)
+                  for f in files)
+
+
+def ksample(model, clip, guided):
+    context, pooled = clip.encode_from_tokens("a cat")
+    extra = {"pooled_output": pooled, **({"guidance": 3.5} if guided else {})}
+    positive = [[context, extra]]
+    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    (out,) = comfy_nodes.common_ksampler(model, 0, 3, 1.0 if guided else 4.0, "euler", "simple", positive, negative,
+                                         latent)
+    return out["samples"]
+
+
+def refused(fn):
+    try:
+        fn()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+results, trained = {}, {}
+args = sys.argv[5:]
+for arch, weights, extra in zip(*[args[i::3] for i in range(3)]):
+    model = comfy_flow_model(weights, extra)
+    width, pooled_width = text_widths(model)
+    clip = StandInClip(width, pooled_width)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    inputs = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="cat\ndog", sampler=sampler(),
+                  **train_inputs)
+    out_model, lora, curve, path = node("AlignProp_Trainer", lora_name=f"alignprop/{arch}", **inputs)
+    trained[arch] = (model, clip, inputs, lora)
+    unchanged = (not has_lora(model.model.diffusion_model)
+                 and before.keys() == model.model.diffusion_model.state_dict().keys()
+                 and all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items()))
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        loaded = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, os.path.relpath(path, loras_dir),
+                                                                        1.0)[0]
+    finally:
+        logging.getLogger().removeHandler(collect)
+    guided = arch == "flux"
+    results[arch] = {"path": path, "unchanged": unchanged, "messages": collect.messages,
+                     "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
+                     "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
+                     "node_model": ksample(out_model, clip, guided)}
+
+for arch, (model, clip, inputs, _) in trained.items():
+    other = trained["flux" if arch == "sd3" else "sd3"][3]
+    files = listing()
+    name = f"alignprop/bad_{arch}"
+    cases = {
+        "clip": lambda: node("AlignProp_Trainer", lora_name=name,
+                             **{**inputs, "clip": StandInClip(clip.dim + 8, clip.pooled_dim)}),
+        "eta": lambda: node("AlignProp_Trainer", lora_name=name, **{**inputs, "sampler": sampler(eta=0.5)}),
+        "init_lora": lambda: node("AlignProp_Trainer", lora_name=name, init_lora=other, **inputs),
+        "lv_samples": lambda: sampler(estimator="draft_lv", lv_samples=0),
+    }
+    if arch == "sd3":
+        cases["guidance"] = lambda: node("AlignProp_Trainer", lora_name=name,
+                                         **{**inputs, "sampler": sampler(distilled_guidance=3.5)})
+    results[arch]["refusals"] = {case: refused(fn) for case, fn in cases.items()}
+    results[arch]["written"] = sorted(set(listing()) - set(files))
+torch.save(results, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def flow_runs(comfy_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trainer-flow")
+    args = []
+    for arch in ("sd3", "flux"):
+        spec = FAMILIES[arch]
+        weights = tmp / f"{arch}_transformer.safetensors"
+        base = spec["make"](**spec["sizes"])
+        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
+        args += [arch, str(weights), json.dumps(spec["comfy_config"])]
+    settings = inproc_settings(width=32, height=32)
+    out = tmp / "results.pt"
+    inproc.run_script(_SCRIPT, comfy_dir, tmp / "base", str(out), json.dumps(settings), *args, timeout=900)
+    return torch.load(out, weights_only=True)
+
+
+# a layer of each family's default targets in ComfyUI's naming (families.NATIVE_TWINS)
+FUSED_KEYS = {"sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn_proj"),
+              "flux": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1")}
+ARCHITECTURES = {"sd3": "stable-diffusion-3", "flux": "flux-1"}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_trainer_writes_a_kohya_lora_of_comfyuis_layers(arch, flow_runs):
+    got = flow_runs[arch]
+    with safe_open(got["path"], "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert all(k.startswith("lora_unet_") for k in keys)
+    for module in FUSED_KEYS[arch]:
+        assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= keys
+    assert meta["modelspec.architecture"].startswith(ARCHITECTURES[arch])
+    assert "smoothness" in meta["alignprop.reward"]
+    assert got["curve_shape"][0] == 1 and got["curve_shape"][-1] == 3
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_comfyuis_lora_loader_takes_every_key_and_ksampler_output_changes(arch, flow_runs):
+    got = flow_runs[arch]
+    skipped = [m for m in got["messages"] if "lora key not loaded" in m or "NOT LOADED" in m]
+    assert not skipped, skipped
+    assert got["patched_modules"] > 0
+    assert (got["loader"] - got["base"]).abs().max() > 1e-5
+    torch.testing.assert_close(got["node_model"], got["loader"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_the_shared_model_is_left_as_it_was(arch, flow_runs):
+    assert flow_runs[arch]["unchanged"]
+
+
+REFUSALS = {
+    "clip": ("does not belong", "Connect the model's own text encoders"),
+    "eta": ("eta=0.5", "set eta to 0"),
+    "init_lora": ("This LoRA was trained for", "give a LoRA trained on"),
+    "lv_samples": ("lv_samples",),
+    "guidance": ("distilled_guidance", "no guidance input"),
+}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_bad_input_is_refused_by_name_and_nothing_is_written(arch, flow_runs):
+    got = flow_runs[arch]
+    for case, message in got["refusals"].items():
+        assert message is not None, case
+        assert message.startswith("ValueError"), (case, message)
+        for words in REFUSALS[case]:
+            assert words in message, (case, message)
+    assert got["written"] == []
