@@ -79,3 +79,9 @@ def sd15_checkpoint(comfy_dir: Path, comfy_base_dir: Path) -> str:
 def sdxl_checkpoint(comfy_dir: Path, comfy_base_dir: Path) -> str:
     """`ckpt_name` of a random checkpoint ComfyUI detects as SDXL (in the server's models/checkpoints)."""
     return _install_checkpoint("sdxl", comfy_dir, comfy_base_dir)
+
+
+@pytest.fixture(scope="session")
+def sd3_checkpoint(comfy_dir: Path, comfy_base_dir: Path) -> str:
+    """`ckpt_name` of a random checkpoint ComfyUI detects as SD3 (SD3.5-medium-like MMDiT, CLIP-L/G, no T5)."""
+    return _install_checkpoint("sd3", comfy_dir, comfy_base_dir)

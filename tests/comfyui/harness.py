@@ -6,7 +6,7 @@ directory, and this repository linked in as the custom-node pack ``ComfyUI-Align
 it returns talks to ComfyUI's HTTP API (``/object_info``, ``/prompt``, ``/history``, ``/interrupt``)
 with the standard library only, so this module imports even before ComfyUI is set up.
 
-`make_random_checkpoint` writes an SD1.5 or SDXL checkpoint whose keys and shapes are the ones
+`make_random_checkpoint` writes an SD1.5, SDXL or SD3 checkpoint whose keys and shapes are the ones
 ComfyUI itself saves, so its ``model_detection`` recognises it, but with a reduced UNet. ComfyUI
 builds the text encoders (CLIP-L, OpenCLIP-G) and the VAE at full size from fixed configs and leaves
 weights missing from a checkpoint uninitialised, so every weight must be present. To keep the file
@@ -64,6 +64,19 @@ UNET_CONFIGS = {
         "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
     },
 }
+# SD3/SD3.5 (MMDiT): detection reads every width from the weights and the depth as width / 64, so
+# this is 2 joint blocks of width 128, with SD3.5's RMS q/k norms and a second attention in block 0
+# (SD3.5 medium). The text inputs keep SD3's widths: CLIP-L + G (+ T5) context 4096, pooled 2048.
+UNET_CONFIGS["sd3"] = {
+    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "num_patches": 256, "pos_embed_max_size": 16, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [0],
+}
+# the text encoders an SD3 checkpoint holds, by the key ComfyUI's SD3.clip_target looks for
+SD3_TEXT_ENCODERS = ("text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
+                     "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight")
 # comfy/sd.py builds the SD1.x/SDXL VAE with exactly this config whatever the weights' shapes.
 SD_VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -269,10 +282,10 @@ def start_server(comfy_dir: Path, base_dir: Path, port: int | None = None, timeo
 # -- random checkpoints --------------------------------------------------------------------------
 def make_random_checkpoint(kind: str, path: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, seed: int = 0,
                            timeout: float = 600.0) -> Path:
-    """Write a random-weight SD1.5 or SDXL checkpoint that ComfyUI detects as that model.
+    """Write a random-weight SD1.5, SDXL or SD3 checkpoint that ComfyUI detects as that model.
 
     Args:
-        kind: "sd15" or "sdxl".
+        kind: "sd15", "sdxl" or "sd3" (SD3.5-medium-like, with CLIP-L/G and no T5).
         path: destination; must end in ".ckpt" (see the module docstring for why not .safetensors).
         comfy_dir: the ComfyUI directory whose model classes define the key layout.
         seed: seed of the random weights.
@@ -363,9 +376,10 @@ def _build_checkpoint(kind: str, path: Path, comfy_dir: Path, seed: int) -> None
     comfy_args.cpu = True  # before comfy.model_management is imported: no CUDA probing
     import comfy.model_detection
     import comfy.supported_models
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 
-    expected = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[kind]
+    expected = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL,
+                "sd3": comfy.supported_models.SD3}[kind]
     unet_config = dict(UNET_CONFIGS[kind])
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
     if type(model_config) is not expected:
@@ -374,8 +388,17 @@ def _build_checkpoint(kind: str, path: Path, comfy_dir: Path, seed: int) -> None
 
     with torch.device("meta"):  # shapes only; weights are filled in below
         model = model_config.get_model({}, device="meta")
-        clip = model_config.clip_target().clip(device="meta", dtype=torch.float16)
-        vae = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
+        if kind == "sd3":  # CLIP-L and G (T5 is optional for SD3); the 16-channel VAE has no quant convs
+            clip = model_config.clip_target(dict.fromkeys(SD3_TEXT_ENCODERS)).clip(device="meta", dtype=torch.float16)
+            vae = AutoencodingEngine(
+                regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+                encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
+                                "params": {**SD_VAE_DDCONFIG, "z_channels": 16}},
+                decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",
+                                "params": {**SD_VAE_DDCONFIG, "z_channels": 16}})
+        else:
+            clip = model_config.clip_target().clip(device="meta", dtype=torch.float16)
+            vae = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
     # the same call ComfyUI's CheckpointSave node uses, so the key layout is ComfyUI's own
     layout = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
 
@@ -454,7 +477,7 @@ def _main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(description="Test helpers that need ComfyUI importable.")
     sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-checkpoint", help="write a random SD1.5/SDXL checkpoint")
+    make = sub.add_parser("make-checkpoint", help="write a random SD1.5/SDXL/SD3 checkpoint")
     make.add_argument("kind", choices=sorted(UNET_CONFIGS))
     make.add_argument("path", type=Path)
     make.add_argument("--comfy-dir", type=Path, default=DEFAULT_COMFY_DIR)

@@ -3,8 +3,9 @@
 For each ``workflows/<name>.json`` (the UI format the browser loads) this module checks that every
 node type in it is registered in ``/object_info``, converts it to the API format the way the
 frontend does (``ui_to_api``) and compares the result with the committed ``<name>.api.json``, then
-queues that graph through ``POST /prompt`` with test-sized values (the random SD1.5 checkpoint,
-64 px, 2 sampler and training steps, tiny reward files written into the server's model folders).
+queues that graph through ``POST /prompt`` with test-sized values (the random SD1.5 checkpoint, or
+the random SD3 one for the SD3.5 workflow, 64 px, 2 sampler and training steps, tiny reward files
+written into the server's model folders).
 
 The two training workflows run first, in one module fixture, because the LoRA workflows load the
 LoRAs they write (models/loras/alignprop/aesthetic.safetensors and compressible_smooth.safetensors).
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 WORKFLOWS_DIR = harness.REPO_ROOT / "workflows"
 TRAINING = ("train_aesthetic_lora", "train_reward_mix")
-WORKFLOWS = (*TRAINING, "score_ksampler_batch", "use_trained_lora", "mix_two_loras")
+WORKFLOWS = (*TRAINING, "score_ksampler_batch", "use_trained_lora", "mix_two_loras", "train_sd35_lora")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 AESTHETIC_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
@@ -34,6 +35,7 @@ SIZE, STEPS = 64, 2
 # Test-sized values, by node type; everything else runs as committed.
 TEST_VALUES = {
     "EmptyLatentImage": {"width": SIZE, "height": SIZE, "batch_size": 2},
+    "EmptySD3LatentImage": {"width": SIZE, "height": SIZE, "batch_size": 2},
     "KSampler": {"steps": STEPS},
     "AlignProp_SamplerSettings": {"steps": STEPS},
     "AlignProp_PreviewSampler": {"width": SIZE, "height": SIZE, "prompt": "a cheetah\na penguin"},
@@ -239,3 +241,13 @@ def test_mix_two_loras(server, sd15_checkpoint, trained):
     mixed = server.models_dir / "loras" / "alignprop" / "aesthetic_compressible_mix.safetensors"
     assert mixed.is_file() and mixed.stat().st_size > 0, f"Save LoRA wrote nothing at {mixed}"
     assert_images(server, entry, node_id_of(api, "SaveImage"), TEST_VALUES["EmptyLatentImage"]["batch_size"])
+
+
+def test_train_sd35_lora(server, sd3_checkpoint):
+    entry = run_workflow(server, "train_sd35_lora", sd3_checkpoint)
+    _, api = load_workflow("train_sd35_lora")
+    lora = server.models_dir / "loras" / "alignprop" / "sd35_compressible.safetensors"
+    assert lora.is_file() and lora.stat().st_size > 0, f"no LoRA at {lora}"
+    assert_images(server, entry, node_id_of(api, "SaveImage", "Save reward curve"), 1, size=None)
+    assert_images(server, entry, node_id_of(api, "SaveImage", "Save samples with the LoRA"),
+                  TEST_VALUES["EmptySD3LatentImage"]["batch_size"])
