@@ -23,10 +23,14 @@ FAMILIES = {
 }
 
 
-def comfy_flow_model(weights_path: str, extra_config: str | dict):
-    """A float32 CPU ComfyUI ModelPatcher over diffusers-named transformer weights (in a ComfyUI
-    process): ``convert_diffusers_mmdit``, ``detect_unet_config`` plus the entries it cannot read
-    (``extra_config``, a dict or its JSON), then the weights loaded strictly."""
+def comfy_flow_model(weights_path: str, extra_config: str | dict, weight_dtype: str | None = None):
+    """A CPU ComfyUI ModelPatcher over diffusers-named transformer weights (in a ComfyUI process):
+    ``convert_diffusers_mmdit``, ``detect_unet_config`` plus the entries it cannot read
+    (``extra_config``, a dict or its JSON), then the weights loaded strictly.
+
+    ``weight_dtype`` None keeps float32; "fp8_e4m3fn" stores the weights in float8 and computes in
+    ComfyUI's manual-cast dtype, as Load Diffusion Model's weight_dtype option does
+    (``comfy.sd.load_diffusion_model_state_dict`` with ``dtype``)."""
     import torch
     import comfy.model_detection
     import comfy.model_patcher
@@ -37,7 +41,14 @@ def comfy_flow_model(weights_path: str, extra_config: str | dict):
     unet_config = comfy.model_detection.detect_unet_config(sd, "")
     unet_config.update(extra)
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
-    model_config.set_inference_dtype(torch.float32, None)
+    if weight_dtype is None:
+        model_config.set_inference_dtype(torch.float32, None)
+    else:
+        import comfy.model_management as mm
+
+        dtype = getattr(torch, {"fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}[weight_dtype])
+        model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, torch.device("cpu"),
+                                                                    model_config.supported_inference_dtypes))
     model = model_config.get_model(sd, "")
     model.diffusion_model.load_state_dict(sd, strict=True)  # the sizes match the diffusers model's
     cpu = torch.device("cpu")

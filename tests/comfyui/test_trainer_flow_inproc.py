@@ -4,8 +4,10 @@ In a ComfyUI process (inproc.py), per family: the MODEL is ComfyUI's own diffusi
 detection from the tiny weights of ``flow_twins``, the VAE ComfyUI's own 16-channel VAE (random
 weights), and the CLIP a stand-in with the text widths the MODEL takes (ComfyUI's T5-XXL is 4.7 B
 parameters; the real SD3 CLIP-L/G path runs on the server). The trainer trains 2 steps toward the
-smoothness reward with CFG (and FLUX.1-dev's distilled guidance), then:
+smoothness reward with CFG (and FLUX.1-dev's distilled guidance); the FLUX model once more with its
+weights in float8 (Load Diffusion Model's weight_dtype fp8_e4m3fn). Then:
 
+- the LoRA trained (float32 factors, non-zero lora_up) while fp8 base weights stayed fp8;
 - the LoRA file holds kohya keys of ComfyUI's fused layers and names the family and the reward;
 - ComfyUI's LoraLoaderModelOnly loads it with no "lora key not loaded" line and KSampler's output
   changes; the trainer's own MODEL output samples what the loader's does;
@@ -28,7 +30,8 @@ from test_trainer_server import inproc_settings
 
 pytestmark = pytest.mark.slow
 
-# argv after comfy_dir, base_dir: results path, JSON settings, then per family arch, weights, JSON config
+# argv after comfy_dir, base_dir: results path, JSON settings, then per case: name, arch, weights, JSON config,
+# weight dtype ("none" or Load Diffusion Model's "fp8_e4m3fn")
 _SCRIPT = r"""
 import json, logging, os, sys
 import torch
@@ -111,15 +114,16 @@ def refused(fn):
 
 results, trained = {}, {}
 args = sys.argv[5:]
-for arch, weights, extra in zip(*[args[i::3] for i in range(3)]):
-    model = comfy_flow_model(weights, extra)
+for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(5)]):
+    model = comfy_flow_model(weights, extra, None if weight_dtype == "none" else weight_dtype)
     width, pooled_width = text_widths(model)
     clip = StandInClip(width, pooled_width)
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     inputs = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="cat\ndog", sampler=sampler(),
                   **train_inputs)
-    out_model, lora, curve, path = node("AlignProp_Trainer", lora_name=f"alignprop/{arch}", **inputs)
-    trained[arch] = (model, clip, inputs, lora)
+    out_model, lora, curve, path = node("AlignProp_Trainer", lora_name=f"alignprop/{case}", **inputs)
+    if case == arch:
+        trained[arch] = (model, clip, inputs, lora)
     unchanged = (not has_lora(model.model.diffusion_model)
                  and before.keys() == model.model.diffusion_model.state_dict().keys()
                  and all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items()))
@@ -131,7 +135,8 @@ for arch, weights, extra in zip(*[args[i::3] for i in range(3)]):
     finally:
         logging.getLogger().removeHandler(collect)
     guided = arch == "flux"
-    results[arch] = {"path": path, "unchanged": unchanged, "messages": collect.messages,
+    results[case] = {"path": path, "unchanged": unchanged, "messages": collect.messages,
+                     "weight_dtypes": sorted({str(p.dtype) for p in model.model.diffusion_model.parameters()}),
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
                      "node_model": ksample(out_model, clip, guided)}
@@ -144,7 +149,8 @@ for arch, (model, clip, inputs, _) in trained.items():
         "clip": lambda: node("AlignProp_Trainer", lora_name=name,
                              **{**inputs, "clip": StandInClip(clip.dim + 8, clip.pooled_dim)}),
         "eta": lambda: node("AlignProp_Trainer", lora_name=name, **{**inputs, "sampler": sampler(eta=0.5)}),
-        "init_lora": lambda: node("AlignProp_Trainer", lora_name=name, init_lora=other, **inputs),
+        "init_lora": lambda: node("AlignProp_Trainer", lora_name=name, init_lora=other,
+                                  **{k: v for k, v in inputs.items() if k != "lora_settings"}),
         "lv_samples": lambda: sampler(estimator="draft_lv", lv_samples=0),
     }
     if arch == "sd3":
@@ -165,7 +171,9 @@ def flow_runs(comfy_dir, tmp_path_factory):
         weights = tmp / f"{arch}_transformer.safetensors"
         base = spec["make"](**spec["sizes"])
         save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
-        args += [arch, str(weights), json.dumps(spec["comfy_config"])]
+        args += [arch, arch, str(weights), json.dumps(spec["comfy_config"]), "none"]
+    args += ["flux_fp8", "flux", str(tmp / "flux_transformer.safetensors"),
+             json.dumps(FAMILIES["flux"]["comfy_config"]), "fp8_e4m3fn"]
     settings = inproc_settings(width=32, height=32)
     out = tmp / "results.pt"
     inproc.run_script(_SCRIPT, comfy_dir, tmp / "base", str(out), json.dumps(settings), *args, timeout=900)
@@ -176,13 +184,17 @@ def flow_runs(comfy_dir, tmp_path_factory):
 FUSED_KEYS = {"sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn_proj"),
               "flux": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1")}
 ARCHITECTURES = {"sd3": "stable-diffusion-3", "flux": "flux-1"}
+CASES = {"sd3": "sd3", "flux": "flux", "flux_fp8": "flux"}  # case -> family
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
-def test_trainer_writes_a_kohya_lora_of_comfyuis_layers(arch, flow_runs):
-    got = flow_runs[arch]
+@pytest.mark.parametrize("case", list(CASES))
+def test_trainer_writes_a_kohya_lora_of_comfyuis_layers(case, flow_runs):
+    got, arch = flow_runs[case], CASES[case]
     with safe_open(got["path"], "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
+        ups = [f.get_tensor(k) for k in keys if k.endswith("lora_up.weight")]
+    assert all(t.dtype == torch.float32 for t in ups)
+    assert max(float(t.abs().max()) for t in ups) > 0  # it trained: lora_up starts at zero
     assert all(k.startswith("lora_unet_") for k in keys)
     for module in FUSED_KEYS[arch]:
         assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= keys
@@ -191,9 +203,9 @@ def test_trainer_writes_a_kohya_lora_of_comfyuis_layers(arch, flow_runs):
     assert got["curve_shape"][0] == 1 and got["curve_shape"][-1] == 3
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
-def test_comfyuis_lora_loader_takes_every_key_and_ksampler_output_changes(arch, flow_runs):
-    got = flow_runs[arch]
+@pytest.mark.parametrize("case", list(CASES))
+def test_comfyuis_lora_loader_takes_every_key_and_ksampler_output_changes(case, flow_runs):
+    got = flow_runs[case]
     skipped = [m for m in got["messages"] if "lora key not loaded" in m or "NOT LOADED" in m]
     assert not skipped, skipped
     assert got["patched_modules"] > 0
@@ -201,9 +213,16 @@ def test_comfyuis_lora_loader_takes_every_key_and_ksampler_output_changes(arch, 
     torch.testing.assert_close(got["node_model"], got["loader"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
-def test_the_shared_model_is_left_as_it_was(arch, flow_runs):
-    assert flow_runs[arch]["unchanged"]
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_shared_model_is_left_as_it_was(case, flow_runs):
+    assert flow_runs[case]["unchanged"]
+
+
+def test_fp8_weights_stay_fp8_while_the_lora_trains_in_float32(flow_runs):
+    """Load Diffusion Model with weight_dtype fp8_e4m3fn: the base weights ComfyUI holds stay float8
+    (norms and embeddings ComfyUI keeps in float32 aside), the LoRA factors are float32."""
+    assert "torch.float8_e4m3fn" in flow_runs["flux_fp8"]["weight_dtypes"]
+    assert flow_runs["flux"]["weight_dtypes"] == ["torch.float32"]
 
 
 REFUSALS = {
