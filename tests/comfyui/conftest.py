@@ -85,3 +85,15 @@ def sdxl_checkpoint(comfy_dir: Path, comfy_base_dir: Path) -> str:
 def sd3_checkpoint(comfy_dir: Path, comfy_base_dir: Path) -> str:
     """`ckpt_name` of a random checkpoint ComfyUI detects as SD3 (SD3.5-medium-like MMDiT, CLIP-L/G, no T5)."""
     return _install_checkpoint("sd3", comfy_dir, comfy_base_dir)
+
+
+@pytest.fixture(scope="session")
+def flux_files(comfy_dir: Path, comfy_base_dir: Path) -> dict[str, str]:
+    """File names of random FLUX.1-dev files ComfyUI's loaders detect, in the server's diffusion_models,
+    text_encoders and vae folders: {"unet_name", "clip_l", "t5xxl", "vae_name"}."""
+    started = time.monotonic()
+    harness.install_random_flux(comfy_base_dir, comfy_dir=comfy_dir)
+    print(f"\n[comfyui] FLUX.1 files ready in {time.monotonic() - started:.1f} s")
+    files = harness.FLUX_FILES
+    return {"unet_name": files["diffusion_models"], "clip_l": files["text_encoders"][0],
+            "t5xxl": files["text_encoders"][1], "vae_name": files["vae"]}

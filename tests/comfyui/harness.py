@@ -420,6 +420,107 @@ def _build_checkpoint(kind: str, path: Path, comfy_dir: Path, seed: int) -> None
           f"{path.stat().st_size / 1e6:.1f} MB -> {path}")
 
 
+# -- random FLUX.1 files: diffusion model, CLIP-L, T5-XXL, VAE ------------------------------------
+# What ComfyUI's Flux detection returns for a FLUX.1-dev file: it fixes 24 heads of 128 (width 3072)
+# and reads the depths, text widths and the guidance embedder from the weights; one double and one
+# single block keep the model at ~0.5 B parameters.
+FLUX_UNET_CONFIG = {
+    "image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+    "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": 3072, "context_in_dim": 4096,
+    "patch_size": 2, "vec_in_dim": 768, "depth": 1, "depth_single_blocks": 1, "guidance_embed": True,
+}
+# file names in the model folders Load Diffusion Model, DualCLIPLoader and Load VAE read
+FLUX_FILES = {"diffusion_models": "alignprop_random_flux1.ckpt", "text_encoders": ("alignprop_random_clip_l.ckpt",
+              "alignprop_random_t5xxl_fp8.ckpt"), "vae": "alignprop_random_flux_ae.ckpt"}
+
+
+def cached_random_flux(cache_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, seed: int = 0,
+                       timeout: float = 900.0) -> dict[str, Path]:
+    """Random FLUX.1-dev files ComfyUI's loaders detect, built once per recipe into cache_dir.
+
+    The diffusion model (FLUX_UNET_CONFIG, float16), CLIP-L (float16), T5-XXL (float8_e4m3fn, the
+    smallest T5 ComfyUI's FLUX text encoder takes: it is always the 4.7 B-parameter XXL) and the
+    16-channel VAE, in the compact form of the checkpoints (a few MB on disk). Returns
+    {"diffusion_models": path, "clip_l": path, "t5xxl": path, "vae": path}.
+    """
+    recipe = json.dumps([FLUX_UNET_CONFIG, SD_VAE_DDCONFIG, ROW_STEP, seed, str(Path(comfy_dir).resolve())])
+    for function in (_compact_random, _materialize, _build_flux):
+        recipe += inspect.getsource(function)
+    folder = Path(cache_dir) / f"random_flux_{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    names = {"diffusion_models": FLUX_FILES["diffusion_models"], "clip_l": FLUX_FILES["text_encoders"][0],
+             "t5xxl": FLUX_FILES["text_encoders"][1], "vae": FLUX_FILES["vae"]}
+    paths = {key: folder / name for key, name in names.items()}
+    if not all(p.is_file() for p in paths.values()):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("PYTHONPATH", None)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "make-flux", str(folder),
+               "--comfy-dir", str(Path(comfy_dir).resolve()), "--seed", str(seed)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"building the FLUX files failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return paths
+
+
+def install_random_flux(base_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR) -> None:
+    """The cached random FLUX.1 files, copied into base_dir's diffusion_models, text_encoders and vae."""
+    paths = cached_random_flux(REPO_ROOT / ".cache" / "comfyui" / "checkpoints", comfy_dir=comfy_dir)
+    for key, folder in (("diffusion_models", "diffusion_models"), ("clip_l", "text_encoders"),
+                        ("t5xxl", "text_encoders"), ("vae", "vae")):
+        target = Path(base_dir) / "models" / folder / paths[key].name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths[key], target)
+
+
+def _build_flux(folder: Path, comfy_dir: Path, seed: int) -> None:
+    """Runs in a subprocess with ComfyUI importable: build on meta, verify detection, save compactly."""
+    sys.path.insert(0, str(comfy_dir))
+    import torch
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    from comfy.text_encoders.sd3_clip import T5XXLModel
+
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(FLUX_UNET_CONFIG))
+    if type(model_config) is not comfy.supported_models.Flux:
+        raise RuntimeError(f"ComfyUI matches {type(model_config).__name__}, not Flux")
+    vae_config = {**SD_VAE_DDCONFIG, "z_channels": 16}
+    with torch.device("meta"):
+        model = model_config.get_model({}, device="meta")
+        clip_l = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+        t5 = T5XXLModel(device="meta", dtype=torch.float8_e4m3fn)
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": vae_config},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": vae_config})
+    generator = torch.Generator().manual_seed(seed)
+    prefix = "diffusion_model."
+    layouts = {
+        FLUX_FILES["diffusion_models"]: ({k[len(prefix):]: v for k, v in model.state_dict().items()
+                                          if k.startswith(prefix)}, torch.float16),
+        FLUX_FILES["text_encoders"][0]: (clip_l.transformer.state_dict(), torch.float16),
+        FLUX_FILES["text_encoders"][1]: (t5.transformer.state_dict(), torch.float8_e4m3fn),
+        FLUX_FILES["vae"]: (vae.state_dict(), torch.float16),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (layout, dtype) in layouts.items():
+        state_dict = {k: _materialize(k, t, generator, dtype) for k, t in sorted(layout.items())}
+        if name == FLUX_FILES["diffusion_models"]:
+            detected = comfy.model_detection.detect_unet_config(state_dict, "")
+            if detected != FLUX_UNET_CONFIG:
+                raise RuntimeError(f"the FLUX weights detect as {detected}, expected {FLUX_UNET_CONFIG}")
+        if name == FLUX_FILES["text_encoders"][1] and comfy.sd.detect_te_model(state_dict) != comfy.sd.TEModel.T5_XXL:
+            raise RuntimeError("the T5 weights are not detected as T5-XXL")
+        tmp = folder / f"{name}.{os.getpid()}.tmp"
+        torch.save(state_dict, tmp)
+        tmp.replace(folder / name)
+        print(f"{name}: {sum(t.numel() for t in state_dict.values()) / 1e6:.0f}M parameters")
+
+
 # -- random CLIP vision tower ----------------------------------------------------------------------
 CLIP_VISION_CONFIG = "clip_vision_config_vitl.json"  # what ComfyUI picks for an OpenAI ViT-L/14 file
 
@@ -482,8 +583,14 @@ def _main(argv: list[str]) -> int:
     make.add_argument("path", type=Path)
     make.add_argument("--comfy-dir", type=Path, default=DEFAULT_COMFY_DIR)
     make.add_argument("--seed", type=int, default=0)
+    flux = sub.add_parser("make-flux", help="write random FLUX.1 diffusion model, CLIP-L, T5-XXL and VAE files")
+    flux.add_argument("folder", type=Path)
+    flux.add_argument("--comfy-dir", type=Path, default=DEFAULT_COMFY_DIR)
+    flux.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "make-checkpoint":
+    if args.command == "make-flux":
+        _build_flux(args.folder.resolve(), args.comfy_dir.resolve(), args.seed)
+    elif args.command == "make-checkpoint":
         _build_checkpoint(args.kind, args.path.resolve(), args.comfy_dir.resolve(), args.seed)
     else:
         raise ValueError(f"unknown command {args.command!r}")
