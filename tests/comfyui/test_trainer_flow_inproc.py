@@ -5,7 +5,8 @@ detection from the tiny weights of ``flow_twins``, the VAE ComfyUI's own 16-chan
 weights), and the CLIP a stand-in with the text widths the MODEL takes (ComfyUI's T5-XXL is 4.7 B
 parameters; the real SD3 CLIP-L/G path runs on the server). The trainer trains 2 steps toward the
 smoothness reward with CFG (and FLUX.1-dev's distilled guidance); the FLUX model once more with its
-weights in float8 (Load Diffusion Model's weight_dtype fp8_e4m3fn). Then:
+weights in float8 (Load Diffusion Model's weight_dtype fp8_e4m3fn), and FLUX.1-schnell (no guidance
+input). Then:
 
 - the LoRA trained (float32 factors, non-zero lora_up) while fp8 base weights stayed fp8;
 - the LoRA file holds kohya keys of ComfyUI's fused layers and names the family and the reward;
@@ -41,7 +42,8 @@ import folder_paths
 import nodes as comfy_nodes
 from flow_twins import comfy_flow_model, comfy_flow_vae
 from alignprop_core.lora import has_lora
-from ComfyUI_AlignProp.nodes.comfy_families import text_widths
+from ComfyUI_AlignProp.nodes.comfy_families import model_family, text_widths
+from ComfyUI_AlignProp.nodes.comfy_flow import takes_guidance
 
 
 class StandInClip:
@@ -134,12 +136,15 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
                                                                         1.0)[0]
     finally:
         logging.getLogger().removeHandler(collect)
-    guided = arch == "flux"
-    results[case] = {"path": path, "unchanged": unchanged, "messages": collect.messages,
+    guided = takes_guidance(model)
+    results[case] = {"family": model_family(model), "guided": guided,"path": path, "unchanged": unchanged, "messages": collect.messages,
                      "weight_dtypes": sorted({str(p.dtype) for p in model.model.diffusion_model.parameters()}),
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
                      "node_model": ksample(out_model, clip, guided)}
+    if case == "flux_schnell":  # no guidance input: a distilled guidance is refused
+        results[case]["guidance_refused"] = refused(lambda: node(
+            "AlignProp_Trainer", lora_name="alignprop/bad_schnell", **{**inputs, "sampler": sampler(distilled_guidance=3.5)}))
 
 for arch, (model, clip, inputs, _) in trained.items():
     other = trained["flux" if arch == "sd3" else "sd3"][3]
@@ -174,6 +179,10 @@ def flow_runs(comfy_dir, tmp_path_factory):
         args += [arch, arch, str(weights), json.dumps(spec["comfy_config"]), "none"]
     args += ["flux_fp8", "flux", str(tmp / "flux_transformer.safetensors"),
              json.dumps(FAMILIES["flux"]["comfy_config"]), "fp8_e4m3fn"]
+    schnell = FAMILIES["flux"]["make"](**FAMILIES["flux"]["sizes"], guidance_embeds=False)  # FLUX.1-schnell
+    save_file({k: v.contiguous() for k, v in schnell.state_dict().items()}, str(tmp / "schnell.safetensors"))
+    args += ["flux_schnell", "flux", str(tmp / "schnell.safetensors"), json.dumps(FAMILIES["flux"]["comfy_config"]),
+             "none"]
     settings = inproc_settings(width=32, height=32)
     out = tmp / "results.pt"
     inproc.run_script(_SCRIPT, comfy_dir, tmp / "base", str(out), json.dumps(settings), *args, timeout=900)
@@ -184,7 +193,7 @@ def flow_runs(comfy_dir, tmp_path_factory):
 FUSED_KEYS = {"sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn_proj"),
               "flux": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1")}
 ARCHITECTURES = {"sd3": "stable-diffusion-3", "flux": "flux-1"}
-CASES = {"sd3": "sd3", "flux": "flux", "flux_fp8": "flux"}  # case -> family
+CASES = {"sd3": "sd3", "flux": "flux", "flux_fp8": "flux", "flux_schnell": "flux"}  # case -> LoRA family
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -243,3 +252,11 @@ def test_bad_input_is_refused_by_name_and_nothing_is_written(arch, flow_runs):
         for words in REFUSALS[case]:
             assert words in message, (case, message)
     assert got["written"] == []
+
+
+def test_schnell_is_its_own_family_without_a_guidance_input(flow_runs):
+    got = flow_runs["flux_schnell"]
+    assert (got["family"], got["guided"]) == ("FluxSchnell", False)
+    assert (flow_runs["flux"]["family"], flow_runs["flux"]["guided"]) == ("Flux", True)
+    message = got["guidance_refused"]
+    assert message and "distilled_guidance=3.5" in message and "no guidance input" in message, message
