@@ -4,7 +4,7 @@ For each ``workflows/<name>.json`` (the UI format the browser loads) this module
 node type in it is registered in ``/object_info``, converts it to the API format the way the
 frontend does (``ui_to_api``) and compares the result with the committed ``<name>.api.json``, then
 queues that graph through ``POST /prompt`` with test-sized values (the random SD1.5 checkpoint, or
-the random SD3 one for the SD3.5 workflow, 64 px, 2 sampler and training steps, tiny reward files
+the random SD3 one for the SD3.5 workflow and the random FLUX.1 files for the FLUX one, 64 px, 2 sampler and training steps, tiny reward files
 written into the server's model folders).
 
 The two training workflows run first, in one module fixture, because the LoRA workflows load the
@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 WORKFLOWS_DIR = harness.REPO_ROOT / "workflows"
 TRAINING = ("train_aesthetic_lora", "train_reward_mix")
-WORKFLOWS = (*TRAINING, "score_ksampler_batch", "use_trained_lora", "mix_two_loras", "train_sd35_lora")
+WORKFLOWS = (*TRAINING, "score_ksampler_batch", "use_trained_lora", "mix_two_loras", "train_sd35_lora",
+             "train_flux_lora")
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 AESTHETIC_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
@@ -97,11 +98,12 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
-def shrink_for_test(api: dict, ckpt_name: str) -> dict:
-    """A copy of an API graph with the test checkpoint and the TEST_VALUES."""
+def shrink_for_test(api: dict, ckpt_name: str | None, files: dict[str, dict] | None = None) -> dict:
+    """A copy of an API graph with the test checkpoint (or, by loader node type, the test files) and
+    the TEST_VALUES."""
     api = json.loads(json.dumps(api))
     for node_id, node in api.items():
-        new = dict(TEST_VALUES.get(node["class_type"], {}))
+        new = {**TEST_VALUES.get(node["class_type"], {}), **(files or {}).get(node["class_type"], {})}
         if node["class_type"] == "CheckpointLoaderSimple":
             new["ckpt_name"] = ckpt_name
         for name, value in new.items():
@@ -141,10 +143,11 @@ def reward_files(server) -> None:
               str(server.models_dir / "clip_vision" / CLIP_VISION))
 
 
-def run_workflow(server, name: str, ckpt_name: str, timeout: float = 900.0) -> dict:
+def run_workflow(server, name: str, ckpt_name: str | None, timeout: float = 900.0,
+                 files: dict[str, dict] | None = None) -> dict:
     """Queue the UI workflow converted to the API format, test-sized; return its history entry."""
     ui, _ = load_workflow(name)
-    graph = shrink_for_test(ui_to_api(ui, server.object_info()), ckpt_name)
+    graph = shrink_for_test(ui_to_api(ui, server.object_info()), ckpt_name, files)
     started = time.monotonic()
     entry = server.run(graph, timeout=timeout)
     print(f"\n[workflows] {name}: {time.monotonic() - started:.1f} s")
@@ -247,6 +250,19 @@ def test_train_sd35_lora(server, sd3_checkpoint):
     entry = run_workflow(server, "train_sd35_lora", sd3_checkpoint)
     _, api = load_workflow("train_sd35_lora")
     lora = server.models_dir / "loras" / "alignprop" / "sd35_compressible.safetensors"
+    assert lora.is_file() and lora.stat().st_size > 0, f"no LoRA at {lora}"
+    assert_images(server, entry, node_id_of(api, "SaveImage", "Save reward curve"), 1, size=None)
+    assert_images(server, entry, node_id_of(api, "SaveImage", "Save samples with the LoRA"),
+                  TEST_VALUES["EmptySD3LatentImage"]["batch_size"])
+
+
+def test_train_flux_lora(server, flux_files, reward_files):
+    files = {"UNETLoader": {"unet_name": flux_files["unet_name"]},
+             "DualCLIPLoader": {"clip_name1": flux_files["clip_l"], "clip_name2": flux_files["t5xxl"]},
+             "VAELoader": {"vae_name": flux_files["vae_name"]}}
+    entry = run_workflow(server, "train_flux_lora", None, timeout=1800, files=files)
+    _, api = load_workflow("train_flux_lora")
+    lora = server.models_dir / "loras" / "alignprop" / "flux_aesthetic.safetensors"
     assert lora.is_file() and lora.stat().st_size > 0, f"no LoRA at {lora}"
     assert_images(server, entry, node_id_of(api, "SaveImage", "Save reward curve"), 1, size=None)
     assert_images(server, entry, node_id_of(api, "SaveImage", "Save samples with the LoRA"),
