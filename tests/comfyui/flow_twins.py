@@ -81,3 +81,21 @@ def comfy_flow_vae(seed: int = 0):
             else:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
     return comfy.sd.VAE(sd=engine.state_dict())
+
+
+class StandInClip:
+    """tokenize / encode_from_tokens of a CLIP that returns fixed random embeddings per prompt:
+    (1, 4, dim) context and (1, pooled_dim) pooled text. Stands in for text encoders too large to
+    build in a test (T5-XXL), where only the widths matter."""
+
+    def __init__(self, dim: int, pooled_dim: int):
+        self.dim, self.pooled_dim = dim, pooled_dim
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        import torch
+
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
+        return torch.randn(1, 4, self.dim, generator=g), torch.randn(1, self.pooled_dim, generator=g)

@@ -11,7 +11,9 @@ A script writes its results with `torch.save` to a path it is given; the caller 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -111,3 +113,20 @@ def execute(node_class, unique_id: str | None = None, **inputs):
     clone = node_class.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id} if unique_id else {})
     with torch.inference_mode():
         return clone.EXECUTE_NORMALIZED(**inputs)
+
+
+@contextlib.contextmanager
+def warnings_logged():
+    """The messages of every warning logged inside the block (e.g. ComfyUI's "lora key not loaded")."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger().removeHandler(handler)

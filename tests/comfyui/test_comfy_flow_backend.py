@@ -64,26 +64,13 @@ import inproc
 inproc.setup(sys.argv[1], sys.argv[2])
 import comfy.model_base, comfy.samplers, comfy.utils
 from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
-from flow_twins import comfy_flow_model
+from flow_twins import StandInClip, comfy_flow_model
 from test_comfy_flow_backend import CFG_SAMPLER, GRAD_SAMPLER, LORA_PAIRS, RANK, ALPHA, SAMPLER, STEPS
 from alignprop_core.config import LoraConfig
 from alignprop_core.lora import add_lora
 from alignprop_core.sampling.chain import flow_chain
 from alignprop_core.sampling.sampler import sample_latents
 from ComfyUI_AlignProp.nodes.comfy_flow import flow_arch, flow_backend, flow_schedule_of
-
-
-class StandInClip:
-    # tokenize/encode_from_tokens of a CLIP that returns random (1, L, D) and (1, P) tensors
-    def __init__(self, dim, pooled_dim):
-        self.dim, self.pooled_dim = dim, pooled_dim
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens(self, tokens, return_pooled=False):
-        g = torch.Generator().manual_seed(len(tokens))
-        return torch.randn(1, 2 + len(tokens), self.dim, generator=g), torch.randn(1, self.pooled_dim, generator=g)
 
 
 def grid(schedule, steps):

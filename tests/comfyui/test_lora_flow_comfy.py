@@ -70,21 +70,12 @@ def hand_targets(arch: str, hidden: int) -> dict[str, tuple[str, tuple | None, s
 # arch, transformer weights (diffusers names), LoRA file, JSON of the undetectable config entries,
 # and the diffusers call's inputs (FLUX latents already unpacked to (B, 16, H, W), as ComfyUI takes them).
 _SCRIPT = r"""
-import json, logging, sys
+import json, sys
 import torch
 import inproc
 inproc.setup(sys.argv[1], sys.argv[2])
 import comfy.lora, comfy.sd, comfy.utils
 from flow_twins import comfy_flow_model
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def run(arch, diffusion_model, io):
@@ -114,19 +105,15 @@ for arch, base_path, lora_path, extra, inputs_path in zip(*[args[i::5] for i in 
 
     lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    collect = Collect()
-    logging.getLogger().addHandler(collect)
-    try:
+    with inproc.warnings_logged() as warnings:
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
         patched.patch_model()
-    finally:
-        logging.getLogger().removeHandler(collect)
     after = patched.model.state_dict()
     lora_out = run(arch, patched.model.diffusion_model, io)
     modules = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
     results[arch] = {
         "model_class": type(model).__name__,
-        "messages": collect.messages,
+        "messages": warnings,
         "targets": {x: describe(key_map[x]) for x in modules if x in key_map},
         "patched": sorted(patched.patches),
         "patch_count": sum(len(v) for v in patched.patches.values()),

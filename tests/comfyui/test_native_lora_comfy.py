@@ -42,7 +42,7 @@ CASES = {"sd3": ("sd3", r".*"), "flux": ("flux", r".*"),
 # per case: name, arch, transformer weights (diffusers names), JSON of the undetectable config entries,
 # target regex and the inputs of one call (in ComfyUI's layout).
 _SCRIPT = r"""
-import json, logging, re, sys
+import json, re, sys
 import torch
 import inproc
 inproc.setup(sys.argv[1], sys.argv[2])
@@ -50,15 +50,6 @@ import comfy.lora, comfy.sd, comfy.utils
 from flow_twins import comfy_flow_model
 from alignprop_core.config import LoraConfig
 from alignprop_core.lora import add_lora, apply_lora_file, load_lora, lora_state_dict, save_lora
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def run(arch, dm, io):
@@ -91,13 +82,9 @@ for name, arch, weights, extra, pattern, inputs_path in zip(*[args[i::6] for i i
     patcher = comfy_flow_model(weights, extra)
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
-    collect = Collect()
-    logging.getLogger().addHandler(collect)
-    try:
+    with inproc.warnings_logged() as warnings:
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
         patched.patch_model()
-    finally:
-        logging.getLogger().removeHandler(collect)
     comfy_out = run(arch, patched.model.diffusion_model, io)
 
     # 3. our loader on a fresh model
@@ -106,7 +93,7 @@ for name, arch, weights, extra, pattern, inputs_path in zip(*[args[i::6] for i i
     ours, want = lora_state_dict(fresh), lora_state_dict(tuned)
     modules = {k.rsplit(".", 2)[0] for k in lora if k.endswith(".lora_down.weight")}
     results[name] = {
-        "targets": list(targets), "path": str(path), "messages": collect.messages,
+        "targets": list(targets), "path": str(path), "messages": warnings,
         "in_key_map": sorted(m for m in modules if m in key_map),
         "patch_count": sum(len(v) for v in patched.patches.values()),
         "base_out": base_out, "lora_out": lora_out, "comfy_out": comfy_out, "reloaded_out": run(arch, fresh, io),

@@ -34,38 +34,16 @@ pytestmark = pytest.mark.slow
 # argv after comfy_dir, base_dir: results path, JSON settings, then per case: name, arch, weights, JSON config,
 # weight dtype ("none" or Load Diffusion Model's "fp8_e4m3fn")
 _SCRIPT = r"""
-import json, logging, os, sys
+import json, os, sys
 import torch
 import inproc
 pack = inproc.setup(sys.argv[1], sys.argv[2])
 import folder_paths
 import nodes as comfy_nodes
-from flow_twins import comfy_flow_model, comfy_flow_vae
+from flow_twins import StandInClip, comfy_flow_model, comfy_flow_vae
 from alignprop_core.lora import has_lora
 from ComfyUI_AlignProp.nodes.comfy_families import model_family, text_widths
 from ComfyUI_AlignProp.nodes.comfy_flow import takes_guidance
-
-
-class StandInClip:
-    # tokenize / encode_from_tokens with fixed random embeddings per prompt, of the given widths
-    def __init__(self, dim, pooled_dim):
-        self.dim, self.pooled_dim = dim, pooled_dim
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens(self, tokens, return_pooled=False):
-        g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        return torch.randn(1, 4, self.dim, generator=g), torch.randn(1, self.pooled_dim, generator=g)
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 classes = {c.define_schema().node_id: c for c in pack.NODE_CLASSES}
@@ -129,15 +107,12 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
     unchanged = (not has_lora(model.model.diffusion_model)
                  and before.keys() == model.model.diffusion_model.state_dict().keys()
                  and all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items()))
-    collect = Collect()
-    logging.getLogger().addHandler(collect)
-    try:
+    with inproc.warnings_logged() as warnings:
         loaded = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, os.path.relpath(path, loras_dir),
                                                                         1.0)[0]
-    finally:
-        logging.getLogger().removeHandler(collect)
     guided = takes_guidance(model)
-    results[case] = {"family": model_family(model), "guided": guided,"path": path, "unchanged": unchanged, "messages": collect.messages,
+    results[case] = {"family": model_family(model), "guided": guided, "path": path, "unchanged": unchanged,
+                     "messages": warnings,
                      "weight_dtypes": sorted({str(p.dtype) for p in model.model.diffusion_model.parameters()}),
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
