@@ -113,6 +113,16 @@ def _wait_any(server, prompt_id: str, timeout: float = 600.0) -> dict:
     raise TimeoutError(f"prompt {prompt_id} did not finish\n{server.log_tail()}")
 
 
+def assert_lora_changes_ksampler(server, plain_graph: dict, lora_graph: dict) -> None:
+    """Run a KSampler graph without and with the LoRA: no "lora key not loaded" line, another image."""
+    log_before = server.log_text()
+    plain = _image(server, server.run(plain_graph, timeout=900))
+    patched = _image(server, server.run(lora_graph, timeout=900))
+    new_log = server.log_text()[len(log_before):]
+    assert "lora key not loaded" not in new_log, new_log[-3000:]
+    assert np.abs(plain - patched).mean() > 0.01
+
+
 def _messages(entry: dict) -> str:
     return json.dumps(entry["status"].get("messages", []))
 
@@ -154,13 +164,8 @@ def test_trained_lora_loads_in_loraloader_and_changes_ksampler(server, kind, res
              and ("resnets" in k or "_0_in_layers_2" in k or "_0_out_layers_3" in k)]
     assert bool(convs) == res, convs[:3]
 
-    log_before = server.log_text()
-    plain = _image(server, server.run(ksampler_graph(ckpt, f"{kind}_plain", None), timeout=900))
-    patched = _image(server, server.run(ksampler_graph(ckpt, f"{name}_lora", f"alignprop_test/{name}.safetensors"),
-                                        timeout=900))
-    new_log = server.log_text()[len(log_before):]
-    assert "lora key not loaded" not in new_log, new_log[-3000:]
-    assert np.abs(plain - patched).mean() > 0.01
+    assert_lora_changes_ksampler(server, ksampler_graph(ckpt, f"{kind}_plain", None),
+                                 ksampler_graph(ckpt, f"{name}_lora", f"alignprop_test/{name}.safetensors"))
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/escaped_abs", "a/../../escaped"])

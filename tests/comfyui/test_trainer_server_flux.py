@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 from alignprop_core.lora import load_lora
-from test_trainer_server import _image, _messages, _wait_any, trainer_graph
+from test_trainer_server import _messages, _wait_any, assert_lora_changes_ksampler, trainer_graph
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +73,8 @@ def test_flux_lora_from_the_trainer_loads_in_loraloader_and_changes_ksampler(ser
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= modules
     assert max(float(v.abs().max()) for k, v in lora.state.items() if k.endswith("lora_up.weight")) > 0
 
-    log_before = server.log_text()
-    plain = _image(server, server.run(flux_ksampler_graph(flux_files, "flux_plain", None), timeout=900))
-    patched = _image(server, server.run(flux_ksampler_graph(flux_files, "flux_lora", "alignprop_test/flux.safetensors"),
-                                        timeout=900))
-    new_log = server.log_text()[len(log_before):]
-    assert "lora key not loaded" not in new_log, new_log[-3000:]
-    assert np.abs(plain - patched).mean() > 0.01
+    assert_lora_changes_ksampler(server, flux_ksampler_graph(flux_files, "flux_plain", None),
+                                 flux_ksampler_graph(flux_files, "flux_lora", "alignprop_test/flux.safetensors"))
 
 
 def test_an_sd15_clip_with_the_flux_model_is_refused(server, flux_files, sd15_checkpoint):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 from alignprop_core.lora import load_lora
-from test_trainer_server import _image, _messages, _wait_any, ksampler_graph, trainer_graph
+from test_trainer_server import _messages, _wait_any, assert_lora_changes_ksampler, ksampler_graph, trainer_graph
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +30,8 @@ def test_sd3_lora_from_the_trainer_loads_in_loraloader_and_changes_ksampler(serv
     assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_1_x_block_attn_proj"} <= {
         k.rsplit(".", 2)[0] for k in lora.state if k.endswith("lora_down.weight")}
 
-    log_before = server.log_text()
-    plain = _image(server, server.run(ksampler_graph(sd3_checkpoint, "sd3_plain", None), timeout=900))
-    patched = _image(server, server.run(ksampler_graph(sd3_checkpoint, "sd3_lora", "alignprop_test/sd3.safetensors"),
-                                        timeout=900))
-    new_log = server.log_text()[len(log_before):]
-    assert "lora key not loaded" not in new_log, new_log[-3000:]
-    assert np.abs(plain - patched).mean() > 0.01
+    assert_lora_changes_ksampler(server, ksampler_graph(sd3_checkpoint, "sd3_plain", None),
+                                 ksampler_graph(sd3_checkpoint, "sd3_lora", "alignprop_test/sd3.safetensors"))
 
 
 def test_a_clip_of_another_family_is_refused_and_nothing_is_written(server, sd3_checkpoint, sd15_checkpoint):
