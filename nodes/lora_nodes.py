@@ -8,8 +8,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from alignprop_core.config import check_finite
-from alignprop_core.lora import (MIX_MODES, LoraFile, check_factors, check_family, check_lora_finite, load_lora,
-                                 mix_loras, save_lora_file)
+from alignprop_core.lora import (MIX_MODES, LoraFile, check_factors, check_family, check_lora_finite,
+                                 diffusers_lora_file, load_lora, mix_loras, save_lora_file)
 from alignprop_core.files.outputs import claim, lora_file_name, numbered_path
 
 from .choices import check_combos
@@ -20,6 +20,7 @@ CATEGORY = "AlignProp/lora"
 # (down, up) factor suffixes: kohya (UNet files), diffusers transformer form (SD3/FLUX files)
 FACTOR_PAIRS = (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight"))
 SUFFIXES = (*(s for pair in FACTOR_PAIRS for s in pair), "alpha")
+KEY_FORMATS = ("as trained", "diffusers")  # Save LoRA: the file's keys as they are, or diffusers' (SD3/FLUX.1)
 
 
 def _unmatched(state: dict, key_map: dict) -> list[str]:
@@ -94,16 +95,23 @@ class SaveLora(io.ComfyNode):
                     # last and optional, so workflows saved before it existed still validate
                     io.Boolean.Input("overwrite", default=False, optional=True,
                                      tooltip="replace a file of the same name; off: the next free "
-                                             "numbered name is used (name_00001.safetensors, ...)")],
+                                             "numbered name is used (name_00001.safetensors, ...)"),
+                    io.Combo.Input("key_format", options=list(KEY_FORMATS), default=KEY_FORMATS[0], optional=True,
+                                   tooltip="as trained: kohya keys (LoraLoader, Forge, A1111); diffusers: an "
+                                           "SD3/FLUX.1 LoRA of ComfyUI's layers rewritten exactly in the keys "
+                                           "diffusers' load_lora_weights reads (ComfyUI reads them too)")],
             outputs=[io.String.Output(display_name="lora_path", tooltip="the file written")])
 
     @classmethod
-    def execute(cls, lora, lora_name, dtype, overwrite=False):
+    def execute(cls, lora, lora_name, dtype, overwrite=False, key_format=KEY_FORMATS[0]):
         name = lora_file_name(lora_name, "lora_name")
-        check_combos(cls.define_schema(), {"dtype": dtype})
+        check_combos(cls.define_schema(), {"dtype": dtype, "key_format": key_format})
+        arch = None
+        if key_format == "diffusers":
+            lora, arch = diffusers_lora_file(lora)
         target = output_path("loras", name, what="lora_name")
         path = claim(target, True, "lora_name") if overwrite else numbered_path(target)
-        return io.NodeOutput(str(save_lora_file(path, lora, dtype=dtype)))
+        return io.NodeOutput(str(save_lora_file(path, lora, dtype=dtype, arch=arch)))
 
 
 class LoadLora(io.ComfyNode):

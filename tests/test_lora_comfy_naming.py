@@ -77,9 +77,10 @@ COMFY = {"sd3": comfy_sd3, "flux": comfy_flux}
 TARGETS = {"sd3": ("qkv", "proj", "fc1", "fc2"), "flux": ("qkv", "proj", "img_mlp.0", "linear1", "linear2")}
 
 
-def tuned(arch: str, base: nn.Module | None = None, seed: int = 3) -> tuple[nn.Module, LoraConfig]:
+def tuned(arch: str, base: nn.Module | None = None, seed: int = 3,
+          targets: tuple[str, ...] | None = None) -> tuple[nn.Module, LoraConfig]:
     model = copy.deepcopy(base) if base is not None else COMFY[arch]()
-    cfg = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS[arch])
+    cfg = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=targets or TARGETS[arch])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in add_lora(model, cfg):
@@ -197,3 +198,60 @@ def test_diffusers_targets_reach_the_fused_native_layers(arch):
     model = COMFY[arch]()
     add_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, target_modules=("linear2",) if arch == "flux" else ("fc2",)))
     assert len(injected(model)) == (1 if arch == "flux" else 4)
+
+
+# native layer -> (its diffusers parts, in output-row order), one per family (native_keys.LAYERS)
+CONVERTED = {
+    "sd3": {"joint_blocks.1.x_block.attn.qkv": ("transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.to_k",
+                                                 "transformer_blocks.1.attn.to_v"),
+            "joint_blocks.0.context_block.attn.proj": ("transformer_blocks.0.attn.to_add_out",),
+            "joint_blocks.0.x_block.mlp.fc2": ("transformer_blocks.0.ff.net.2",)},
+    "flux": {"double_blocks.0.txt_attn.qkv": ("transformer_blocks.0.attn.add_q_proj",
+                                              "transformer_blocks.0.attn.add_k_proj",
+                                              "transformer_blocks.0.attn.add_v_proj"),
+             "single_blocks.0.linear1": ("single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                                         "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"),
+             "double_blocks.0.img_mlp.0": ("transformer_blocks.0.ff.net.0.proj",)},
+}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_native_lora_converts_exactly_to_the_diffusers_form(arch, tmp_path):
+    """Each fused layer's update s B A equals its parts' updates stacked in row order (same A, same
+    alpha); the converted file is written in the diffusers form (SD3: alpha folded into lora_B)."""
+    from alignprop_core.lora import diffusers_lora_file
+
+    # SD3's bare "proj" would also take x_embedder.proj, which has no diffusers twin here
+    model, cfg = tuned(arch, targets=("qkv", "attn.proj", "fc1", "fc2") if arch == "sd3" else None)
+    native = load_lora(save_lora(tmp_path / "native.safetensors", model, cfg, arch=arch))
+    converted, family = diffusers_lora_file(native)
+    assert family == arch and diffusers_lora_file(converted)[0] is converted  # already converted: as it is
+    state = converted.state
+    assert len({k.rsplit(".", 2)[0] for k in state if k.endswith("lora_A.weight")}) > len(lora_paths(model))
+    scale = ALPHA / RANK
+    for layer, parts in CONVERTED[arch].items():
+        kohya = "lora_unet_" + layer.replace(".", "_")
+        want = scale * native.state[f"{kohya}.lora_up.weight"] @ native.state[f"{kohya}.lora_down.weight"]
+        got = torch.cat([float(state[f"transformer.{p}.alpha"]) / RANK
+                         * state[f"transformer.{p}.lora_B.weight"] @ state[f"transformer.{p}.lora_A.weight"]
+                         for p in parts])
+        assert torch.equal(got, want), layer
+    path = save_lora_file(tmp_path / "diffusers.safetensors", converted, arch=arch)
+    written = load_lora(path)
+    assert all(k.startswith("transformer.") for k in written.state)
+    assert any(k.endswith(".alpha") for k in written.state) == (arch == "flux")  # diffusers' SD3 loader takes none
+    with st.safe_open(str(path), "pt") as f:
+        assert f.metadata()["modelspec.implementation"] == "diffusers"
+
+
+def test_layers_without_a_diffusers_twin_are_refused_by_name(tmp_path):
+    from alignprop_core.lora import diffusers_lora_file
+
+    model = COMFY["sd3"]()
+    cfg = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=("qkv", "adaLN_modulation.1"))
+    add_lora(model, cfg)
+    native = load_lora(save_lora(tmp_path / "native.safetensors", model, cfg, arch="sd3"))
+    with pytest.raises(ValueError, match="no diffusers twin here .*adaLN_modulation_1"):
+        diffusers_lora_file(native)
+    with pytest.raises(ValueError, match="this LoRA is for sdxl; the diffusers key format applies to SD3"):
+        diffusers_lora_file(native, "sdxl")

@@ -8,6 +8,7 @@ Code outside this package imports from here, not from the submodules:
 * ``keys``: peft <-> kohya keys (UNet files; SD3/FLUX files of ComfyUI's models), the module naming
   a file uses, its metadata,
 * ``transformer_keys``: the diffusers key form of SD3/FLUX files, reading either form,
+* ``native_keys``: a LoRA of ComfyUI's (fused) SD3/FLUX layers rewritten in that diffusers form,
 * ``families``: the model family of a model or a file, cross-family refusal, default targets,
 * ``unet_paths``: UNet module paths in LDM and diffusers naming, and the layout mapping them,
 * ``check``: finite values and factor shapes that fit the target layers,
@@ -22,6 +23,7 @@ from .inject import (add_lora, has_lora, lora_parameters, lora_rank_alpha, lora_
 from .keys import (CANONICAL_NAMING, LORA_ARCHS, convert_names, kohya_name, kohya_to_peft, lora_metadata,
                    peft_to_kohya)
 from .mix import MIX_MODES, mix_loras
+from .native_keys import diffusers_lora_file, native_to_diffusers
 from .transformer_keys import group_lora, lora_to_peft, peft_to_diffusers
 from .unet_paths import RESNET_LAYERS, UNetLayout, ldm_to_diffusers_paths, naming_of, unet_layout
 
@@ -39,6 +41,6 @@ __all__ = [
     "kohya_to_peft", "peft_to_kohya", "kohya_name", "convert_names", "lora_metadata", "CANONICAL_NAMING",
     "naming_of", "unet_layout", "UNetLayout", "ldm_to_diffusers_paths", "RESNET_LAYERS", "LORA_ARCHS",
     # transformer (SD3/FLUX) keys and families
-    "peft_to_diffusers", "group_lora", "lora_to_peft",
+    "peft_to_diffusers", "group_lora", "lora_to_peft", "native_to_diffusers", "diffusers_lora_file",
     "model_arch", "metadata_arch", "file_archs", "check_family", "lora_preset", "DEFAULT_TARGETS",
 ]

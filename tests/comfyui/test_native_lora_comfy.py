@@ -36,7 +36,11 @@ RANK, ALPHA = 2, 3.0
 # Per case: the family and the regular expression of the target layers (every linear layer; for the
 # diffusers check, the layers of FLUX's double blocks and linear2, which diffusers converts at any size).
 CASES = {"sd3": ("sd3", r".*"), "flux": ("flux", r".*"),
-         "flux-diffusers": ("flux", r"(double_blocks\..*|single_blocks\.\d+\.linear2)")}
+         "flux-diffusers": ("flux", r"(double_blocks\..*|single_blocks\.\d+\.linear2)"),
+         # every layer native_keys converts to the diffusers form: attention (fused qkv, proj), MLPs, linear1/2
+         "sd3-convert": ("sd3", r"joint_blocks\.\d+\.(x_block|context_block)\.(attn2?\.(qkv|proj)|mlp\.fc[12])"),
+         "flux-convert": ("flux", r"(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])"
+                                  r"|single_blocks\.\d+\.linear[12])")}
 
 # Runs in a ComfyUI process. argv after comfy_dir, base_dir: the results path, the output folder, then
 # per case: name, arch, transformer weights (diffusers names), JSON of the undetectable config entries,
@@ -181,4 +185,32 @@ def test_diffusers_reads_the_kohya_flux_file_of_comfyuis_double_blocks(comfy_res
               "ff_context.net.2", "norm1.linear", "norm1_context.linear")
     assert loaded == {f"transformer_blocks.0.{n}" for n in double} | {"single_transformer_blocks.0.proj_out"}
     out = unpack_latents(run_transformer(pipe.transformer, inputs))
+    torch.testing.assert_close(out, got["lora_out"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["sd3-convert", "flux-convert"])
+def test_diffusers_reads_the_converted_file_of_comfyuis_fused_layers(case, comfy_results, tmp_path):
+    """``diffusers_lora_file`` splits each fused layer's LoRA (qkv, FLUX's linear1) exactly: diffusers'
+    load_lora_weights takes every key of the converted file with no warning, and the diffusers twin
+    with it computes what ComfyUI's model with the kohya file computes."""
+    from peft.tuners.lora import LoraLayer
+    from test_lora_flow import captured_messages, make_pipeline
+
+    from alignprop_core.lora import diffusers_lora_file, load_lora, save_lora_file
+
+    results, twins = comfy_results
+    got, arch = results[case], CASES[case][0]
+    base, inputs = twins[arch]
+    lora, family = diffusers_lora_file(load_lora(got["path"]))
+    path = save_lora_file(tmp_path / f"{case}.safetensors", lora, arch=family)
+    pipe = make_pipeline(arch, copy.deepcopy(base))
+    with captured_messages() as messages:
+        pipe.load_lora_weights(str(path))
+    others = [m for m in messages if not m.startswith("No LoRA keys associated to")]
+    assert not others, others
+    loaded = {n for n, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
+    assert loaded == {k[len("transformer."):].rsplit(".", 2)[0] for k in lora.state if k.endswith("lora_A.weight")}
+    assert len(loaded) > len(got["targets"])  # the fused layers became their parts
+    out = run_transformer(pipe.transformer, inputs)
+    out = unpack_latents(out) if arch == "flux" else out
     torch.testing.assert_close(out, got["lora_out"], rtol=1e-4, atol=1e-5)

@@ -12,8 +12,10 @@ input). Then:
 - the LoRA file holds kohya keys of ComfyUI's fused layers and names the family and the reward;
 - ComfyUI's LoraLoaderModelOnly loads it with no "lora key not loaded" line and KSampler's output
   changes; the trainer's own MODEL output samples what the loader's does;
+- Save LoRA with key_format diffusers writes it in diffusers' keys, which ComfyUI's loader reads to
+  the same output (diffusers itself reads them: test_native_lora_comfy.py);
 - the MODEL the trainer was given is left as it was (no LoRA layers, every weight bit-identical);
-- a CLIP of other widths, eta > 0, distilled guidance on SD3, DRaFT-LV with n < 1 and an init LoRA
+- a CLIP of other widths, eta > 0, distilled guidance on SD3 or schnell, DRaFT-LV with n < 1 and an init LoRA
   of the other family are each refused with a message naming what to change, and nothing is written.
 """
 from __future__ import annotations
@@ -117,6 +119,14 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
                      "node_model": ksample(out_model, clip, guided)}
+    if case == arch:  # Save LoRA in diffusers keys: ComfyUI's loader reads that form too, to the same output
+        (saved,) = node("AlignProp_SaveLora", lora=lora, lora_name=f"alignprop/{case}_diffusers", dtype="fp32",
+                        key_format="diffusers")
+        with inproc.warnings_logged() as diffusers_warnings:
+            loaded = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, os.path.relpath(saved, loras_dir),
+                                                                            1.0)[0]
+        results[case].update(diffusers_path=saved, diffusers_messages=diffusers_warnings,
+                             diffusers_loader=ksample(loaded, clip, guided))
     if case == "flux_schnell":  # no guidance input: a distilled guidance is refused
         results[case]["guidance_refused"] = refused(lambda: node(
             "AlignProp_Trainer", lora_name="alignprop/bad_schnell", **{**inputs, "sampler": sampler(distilled_guidance=3.5)}))
@@ -235,3 +245,19 @@ def test_schnell_is_its_own_family_without_a_guidance_input(flow_runs):
     assert (flow_runs["flux"]["family"], flow_runs["flux"]["guided"]) == ("Flux", True)
     message = got["guidance_refused"]
     assert message and "distilled_guidance=3.5" in message and "no guidance input" in message, message
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_save_lora_in_diffusers_keys_gives_comfyui_the_same_lora(arch, flow_runs):
+    """The trained LoRA saved by Save LoRA with key_format diffusers: transformer.* keys of diffusers'
+    unfused layers, which ComfyUI's loader reads with no unloaded key and samples the same with."""
+    got = flow_runs[arch]
+    with safe_open(got["diffusers_path"], "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert meta["modelspec.implementation"] == "diffusers"
+    split = {"sd3": "transformer.transformer_blocks.0.attn.to_k.lora_A.weight",
+             "flux": "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight"}[arch]
+    assert split in keys
+    assert not [m for m in got["diffusers_messages"] if "lora key not loaded" in m or "NOT LOADED" in m]
+    torch.testing.assert_close(got["diffusers_loader"], got["loader"], rtol=1e-5, atol=1e-6)
