@@ -128,10 +128,14 @@ def diffusers_lora_file(lora: LoraFile, arch: str | None = None) -> tuple[LoraFi
     """
     if arch is None:
         archs, _ = file_archs(lora.state, lora.metadata)
-        if len(archs) != 1:
+        flows = [a for a in archs if a in LAYERS]
+        if archs and not flows:
+            arch = " or ".join(archs)
+        elif len(flows) != 1:
             raise ValueError("cannot tell whether this LoRA is for SD3 or FLUX.1 (its metadata names no family); "
                              "give arch='sd3' or 'flux'.")
-        arch = archs[0]
+        else:
+            arch = flows[0]
     if arch not in LAYERS:
         raise ValueError(f"this LoRA is for {arch}; the diffusers key format applies to SD3 and FLUX.1 LoRAs "
                          "(SD1.x/SDXL LoRA files are read by diffusers as they are).")
