@@ -1,8 +1,8 @@
 """Which ComfyUI MODELs the trainer and the preview sampler take, the checks made before any model
 work, and the backend of each family.
 
-SD1.x and SDXL go through `comfy_model.comfy_backend` (DDIM on eps / v), SD3/SD3.5 and FLUX.1
-through `comfy_flow.flow_backend` (rectified-flow Euler); both read the model's own
+SD1.x and SDXL go through `comfy_model.comfy_backend` (DDIM on eps / v), SD3/SD3.5, FLUX.1 and
+Z-Image through `comfy_flow.flow_backend` (rectified-flow Euler); both read the model's own
 `model_sampling` and conditioning code, so nothing here knows a family's internals beyond the
 widths its text inputs must have. Those widths are what tells a CLIP that does not belong to the
 MODEL (an SD1.5 CLIP on a FLUX.1 model) before it fails deep inside the first step.
@@ -24,6 +24,7 @@ CLIP_HINTS = {
     "SD3": "the SD3 checkpoint's CLIP, or TripleCLIPLoader with clip_l, clip_g (and t5xxl)",
     "Flux": "DualCLIPLoader with clip_l and t5xxl, type flux",
     "FluxSchnell": "DualCLIPLoader with clip_l and t5xxl, type flux",
+    "ZImage": "CLIPLoader with the Qwen3-4B text encoder, type lumina2",
 }
 SDXL_SIZE_EMBEDDING = 1536  # SDXL's adm input: pooled text + six 256-wide size embeddings
 
@@ -43,6 +44,8 @@ def text_widths(model) -> tuple[int, int | None]:
         return int(unet["context_dim"]), int(unet["adm_in_channels"]) - SDXL_SIZE_EMBEDDING
     if family == "SD3":
         return int(unet["context_embedder_config"]["params"]["in_features"]), int(unet["adm_in_channels"])
+    if family == "ZImage":
+        return int(unet["cap_feat_dim"]), None
     return int(unet["context_in_dim"]), int(unet["vec_in_dim"])
 
 

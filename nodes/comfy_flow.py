@@ -1,4 +1,4 @@
-"""The ComfyUI adapter for rectified-flow MODELs (SD3/SD3.5 and FLUX.1): MODEL / CLIP / VAE -> backend.
+"""The ComfyUI adapter for rectified-flow MODELs (SD3/SD3.5, FLUX.1, Z-Image): MODEL / CLIP / VAE -> backend.
 
 The core's flow `Denoiser` takes t = 1000 sigma and returns the velocity v = e - x0. ComfyUI's
 flow models carry a CONST `model_sampling` (x_sigma = (1 - sigma) x0 + sigma e):
@@ -32,14 +32,18 @@ from alignprop_core.sampling.flow_schedule import FlowSchedule
 
 from .comfy_model import _make_trainable_copyable, vae_decoder, vae_factor
 
-FLOW_FAMILIES = {"SD3": "sd3", "Flux": "flux"}  # comfy.model_base class -> DiffusionBackend.arch
+FLOW_FAMILIES = {"SD3": "sd3", "Flux": "flux", "Lumina2": "zimage"}  # comfy.model_base class -> DiffusionBackend.arch
+# families whose text conditioning has no pooled vector, and whose captions join the image tokens in
+# one sequence (their positions follow the caption), so each prompt runs at its own token count
+UNPOOLED = ("zimage",)
 SCHEDULERS = ("simple", "normal")  # KSampler schedulers whose sigmas a FlowSchedule reproduces
 TIMESTEP_SCALE = 1000.0  # the core feeds flow denoisers t = 1000 sigma
 DEFAULT_GUIDANCE = 3.5  # ComfyUI's FLUX conditioning default (FluxGuidance node's default too)
 
 
 def flow_arch(model) -> str:
-    """'sd3' or 'flux' for a ComfyUI MODEL (ModelPatcher); ValueError naming the families otherwise.
+    """'sd3', 'flux' or 'zimage' for a ComfyUI MODEL (ModelPatcher); ValueError naming the families
+    otherwise (the node's family check has already told Z-Image from Lumina Image 2.0).
 
     Only these exact classes: subclasses such as Chroma or Flux2 take other inputs.
     """
@@ -50,8 +54,8 @@ def flow_arch(model) -> str:
         if type(base) is getattr(mb, cls_name):
             return arch
     found = type(base).__name__ if base is not None else type(model).__name__
-    raise ValueError(f"this MODEL is {found}; the flow backend takes SD3/SD3.5 (SD3) and FLUX.1 (Flux) "
-                     "models. Load one with Load Checkpoint or Load Diffusion Model.")
+    raise ValueError(f"this MODEL is {found}; the flow backend takes SD3/SD3.5 (SD3), FLUX.1 (Flux) and "
+                     "Z-Image (Lumina2) models. Load one with Load Checkpoint or Load Diffusion Model.")
 
 
 def flow_schedule_of(model, scheduler: str = "simple") -> FlowSchedule:
@@ -106,7 +110,10 @@ def takes_guidance(model) -> bool:
 def flow_denoiser(model) -> Denoiser:
     """ComfyUI's `apply_model` as a flow `Denoiser`: (x_t, t = 1000 sigma, cond) -> velocity.
 
-    `cond` holds "context" (B, L, D), "pooled" (B, P) and, for FLUX.1-dev, "guidance" (B,).
+    `cond` holds "context" (B, L, D), "pooled" (B, P) (not for Z-Image) and, for FLUX.1-dev,
+    "guidance" (B,). With "tokens" (B,), each sample's context is its first tokens[i] tokens (the
+    rest is padding or repetition from batching), and samples run grouped by that count, each group
+    exactly as ComfyUI runs one prompt.
     Differentiable in x_t, the conditioning and any LoRA injected into `model.model.diffusion_model`
     (call `flow_backend` first: it gives inference-mode weights normal storage).
     """
@@ -119,8 +126,24 @@ def flow_denoiser(model) -> Denoiser:
         if not bool((sigma > 0).all()):
             raise ValueError("the flow denoiser was called at sigma = 0, where the velocity is undefined "
                              "from ComfyUI's x0; the sampler never evaluates the model there.")
+        if "tokens" not in cond:
+            return velocity(x_t, sigma, cond)
+        counts = [int(n) for n in cond["tokens"].tolist()]
+        order, parts = [], []
+        for count in sorted(set(counts)):
+            rows = [i for i, n in enumerate(counts) if n == count]
+            index = torch.tensor(rows, device=x_t.device)
+            part = {k: v[index] for k, v in cond.items() if k != "tokens"}
+            part["context"] = part["context"][:, :count]
+            parts.append(velocity(x_t[index], sigma[index], part))
+            order += rows
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(parts)[inverse.to(x_t.device)]
+
+    def velocity(x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         # guidance=None keeps extra_conds from adding its scalar default; ours is per sample
-        conds = base.extra_conds(cross_attn=cond["context"], pooled_output=cond["pooled"], guidance=None,
+        conds = base.extra_conds(cross_attn=cond["context"], pooled_output=cond.get("pooled"), guidance=None,
                                  noise=x_t, device=x_t.device)
         if "c_concat" in conds:
             raise ValueError(f"this {type(base).__name__} model takes an image condition (a Fill, Canny or "
@@ -166,21 +189,31 @@ def _norm_inputs_copied(norms: list[torch.nn.Module]) -> Iterator[None]:
             handle.remove()
 
 
-def flow_prompt_encoder(clip):
-    """prompts -> {"context": (B, L, D), "pooled": (B, P)}, encoded once per distinct prompt."""
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def flow_prompt_encoder(clip, pooled: bool = True):
+    """prompts -> {"context": (B, L, D), "pooled": (B, P)}, encoded once per distinct prompt.
 
-    def encode_one(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ``pooled`` False (Z-Image): no pooled vector; the contexts are zero-padded to the longest and
+    "tokens" (B,) holds each prompt's own token count (see `flow_denoiser`).
+    """
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def encode_one(text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if text not in cache:
-            context, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-            if pooled is None:
+            context, vector = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+            if pooled and vector is None:
                 raise ValueError("this CLIP gives no pooled output, which SD3 and FLUX.1 need; load "
                                  "the model's own text encoders (DualCLIPLoader / TripleCLIPLoader).")
-            cache[text] = (context.detach().clone(), pooled.detach().clone())
+            cache[text] = (context.detach().clone(), vector.detach().clone() if pooled else None)
         return cache[text]
 
     def encode(prompts: Sequence[str]) -> Cond:
         pairs = [encode_one(p) for p in prompts]
+        if not pooled:
+            contexts = [c for c, _ in pairs]
+            longest = max(c.shape[1] for c in contexts)
+            return {"context": torch.cat([torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1]))
+                                          for c in contexts]),
+                    "tokens": torch.tensor([float(c.shape[1]) for c in contexts])}
         # long prompts have more tokens: repeated to a common length, as ComfyUI's CONDCrossAttn does
         return {"context": concat_token_sequences([c for c, _ in pairs], "context"),
                 "pooled": torch.cat([p for _, p in pairs])}
@@ -215,7 +248,7 @@ def flow_backend(model, clip, vae, width: int, height: int, name: str = "comfyui
     return DiffusionBackend(
         denoiser=flow_denoiser(model),
         schedule=schedule,
-        encode_prompts=flow_prompt_encoder(clip),
+        encode_prompts=flow_prompt_encoder(clip, pooled=arch not in UNPOOLED),
         decode=vae_decoder(model, vae),
         latent_channels=int(model.model.latent_format.latent_channels),
         vae_scale_factor=vae_factor(vae),

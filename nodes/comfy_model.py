@@ -22,9 +22,9 @@ from alignprop_core.sampling.schedule import NoiseSchedule
 
 # ComfyUI's model config classes (comfy.supported_models) the trainer takes -> the family's arch;
 # by exact class, so variants that take other inputs (inpainting, refiners, Flux2, Chroma) are refused
-FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
+FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux", "ZImage": "zimage"}
 UNET_FAMILIES = ("SD15", "SDXL")  # sampled by DDIM on eps / v; the others are rectified flows
-SUPPORTED = "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3) and FLUX.1 dev/schnell (Flux, FluxSchnell)"
+SUPPORTED = "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3), FLUX.1 dev/schnell (Flux, FluxSchnell) and Z-Image (ZImage)"
 
 
 def model_family(model) -> str:

@@ -22,15 +22,15 @@ def _fake_model(config_class_name: str):
     return type("ModelPatcher", (), {"model": inner})()
 
 
-@pytest.mark.parametrize("name", ["SD15", "SDXL", "SD3", "Flux", "FluxSchnell"])
+@pytest.mark.parametrize("name", ["SD15", "SDXL", "SD3", "Flux", "FluxSchnell", "ZImage"])
 def test_supported_families_are_recognised(name):
     assert comfy_model.model_family(_fake_model(name)) == name
 
 
 @pytest.mark.parametrize("name", ["SDXLRefiner", "SD15_instructpix2pix", "WAN21_T2V", "FluxInpaint", "Flux2",
-                                  "Chroma", "StableAudio"])
+                                  "Chroma", "StableAudio", "Lumina2", "QwenImage"])
 def test_other_families_are_refused_by_name(name):
     with pytest.raises(ValueError) as err:
         comfy_model.model_family(_fake_model(name))
     message = str(err.value)
-    assert name in message and "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3) and FLUX.1" in message
+    assert name in message and "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3), FLUX.1 dev/schnell (Flux, FluxSchnell) and Z-Image" in message

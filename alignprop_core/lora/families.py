@@ -1,8 +1,9 @@
 """Model families of LoRAs: which family a model or a LoRA file belongs to, the refusal to apply a
 LoRA across families, and the default target modules per family.
 
-Families (``arch``): ``sd15`` (SD1.x/2.x UNets), ``sdxl``, ``sd3`` (SD3/SD3.5 MMDiT) and ``flux``
-(FLUX.1). A file says its family in its metadata (``modelspec.architecture``, else kohya's
+Families (``arch``): ``sd15`` (SD1.x/2.x UNets), ``sdxl``, ``sd3`` (SD3/SD3.5 MMDiT), ``flux``
+(FLUX.1) and ``zimage`` (Z-Image, ComfyUI's NextDiT names only). A file says its family in its
+metadata (``modelspec.architecture``, else kohya's
 ``ss_base_model_version``); without metadata its module names tell the UNet families from SD3 and
 FLUX, and often SD3 from FLUX. A model's family is read off its module names, in diffusers or
 ComfyUI naming.
@@ -29,7 +30,7 @@ UNET_ARCHS = ("sd15", "sdxl")
 # to_q/to_k/to_v match too (they have no output projection: proj_out also takes the MLP branch).
 JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 DEFAULT_TARGETS = {"sd15": LoraConfig().target_modules, "sdxl": LoraConfig().target_modules,
-                   "sd3": JOINT_ATTENTION, "flux": JOINT_ATTENTION}
+                   "sd3": JOINT_ATTENTION, "flux": JOINT_ATTENTION, "zimage": ("attention.qkv", "attention.out")}
 # The layers of the original (ComfyUI) SD3/FLUX module names that hold the diffusers targets: q, k and
 # v are one fused ``qkv`` per stream, so targeting any of them targets it; FLUX's single blocks fuse
 # q, k, v and the MLP input in ``linear1``.
@@ -38,6 +39,9 @@ NATIVE_TWINS = {
             "to_out.0": ("x_block.attn.proj",), "add_q_proj": ("context_block.attn.qkv",),
             "add_k_proj": ("context_block.attn.qkv",), "add_v_proj": ("context_block.attn.qkv",),
             "to_add_out": ("context_block.attn.proj",)},
+    # Z-Image (ComfyUI's NextDiT): one fused qkv and an output projection per attention layer
+    "zimage": {"to_q": ("attention.qkv",), "to_k": ("attention.qkv",), "to_v": ("attention.qkv",),
+               "to_out.0": ("attention.out",)},
     "flux": {"to_q": ("img_attn.qkv", "linear1"), "to_k": ("img_attn.qkv", "linear1"),
              "to_v": ("img_attn.qkv", "linear1"), "to_out.0": ("img_attn.proj",),
              "add_q_proj": ("txt_attn.qkv",), "add_k_proj": ("txt_attn.qkv",), "add_v_proj": ("txt_attn.qkv",),
@@ -45,8 +49,10 @@ NATIVE_TWINS = {
 }
 # modelspec.architecture prefixes (kohya sd-scripts / SAI model spec) and ss_base_model_version prefixes
 _ARCHITECTURES = (("stable-diffusion-v1", "sd15"), ("stable-diffusion-v2", "sd15"),
-                  ("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3"), ("flux-1", "flux"))
-_BASE_VERSIONS = (("sd_v1", "sd15"), ("sd_v2", "sd15"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux1", "flux"))
+                  ("stable-diffusion-xl", "sdxl"), ("stable-diffusion-3", "sd3"), ("flux-1", "flux"),
+                  ("z-image", "zimage"))
+_BASE_VERSIONS = (("sd_v1", "sd15"), ("sd_v2", "sd15"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux1", "flux"),
+                  ("z_image", "zimage"))
 
 
 def lora_preset(cfg: LoraConfig, arch: str) -> LoraConfig:
@@ -93,6 +99,8 @@ def model_arch(module: nn.Module) -> str | None:
     any other ``sd15``.
     """
     names = {name for name, _ in module.named_modules() if name}
+    if "cap_embedder" in names and "layers.0.attention.qkv" in names:  # ComfyUI's NextDiT
+        return "zimage"
     joint = "transformer_blocks.0.attn.add_q_proj" in names
     if ("double_blocks.0.img_attn" in names or "single_transformer_blocks.0.attn" in names
             or (joint and "x_embedder" in names)):
@@ -138,6 +146,8 @@ def _name_archs(name: str) -> set[str]:
             return {"flux"}
         if path.startswith("joint_blocks_"):  # SD3 in SAI naming
             return {"sd3"}
+        if path.startswith(("layers_", "context_refiner_", "noise_refiner_", "cap_embedder_")):  # Z-Image
+            return {"zimage"}
         if naming_of([name]) is not None:
             return set(UNET_ARCHS)
     return set(LORA_ARCHS)

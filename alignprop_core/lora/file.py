@@ -51,7 +51,7 @@ from ..files.safe_load import load_error_reason
 from .check import check_lora_finite, check_module_factors
 from .families import check_family, file_archs, is_diffusers_transformer, metadata_arch, model_arch
 from .inject import add_lora, has_lora, lora_rank_alpha, lora_state_dict, remove_lora, set_lora_state_dict
-from .keys import (CANONICAL_NAMING, TRANSFORMER_ARCHS, check_lora_arch, convert_names, lora_metadata,
+from .keys import (CANONICAL_NAMING, NATIVE_ARCHS, check_lora_arch, convert_names, lora_metadata,
                    peft_to_kohya, rank_alpha_of)
 from .transformer_keys import FACTOR_SUFFIXES, group_lora, key_form, lora_to_peft, peft_to_diffusers
 from .unet_paths import check_naming, naming_of
@@ -60,7 +60,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 TARGETS_KEY = "alignprop.lora_target_modules"
 FOLDED_ALPHA_KEY = "alignprop.folded_alpha"  # the trained alpha of an SD3 file whose scale is in lora_B
 RESERVED_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", TARGETS_KEY)
-_TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+_TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel", "zimage": "(none)"}
 
 
 @dataclass
@@ -116,8 +116,8 @@ def _transformer_form(module: nn.Module, arch: str | None, naming: str | None) -
     """
     have = model_arch(module)
     if arch is None:
-        arch = have if have in TRANSFORMER_ARCHS and naming is None else None
-    if arch not in TRANSFORMER_ARCHS:
+        arch = have if have in NATIVE_ARCHS and naming is None else None
+    if arch not in NATIVE_ARCHS:
         return None
     if naming is not None:
         raise ValueError(f"naming={naming!r} chooses between UNet namings; {arch} files use the module names "
@@ -247,7 +247,7 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, metadata: dict[str, 
     # modelspec.implementation names the module naming of the keys as they are written
     if arch is None:
         naming = None
-    elif arch in TRANSFORMER_ARCHS:
+    elif arch in NATIVE_ARCHS:
         naming = "diffusers" if form == "diffusers" else "native"
     else:
         naming = naming_of(groups)

@@ -55,10 +55,11 @@ def _with_ldm_names(targets: tuple[str, ...], names: list[str]) -> tuple[str, ..
 
 
 def _with_native_names(targets: tuple[str, ...], names: list[str]) -> tuple[str, ...]:
-    """``targets`` plus the native twins of its diffusers names, on an SD3/FLUX model with the
-    original (ComfyUI) module names."""
+    """``targets`` plus the native twins of its diffusers names, on an SD3/FLUX/Z-Image model with
+    the original (ComfyUI) module names."""
     arch = ("sd3" if "joint_blocks.0.x_block" in names else
-            "flux" if "double_blocks.0.img_attn" in names else None)
+            "flux" if "double_blocks.0.img_attn" in names else
+            "zimage" if "cap_embedder" in names and "layers.0.attention.qkv" in names else None)
     return native_targets(targets, arch) if arch else targets
 
 

@@ -30,8 +30,9 @@ from torch import nn
 
 from .unet_paths import check_naming, layout_path_pairs, naming_of, unet_layout
 
-LORA_ARCHS = ("sd15", "sdxl", "sd3", "flux")  # model families a LoRA file can be written for
+LORA_ARCHS = ("sd15", "sdxl", "sd3", "flux", "zimage")  # model families a LoRA file can be written for
 TRANSFORMER_ARCHS = ("sd3", "flux")  # families whose files may use the diffusers transformer form
+NATIVE_ARCHS = (*TRANSFORMER_ARCHS, "zimage")  # transformers whose files may use their original module names
 # SD3/FLUX module namings: diffusers' transformer, or the original one (SAI's MMDiT, BFL's Flux) that
 # ComfyUI's models have
 TRANSFORMER_NAMINGS = ("diffusers", "native")
@@ -44,6 +45,7 @@ ARCH_METADATA = {  # ss_base_model_version, modelspec.architecture, modelspec.re
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024"),
     "sd3": ("sd3", "stable-diffusion-3-medium/lora", "1024x1024"),
     "flux": ("flux1", "flux-1-dev/lora", "1024x1024"),
+    "zimage": ("z_image", "z-image/lora", "1024x1024"),  # no established value yet: ours, named plainly
 }
 
 
@@ -55,13 +57,16 @@ def check_lora_arch(arch: str | None) -> str:
 # modelspec.implementation names the code whose module names the file uses.
 _IMPLEMENTATION = {"ldm": "https://github.com/Stability-AI/generative-models", "diffusers": "diffusers"}
 _NATIVE_IMPLEMENTATION = {"sd3": "https://github.com/Stability-AI/sd3.5",
-                          "flux": "https://github.com/black-forest-labs/flux"}
+                          "flux": "https://github.com/black-forest-labs/flux",
+                          "zimage": "https://github.com/Tongyi-MAI/Z-Image"}
 
 
 def _implementation(arch: str, naming: str | None) -> str:
     """``modelspec.implementation`` of an ``arch`` file whose keys use ``naming``."""
-    if arch not in TRANSFORMER_ARCHS:
+    if arch not in NATIVE_ARCHS:
         return _IMPLEMENTATION[check_naming(naming or CANONICAL_NAMING[arch])]
+    if arch not in TRANSFORMER_ARCHS:  # only the original module names (ComfyUI's)
+        return _NATIVE_IMPLEMENTATION[arch]
     naming = naming or "diffusers"
     if naming not in TRANSFORMER_NAMINGS:
         raise ValueError(f"Unknown {arch} naming {naming!r}; use one of {', '.join(TRANSFORMER_NAMINGS)}.")

@@ -85,11 +85,12 @@ def comfy_flow_vae(seed: int = 0):
 
 class StandInClip:
     """tokenize / encode_from_tokens of a CLIP that returns fixed random embeddings per prompt:
-    (1, 4, dim) context and (1, pooled_dim) pooled text. Stands in for text encoders too large to
-    build in a test (T5-XXL), where only the widths matter."""
+    (1, L, dim) context and (1, pooled_dim) pooled text (None when pooled_dim is None). L is 4, or
+    with ``varying`` 3 + len(prompt) % 4, as unpadded tokenizers (Z-Image's Qwen3) give. Stands in
+    for text encoders too large to build in a test (T5-XXL, Qwen3-4B), where only the widths matter."""
 
-    def __init__(self, dim: int, pooled_dim: int):
-        self.dim, self.pooled_dim = dim, pooled_dim
+    def __init__(self, dim: int, pooled_dim: int | None, varying: bool = False):
+        self.dim, self.pooled_dim, self.varying = dim, pooled_dim, varying
 
     def tokenize(self, text):
         return text
@@ -98,4 +99,42 @@ class StandInClip:
         import torch
 
         g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        return torch.randn(1, 4, self.dim, generator=g), torch.randn(1, self.pooled_dim, generator=g)
+        count = 3 + len(tokens) % 4 if self.varying else 4
+        context = torch.randn(1, count, self.dim, generator=g)
+        return context, None if self.pooled_dim is None else torch.randn(1, self.pooled_dim, generator=g)
+
+
+# A Z-Image-like NextDiT of ComfyUI's own class (ZImage model config, Lumina2 model): the family's
+# switches (z_image_modulation, time_scale, RMS q/k norm, caption padding to multiples of 32) at
+# width 256 (its timestep embedding is 256 wide). ComfyUI's detection fixes Z-Image's width at 3840,
+# so the config is given, not detected.
+ZIMAGE_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+                 "n_layers": 2, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2,
+                 "axes_dims": [32, 48, 48], "axes_lens": [256, 64, 64], "rope_theta": 256.0,
+                 "ffn_dim_multiplier": 8.0 / 3.0, "multiple_of": 32, "z_image_modulation": True,
+                 "time_scale": 1000.0, "pad_tokens_multiple": 32}
+
+
+def comfy_zimage_model(seed: int = 0):
+    """A float32 CPU ComfyUI ModelPatcher of ``ZIMAGE_CONFIG`` with random weights (in a ComfyUI
+    process). ComfyUI's layers skip their initialisation, so every weight is drawn here:
+    normal(0, 1/fan_in) for matrices, ones for 1-D weights (norm scales), small normal for biases
+    and pad tokens."""
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.ZImage(dict(ZIMAGE_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim > 1 and "pad_token" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5))
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)

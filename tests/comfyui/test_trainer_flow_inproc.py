@@ -6,7 +6,8 @@ weights), and the CLIP a stand-in with the text widths the MODEL takes (ComfyUI'
 parameters; the real SD3 CLIP-L/G path runs on the server). The trainer trains 2 steps toward the
 smoothness reward with CFG (and FLUX.1-dev's distilled guidance); the FLUX model once more with its
 weights in float8 (Load Diffusion Model's weight_dtype fp8_e4m3fn), and FLUX.1-schnell (no guidance
-input). Then:
+input), and a Z-Image NextDiT (ComfyUI's ZImage model, random weights, prompts of different token
+counts). Then:
 
 - the LoRA trained (float32 factors, non-zero lora_up) while fp8 base weights stayed fp8;
 - the LoRA file holds kohya keys of ComfyUI's fused layers and names the family and the reward;
@@ -42,7 +43,7 @@ import inproc
 pack = inproc.setup(sys.argv[1], sys.argv[2])
 import folder_paths
 import nodes as comfy_nodes
-from flow_twins import StandInClip, comfy_flow_model, comfy_flow_vae
+from flow_twins import StandInClip, comfy_flow_model, comfy_flow_vae, comfy_zimage_model
 from alignprop_core.lora import has_lora
 from ComfyUI_AlignProp.nodes.comfy_families import model_family, text_widths
 from ComfyUI_AlignProp.nodes.comfy_flow import takes_guidance
@@ -77,9 +78,9 @@ def listing():
 
 def ksample(model, clip, guided):
     context, pooled = clip.encode_from_tokens("a cat")
-    extra = {"pooled_output": pooled, **({"guidance": 3.5} if guided else {})}
-    positive = [[context, extra]]
-    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
+    extra = {} if pooled is None else {"pooled_output": pooled}
+    positive = [[context, {**extra, **({"guidance": 3.5} if guided else {})}]]
+    negative = [[torch.zeros_like(context), {k: torch.zeros_like(v) for k, v in extra.items()}]]
     latent = {"samples": torch.zeros(1, 16, 4, 4)}
     (out,) = comfy_nodes.common_ksampler(model, 0, 3, 1.0 if guided else 4.0, "euler", "simple", positive, negative,
                                          latent)
@@ -97,14 +98,17 @@ def refused(fn):
 results, trained = {}, {}
 args = sys.argv[5:]
 for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(5)]):
-    model = comfy_flow_model(weights, extra, None if weight_dtype == "none" else weight_dtype)
+    if arch == "zimage":
+        model = comfy_zimage_model()
+    else:
+        model = comfy_flow_model(weights, extra, None if weight_dtype == "none" else weight_dtype)
     width, pooled_width = text_widths(model)
-    clip = StandInClip(width, pooled_width)
+    clip = StandInClip(width, pooled_width, varying=arch == "zimage")
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     inputs = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="cat\ndog", sampler=sampler(),
                   **train_inputs)
     out_model, lora, curve, path = node("AlignProp_Trainer", lora_name=f"alignprop/{case}", **inputs)
-    if case == arch:
+    if case == arch and arch != "zimage":
         trained[arch] = (model, clip, inputs, lora)
     unchanged = (not has_lora(model.model.diffusion_model)
                  and before.keys() == model.model.diffusion_model.state_dict().keys()
@@ -119,7 +123,7 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
                      "node_model": ksample(out_model, clip, guided)}
-    if case == arch:  # Save LoRA in diffusers keys: ComfyUI's loader reads that form too, to the same output
+    if case == arch and arch != "zimage":  # Save LoRA in diffusers keys: ComfyUI's loader reads that form too, to the same output
         (saved,) = node("AlignProp_SaveLora", lora=lora, lora_name=f"alignprop/{case}_diffusers", dtype="fp32",
                         key_format="diffusers")
         with inproc.warnings_logged() as diffusers_warnings:
@@ -127,6 +131,15 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
                                                                             1.0)[0]
         results[case].update(diffusers_path=saved, diffusers_messages=diffusers_warnings,
                              diffusers_loader=ksample(loaded, clip, guided))
+    if arch == "zimage":  # prompts of different token counts in one batch = each prompt on its own
+        from ComfyUI_AlignProp.nodes.comfy_flow import flow_denoiser
+        den, g = flow_denoiser(model), torch.Generator().manual_seed(3)
+        x, ctx = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 7, width, generator=g)
+        t = torch.tensor([800.0, 300.0])
+        with torch.no_grad():
+            both = den(x, t, {"context": ctx, "tokens": torch.tensor([5.0, 7.0])})
+            alone = torch.cat([den(x[:1], t[:1], {"context": ctx[:1, :5]}), den(x[1:], t[1:], {"context": ctx[1:]})])
+        results[case]["grouped_error"] = float((both - alone).abs().max())
     if case == "flux_schnell":  # no guidance input: a distilled guidance is refused
         results[case]["guidance_refused"] = refused(lambda: node(
             "AlignProp_Trainer", lora_name="alignprop/bad_schnell", **{**inputs, "sampler": sampler(distilled_guidance=3.5)}))
@@ -168,6 +181,7 @@ def flow_runs(comfy_dir, tmp_path_factory):
     save_file({k: v.contiguous() for k, v in schnell.state_dict().items()}, str(tmp / "schnell.safetensors"))
     args += ["flux_schnell", "flux", str(tmp / "schnell.safetensors"), json.dumps(FAMILIES["flux"]["comfy_config"]),
              "none"]
+    args += ["zimage", "zimage", "none", "{}", "none"]  # flow_twins.ZIMAGE_CONFIG, random weights
     settings = inproc_settings(width=32, height=32)
     out = tmp / "results.pt"
     inproc.run_script(_SCRIPT, comfy_dir, tmp / "base", str(out), json.dumps(settings), *args, timeout=900)
@@ -176,9 +190,11 @@ def flow_runs(comfy_dir, tmp_path_factory):
 
 # a layer of each family's default targets in ComfyUI's naming (families.NATIVE_TWINS)
 FUSED_KEYS = {"sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn_proj"),
-              "flux": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1")}
-ARCHITECTURES = {"sd3": "stable-diffusion-3", "flux": "flux-1"}
-CASES = {"sd3": "sd3", "flux": "flux", "flux_fp8": "flux", "flux_schnell": "flux"}  # case -> LoRA family
+              "flux": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"),
+              "zimage": ("lora_unet_layers_0_attention_qkv", "lora_unet_layers_1_attention_out",
+                         "lora_unet_context_refiner_0_attention_qkv")}
+ARCHITECTURES = {"sd3": "stable-diffusion-3", "flux": "flux-1", "zimage": "z-image"}
+CASES = {"sd3": "sd3", "flux": "flux", "flux_fp8": "flux", "flux_schnell": "flux", "zimage": "zimage"}  # -> family
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -261,3 +277,12 @@ def test_save_lora_in_diffusers_keys_gives_comfyui_the_same_lora(arch, flow_runs
     assert split in keys
     assert not [m for m in got["diffusers_messages"] if "lora key not loaded" in m or "NOT LOADED" in m]
     torch.testing.assert_close(got["diffusers_loader"], got["loader"], rtol=1e-5, atol=1e-6)
+
+
+def test_zimage_trains_with_prompts_of_different_token_counts(flow_runs):
+    """Z-Image (ComfyUI's ZImage config on its NextDiT): a caption's token count sets the image
+    tokens' positions, so a batch of prompts of different lengths runs each at its own length; the
+    batched velocity equals each prompt's own."""
+    got = flow_runs["zimage"]
+    assert (got["family"], got["guided"]) == ("ZImage", False)
+    assert got["grouped_error"] == 0.0
