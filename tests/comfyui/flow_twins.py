@@ -85,12 +85,11 @@ def comfy_flow_vae(seed: int = 0):
 
 class StandInClip:
     """tokenize / encode_from_tokens of a CLIP that returns fixed random embeddings per prompt:
-    (1, L, dim) context and (1, pooled_dim) pooled text (None when pooled_dim is None). L is 4, or
-    with ``varying`` 3 + len(prompt) % 4, as unpadded tokenizers (Z-Image's Qwen3) give. Stands in
-    for text encoders too large to build in a test (T5-XXL, Qwen3-4B), where only the widths matter."""
+    (1, 4, dim) context and (1, pooled_dim) pooled text. Stands in for text encoders too large to
+    build in a test (T5-XXL), where only the widths matter."""
 
-    def __init__(self, dim: int, pooled_dim: int | None, varying: bool = False):
-        self.dim, self.pooled_dim, self.varying = dim, pooled_dim, varying
+    def __init__(self, dim: int, pooled_dim: int):
+        self.dim, self.pooled_dim = dim, pooled_dim
 
     def tokenize(self, text):
         return text
@@ -99,9 +98,7 @@ class StandInClip:
         import torch
 
         g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
-        count = 3 + len(tokens) % 4 if self.varying else 4
-        context = torch.randn(1, count, self.dim, generator=g)
-        return context, None if self.pooled_dim is None else torch.randn(1, self.pooled_dim, generator=g)
+        return torch.randn(1, 4, self.dim, generator=g), torch.randn(1, self.pooled_dim, generator=g)
 
 
 # A Z-Image-like NextDiT of ComfyUI's own class (ZImage model config, Lumina2 model): the family's
@@ -138,3 +135,43 @@ def comfy_zimage_model(seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+# ComfyUI's Qwen3 text encoder of Z-Image at a small size (its config is a dataclass of Qwen3-4B's
+# sizes; these fields override them); hidden_size is the caption width ZIMAGE_CONFIG takes
+TINY_QWEN3 = {"hidden_size": ZIMAGE_CONFIG["cap_feat_dim"], "intermediate_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def comfy_zimage_clip(seed: int = 0):
+    """ComfyUI's Z-Image CLIP (ZImageTokenizer with its chat template, ``z_image.te`` with its
+    hidden-layer output) whose Qwen3 model is ``TINY_QWEN3`` with random weights (in a ComfyUI
+    process). The class is swapped through ComfyUI's own ``model_options["qwen3_4b_class"]``."""
+    import torch
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.z_image as z_image
+
+    class TinyQwen3(z_image.Qwen3_4BModel):
+        def __init__(self, device="cpu", layer="hidden", layer_idx=-2, dtype=None, attention_mask=True,
+                     model_options={}):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(TINY_QWEN3),
+                dtype=dtype, special_tokens={"pad": 151643}, layer_norm_hidden_state=False,
+                model_class=comfy.text_encoders.llama.Qwen3_4B, enable_attention_masks=attention_mask,
+                return_attention_masks=attention_mask, model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(z_image.ZImageTokenizer, z_image.te())
+    clip = comfy.sd.CLIP(target=target, model_options={"qwen3_4b_class": TinyQwen3,
+                                                       "dtype": torch.float32})
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in clip.cond_stage_model.state_dict().items():
+        if p.ndim > 1:
+            state[name] = torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5)
+        else:
+            state[name] = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+    clip.cond_stage_model.load_state_dict(state, strict=True)
+    return clip

@@ -2,11 +2,12 @@
 
 In a ComfyUI process (inproc.py), per family: the MODEL is ComfyUI's own diffusion model built by its
 detection from the tiny weights of ``flow_twins``, the VAE ComfyUI's own 16-channel VAE (random
-weights), and the CLIP a stand-in with the text widths the MODEL takes (ComfyUI's T5-XXL is 4.7 B
-parameters; the real SD3 CLIP-L/G path runs on the server). The trainer trains 2 steps toward the
+weights), and for SD3/FLUX the CLIP a stand-in with the text widths the MODEL takes (ComfyUI's
+T5-XXL is 4.7 B parameters; the real CLIP-L/G and T5-XXL paths run on the server). The trainer trains 2 steps toward the
 smoothness reward with CFG (and FLUX.1-dev's distilled guidance); the FLUX model once more with its
 weights in float8 (Load Diffusion Model's weight_dtype fp8_e4m3fn), and FLUX.1-schnell (no guidance
-input), and a Z-Image NextDiT (ComfyUI's ZImage model, random weights, prompts of different token
+input), and a Z-Image NextDiT (ComfyUI's ZImage model, random weights) with ComfyUI's own Z-Image
+text encoder at a small Qwen3 size (flow_twins.comfy_zimage_clip: its prompts have different token
 counts). Then:
 
 - the LoRA trained (float32 factors, non-zero lora_up) while fp8 base weights stayed fp8;
@@ -43,7 +44,7 @@ import inproc
 pack = inproc.setup(sys.argv[1], sys.argv[2])
 import folder_paths
 import nodes as comfy_nodes
-from flow_twins import StandInClip, comfy_flow_model, comfy_flow_vae, comfy_zimage_model
+from flow_twins import StandInClip, comfy_flow_model, comfy_flow_vae, comfy_zimage_clip, comfy_zimage_model
 from alignprop_core.lora import has_lora
 from ComfyUI_AlignProp.nodes.comfy_families import model_family, text_widths
 from ComfyUI_AlignProp.nodes.comfy_flow import takes_guidance
@@ -77,7 +78,7 @@ def listing():
 
 
 def ksample(model, clip, guided):
-    context, pooled = clip.encode_from_tokens("a cat")
+    context, pooled = clip.encode_from_tokens(clip.tokenize("a cat"), return_pooled=True)
     extra = {} if pooled is None else {"pooled_output": pooled}
     positive = [[context, {**extra, **({"guidance": 3.5} if guided else {})}]]
     negative = [[torch.zeros_like(context), {k: torch.zeros_like(v) for k, v in extra.items()}]]
@@ -103,7 +104,7 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
     else:
         model = comfy_flow_model(weights, extra, None if weight_dtype == "none" else weight_dtype)
     width, pooled_width = text_widths(model)
-    clip = StandInClip(width, pooled_width, varying=arch == "zimage")
+    clip = comfy_zimage_clip() if arch == "zimage" else StandInClip(width, pooled_width)
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     inputs = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="cat\ndog", sampler=sampler(),
                   **train_inputs)
