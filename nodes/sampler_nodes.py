@@ -39,7 +39,8 @@ class PreviewSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_PreviewSampler", display_name="AlignProp Preview Sampler", category=CATEGORY,
-            inputs=[io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5 or FLUX.1 model (LoRA patches apply)"),
+            inputs=[io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5, FLUX.1 or Z-Image model "
+                                                    "(LoRA patches apply)"),
                     io.Clip.Input("clip", tooltip="the model's text encoders"),
                     io.Vae.Input("vae", tooltip="the model's VAE"),
                     Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps)"),

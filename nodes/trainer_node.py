@@ -86,8 +86,10 @@ class AlignPropTrainer(io.ComfyNode):
             node_id="AlignProp_Trainer", display_name="AlignProp Trainer", category="AlignProp/training",
             is_output_node=True, hidden=[io.Hidden.unique_id],
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5 or FLUX.1 MODEL (Load Checkpoint or Load Diffusion Model; fp8 weights train too)"),
-                io.Clip.Input("clip", tooltip="the model's text encoders (frozen): its checkpoint's CLIP, or for FLUX.1 DualCLIPLoader (clip_l + t5xxl)"),
+                io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5, FLUX.1 or Z-Image MODEL (Load Checkpoint "
+                                                "or Load Diffusion Model; fp8 weights train too)"),
+                io.Clip.Input("clip", tooltip="the model's text encoders (frozen): its checkpoint's CLIP, or "
+                                              "DualCLIPLoader (FLUX.1) / CLIPLoader (Z-Image)"),
                 io.Vae.Input("vae", tooltip="the checkpoint's VAE (frozen; the reward's gradient flows through it)"),
                 Reward.Input("reward", tooltip="what to maximise (an AlignProp reward node)"),
                 io.String.Input("prompts", multiline=True, default="cat\ndog\nhorse",

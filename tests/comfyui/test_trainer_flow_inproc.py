@@ -124,7 +124,8 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
                      "node_model": ksample(out_model, clip, guided)}
-    if case == arch and arch != "zimage":  # Save LoRA in diffusers keys: ComfyUI's loader reads that form too, to the same output
+    # Save LoRA in diffusers keys: ComfyUI's loader reads that form too, to the same output
+    if case == arch and arch != "zimage":
         (saved,) = node("AlignProp_SaveLora", lora=lora, lora_name=f"alignprop/{case}_diffusers", dtype="fp32",
                         key_format="diffusers")
         with inproc.warnings_logged() as diffusers_warnings:
@@ -143,7 +144,8 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
         results[case]["grouped_error"] = float((both - alone).abs().max())
     if case == "flux_schnell":  # no guidance input: a distilled guidance is refused
         results[case]["guidance_refused"] = refused(lambda: node(
-            "AlignProp_Trainer", lora_name="alignprop/bad_schnell", **{**inputs, "sampler": sampler(distilled_guidance=3.5)}))
+            "AlignProp_Trainer", lora_name="alignprop/bad_schnell",
+            **{**inputs, "sampler": sampler(distilled_guidance=3.5)}))
 
 for arch, (model, clip, inputs, _) in trained.items():
     other = trained["flux" if arch == "sd3" else "sd3"][3]
