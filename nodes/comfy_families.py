@@ -15,7 +15,7 @@ from alignprop_core.sampling.chain import check_flow_eta
 from alignprop_core.sampling.sampler import check_model_takes
 
 from .comfy_flow import flow_backend, patch_size_of, takes_guidance
-from .comfy_model import FAMILIES, UNET_FAMILIES, comfy_backend, model_family, vae_factor
+from .comfy_model import UNET_FAMILIES, comfy_backend, model_family, vae_factor
 
 # the loaders that give each family's text encoders, for the mismatch message
 CLIP_HINTS = {
@@ -27,11 +27,6 @@ CLIP_HINTS = {
     "ZImage": "CLIPLoader with the Qwen3-4B text encoder, type lumina2",
 }
 SDXL_SIZE_EMBEDDING = 1536  # SDXL's adm input: pooled text + six 256-wide size embeddings
-
-
-def family_arch(model) -> str:
-    """The LoRA family (``sd15``, ``sdxl``, ``sd3``, ``flux``) of a ComfyUI MODEL."""
-    return FAMILIES[model_family(model)]
 
 
 def text_widths(model) -> tuple[int, int | None]:

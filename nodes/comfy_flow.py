@@ -1,4 +1,4 @@
-"""The ComfyUI adapter for rectified-flow MODELs (SD3/SD3.5, FLUX.1, Z-Image): MODEL / CLIP / VAE -> backend.
+"""The ComfyUI adapter for rectified-flow MODELs (SD3/SD3.5, FLUX.1, Z-Image): MODEL, CLIP, VAE -> backend.
 
 The core's flow `Denoiser` takes t = 1000 sigma and returns the velocity v = e - x0. ComfyUI's
 flow models carry a CONST `model_sampling` (x_sigma = (1 - sigma) x0 + sigma e):
@@ -32,7 +32,8 @@ from alignprop_core.sampling.flow_schedule import FlowSchedule
 
 from .comfy_model import _make_trainable_copyable, vae_decoder, vae_factor
 
-FLOW_FAMILIES = {"SD3": "sd3", "Flux": "flux", "Lumina2": "zimage"}  # comfy.model_base class -> DiffusionBackend.arch
+# comfy.model_base class -> DiffusionBackend.arch
+FLOW_FAMILIES = {"SD3": "sd3", "Flux": "flux", "Lumina2": "zimage"}
 # families whose text conditioning has no pooled vector, and whose captions join the image tokens in
 # one sequence (their positions follow the caption), so each prompt runs at its own token count
 UNPOOLED = ("zimage",)

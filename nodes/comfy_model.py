@@ -20,15 +20,15 @@ from alignprop_core.sampling.conditioning import concat_token_sequences
 from alignprop_core.models.backend import Cond, DiffusionBackend
 from alignprop_core.sampling.schedule import NoiseSchedule
 
-# ComfyUI's model config classes (comfy.supported_models) the trainer takes -> the family's arch;
-# by exact class, so variants that take other inputs (inpainting, refiners, Flux2, Chroma) are refused
-FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux", "ZImage": "zimage"}
+# ComfyUI's model config classes (comfy.supported_models) the trainer takes, by exact class, so
+# variants that take other inputs (inpainting, refiners, Flux2, Chroma) are refused
+FAMILIES = ("SD15", "SDXL", "SD3", "Flux", "FluxSchnell", "ZImage")
 UNET_FAMILIES = ("SD15", "SDXL")  # sampled by DDIM on eps / v; the others are rectified flows
 SUPPORTED = "SD1.x (SD15), SDXL, SD3/SD3.5 (SD3), FLUX.1 dev/schnell (Flux, FluxSchnell) and Z-Image (ZImage)"
 
 
 def model_family(model) -> str:
-    """The model config class name (a key of FAMILIES) of a ComfyUI ModelPatcher; ValueError naming
+    """The model config class name (one of FAMILIES) of a ComfyUI ModelPatcher; ValueError naming
     the supported families otherwise."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     found = type(config).__name__ if config is not None else type(model).__name__
@@ -128,7 +128,8 @@ def comfy_backend(model, clip, vae, width: int, height: int, name: str = "comfyu
     """
     family = model_family(model)
     if family not in UNET_FAMILIES:
-        raise ValueError(f"comfy_backend takes SD1.x/SDXL models, not {family}; use comfy_families.family_backend.")
+        raise ValueError(f"comfy_backend takes SD1.x/SDXL models, not {family}; use "
+                         "comfy_families.family_backend.")
     import comfy.model_management as mm
 
     diffusion_model = model.model.diffusion_model

@@ -60,7 +60,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 TARGETS_KEY = "alignprop.lora_target_modules"
 FOLDED_ALPHA_KEY = "alignprop.folded_alpha"  # the trained alpha of an SD3 file whose scale is in lora_B
 RESERVED_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", TARGETS_KEY)
-_TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel", "zimage": "(none)"}
+_TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}  # diffusers twins
 
 
 @dataclass
@@ -124,9 +124,9 @@ def _transformer_form(module: nn.Module, arch: str | None, naming: str | None) -
                          "of the transformer that was trained (diffusers' or ComfyUI's): leave naming unset.")
     if have != arch:
         what = f"of the {have} family" if have else "not an SD3 or FLUX transformer"
+        twin = f"the diffusers {_TRANSFORMER_CLASSES[arch]} or " if arch in _TRANSFORMER_CLASSES else ""
         raise ValueError(f"arch={arch!r} but the module is {what}; pass the {arch} transformer that was "
-                         f"trained (the diffusers {_TRANSFORMER_CLASSES[arch]} or ComfyUI's diffusion_model), "
-                         "or the arch of the module.")
+                         f"trained ({twin}ComfyUI's diffusion_model), or the arch of the module.")
     return arch, "diffusers" if is_diffusers_transformer(module) else "native"
 
 
