@@ -38,6 +38,7 @@ from .comfy_families import check_clip, check_family_inputs, family_backend
 from .comfy_model import training_session
 from .config_inputs import build, config_inputs, merge
 from .lora_nodes import Lora, apply_to_model
+from .model_source import base_model_name
 from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
 from .reward_nodes import Reward
 from .sampler_nodes import Sampler
@@ -84,7 +85,7 @@ class AlignPropTrainer(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_Trainer", display_name="AlignProp Trainer", category="AlignProp/training",
-            is_output_node=True, hidden=[io.Hidden.unique_id],
+            is_output_node=True, hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5, FLUX.1 or Z-Image MODEL (Load Checkpoint "
                                                 "or Load Diffusion Model; fp8 weights train too)"),
@@ -212,7 +213,8 @@ class AlignPropTrainer(io.ComfyNode):
 
         # 2. train on the model itself; LoRA layers are removed again whatever happens
         with training_session(model, vae):
-            backend = family_backend(model, clip, vae, cfg.width, cfg.height, name=f"comfyui-{family}")
+            backend = family_backend(model, clip, vae, cfg.width, cfg.height,
+                                     name=base_model_name(family, cls.hidden.prompt, node_id))
             try:
                 result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
                                out_dir=os.path.dirname(path), lora_name=os.path.basename(path),

@@ -97,3 +97,14 @@ def flux_files(comfy_dir: Path, comfy_base_dir: Path) -> dict[str, str]:
     files = harness.FLUX_FILES
     return {"unet_name": files["diffusion_models"], "clip_l": files["text_encoders"][0],
             "t5xxl": files["text_encoders"][1], "vae_name": files["vae"]}
+
+
+@pytest.fixture(scope="session")
+def zimage_files(comfy_dir: Path, comfy_base_dir: Path) -> dict[str, str]:
+    """File names of random Z-Image files ComfyUI's loaders detect, in the server's diffusion_models,
+    text_encoders and vae folders: {"unet_name", "qwen3_4b", "vae_name"}."""
+    started = time.monotonic()
+    harness.install_random_zimage(comfy_base_dir, comfy_dir=comfy_dir)
+    print(f"\n[comfyui] Z-Image files ready in {time.monotonic() - started:.1f} s")
+    files = harness.ZIMAGE_FILES
+    return {"unet_name": files["diffusion_models"], "qwen3_4b": files["text_encoders"], "vae_name": files["vae"]}

@@ -444,20 +444,14 @@ def cached_random_flux(cache_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, see
     {"diffusion_models": path, "clip_l": path, "t5xxl": path, "vae": path}.
     """
     recipe = json.dumps([FLUX_UNET_CONFIG, SD_VAE_DDCONFIG, ROW_STEP, seed, str(Path(comfy_dir).resolve())])
-    for function in (_compact_random, _materialize, _build_flux):
+    for function in (_compact_random, _materialize, _random_ae, _build_flux):
         recipe += inspect.getsource(function)
     folder = Path(cache_dir) / f"random_flux_{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     names = {"diffusion_models": FLUX_FILES["diffusion_models"], "clip_l": FLUX_FILES["text_encoders"][0],
              "t5xxl": FLUX_FILES["text_encoders"][1], "vae": FLUX_FILES["vae"]}
     paths = {key: folder / name for key, name in names.items()}
     if not all(p.is_file() for p in paths.values()):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "make-flux", str(folder),
-               "--comfy-dir", str(Path(comfy_dir).resolve()), "--seed", str(seed)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"building the FLUX files failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+        _run_builder("make-flux", folder, comfy_dir, seed, timeout)
     return paths
 
 
@@ -482,22 +476,16 @@ def _build_flux(folder: Path, comfy_dir: Path, seed: int) -> None:
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
     from comfy.text_encoders.sd3_clip import T5XXLModel
 
     model_config = comfy.model_detection.model_config_from_unet_config(dict(FLUX_UNET_CONFIG))
     if type(model_config) is not comfy.supported_models.Flux:
         raise RuntimeError(f"ComfyUI matches {type(model_config).__name__}, not Flux")
-    vae_config = {**SD_VAE_DDCONFIG, "z_channels": 16}
     with torch.device("meta"):
         model = model_config.get_model({}, device="meta")
         clip_l = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
         t5 = T5XXLModel(device="meta", dtype=torch.float8_e4m3fn)
-        vae = AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": vae_config},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": vae_config})
-    generator = torch.Generator().manual_seed(seed)
+        vae = _random_ae()
     prefix = "diffusion_model."
     layouts = {
         FLUX_FILES["diffusion_models"]: ({k[len(prefix):]: v for k, v in model.state_dict().items()
@@ -506,19 +494,133 @@ def _build_flux(folder: Path, comfy_dir: Path, seed: int) -> None:
         FLUX_FILES["text_encoders"][1]: (t5.transformer.state_dict(), torch.float8_e4m3fn),
         FLUX_FILES["vae"]: (vae.state_dict(), torch.float16),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, (layout, dtype) in layouts.items():
-        state_dict = {k: _materialize(k, t, generator, dtype) for k, t in sorted(layout.items())}
+
+    def check(name, state_dict):
         if name == FLUX_FILES["diffusion_models"]:
             detected = comfy.model_detection.detect_unet_config(state_dict, "")
             if detected != FLUX_UNET_CONFIG:
                 raise RuntimeError(f"the FLUX weights detect as {detected}, expected {FLUX_UNET_CONFIG}")
         if name == FLUX_FILES["text_encoders"][1] and comfy.sd.detect_te_model(state_dict) != comfy.sd.TEModel.T5_XXL:
             raise RuntimeError("the T5 weights are not detected as T5-XXL")
+
+    _save_layouts(folder, layouts, torch.Generator().manual_seed(seed), check)
+
+
+# -- random Z-Image files: diffusion model, Qwen3-4B text encoder, VAE -----------------------------
+# What ComfyUI's Lumina2 detection returns for a Z-Image file: it fixes width 3840 and 30 heads and
+# reads the depth and caption width from the weights; one main layer (its two noise and two context
+# refiners are fixed) keeps the model at ~1 B parameters. CLIPLoader detects Qwen3-4B by its q/k
+# norms and always builds the full 36-layer, 4 B-parameter model, so the file holds all of it.
+ZIMAGE_UNET_CONFIG = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
+    "n_layers": 1, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+    "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
+ZIMAGE_FILES = {"diffusion_models": "alignprop_random_zimage.ckpt",
+                "text_encoders": "alignprop_random_qwen3_4b_fp8.ckpt", "vae": "alignprop_random_zimage_ae.ckpt"}
+
+
+def cached_random_zimage(cache_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, seed: int = 0,
+                         timeout: float = 900.0) -> dict[str, Path]:
+    """Random Z-Image files ComfyUI's loaders detect, built once per recipe into cache_dir.
+
+    The diffusion model (ZIMAGE_UNET_CONFIG, bfloat16), Qwen3-4B (float8_e4m3fn) and the 16-channel
+    VAE (float16), compact on disk. Returns {"diffusion_models": path, "qwen3_4b": path, "vae": path}.
+    """
+    recipe = json.dumps([ZIMAGE_UNET_CONFIG, SD_VAE_DDCONFIG, ROW_STEP, seed, str(Path(comfy_dir).resolve())])
+    for function in (_compact_random, _materialize, _random_ae, _build_zimage):
+        recipe += inspect.getsource(function)
+    folder = Path(cache_dir) / f"random_zimage_{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    paths = {"diffusion_models": folder / ZIMAGE_FILES["diffusion_models"],
+             "qwen3_4b": folder / ZIMAGE_FILES["text_encoders"], "vae": folder / ZIMAGE_FILES["vae"]}
+    if not all(p.is_file() for p in paths.values()):
+        _run_builder("make-zimage", folder, comfy_dir, seed, timeout)
+    return paths
+
+
+def install_random_zimage(base_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR) -> None:
+    """The cached random Z-Image files, copied into base_dir's diffusion_models, text_encoders and vae."""
+    paths = cached_random_zimage(REPO_ROOT / ".cache" / "comfyui" / "checkpoints", comfy_dir=comfy_dir)
+    for key, folder in (("diffusion_models", "diffusion_models"), ("qwen3_4b", "text_encoders"), ("vae", "vae")):
+        target = Path(base_dir) / "models" / folder / paths[key].name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths[key], target)
+
+
+def _run_builder(command: str, folder: Path, comfy_dir: Path, seed: int, timeout: float) -> None:
+    """Run one of this file's `make-*` commands in a fresh interpreter (ComfyUI importable there)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, str(Path(__file__).resolve()), command, str(folder),
+           "--comfy-dir", str(Path(comfy_dir).resolve()), "--seed", str(seed)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{command} failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+
+
+def _random_ae():
+    """The 16-channel autoencoder of FLUX.1 and Z-Image, on the meta device (ComfyUI importable)."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    vae_config = {**SD_VAE_DDCONFIG, "z_channels": 16}
+    return AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": vae_config},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": vae_config})
+
+
+def _save_layouts(folder: Path, layouts: dict, generator, check) -> None:
+    """Materialize each meta layout in its dtype, let `check(name, state_dict)` verify it, save it."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (layout, dtype) in layouts.items():
+        state_dict = {k: _materialize(k, t, generator, dtype) for k, t in sorted(layout.items())}
+        check(name, state_dict)
         tmp = folder / f"{name}.{os.getpid()}.tmp"
         torch.save(state_dict, tmp)
         tmp.replace(folder / name)
         print(f"{name}: {sum(t.numel() for t in state_dict.values()) / 1e6:.0f}M parameters")
+
+
+def _build_zimage(folder: Path, comfy_dir: Path, seed: int) -> None:
+    """Runs in a subprocess with ComfyUI importable: build on meta, verify detection, save compactly."""
+    sys.path.insert(0, str(comfy_dir))
+    import torch
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.sd
+    import comfy.supported_models
+    from comfy.text_encoders.llama import Qwen3_4B
+
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(ZIMAGE_UNET_CONFIG))
+    if type(model_config) is not comfy.supported_models.ZImage:
+        raise RuntimeError(f"ComfyUI matches {type(model_config).__name__}, not ZImage")
+    with torch.device("meta"):
+        model = model_config.get_model({}, device="meta")
+        qwen = Qwen3_4B({}, dtype=torch.float8_e4m3fn, device="meta", operations=comfy.ops.manual_cast)
+        vae = _random_ae()
+    prefix = "diffusion_model."
+    layouts = {
+        ZIMAGE_FILES["diffusion_models"]: ({k[len(prefix):]: v for k, v in model.state_dict().items()
+                                            if k.startswith(prefix)}, torch.bfloat16),
+        ZIMAGE_FILES["text_encoders"]: (qwen.state_dict(), torch.float8_e4m3fn),
+        ZIMAGE_FILES["vae"]: (vae.state_dict(), torch.float16),
+    }
+
+    def check(name, state_dict):
+        if name == ZIMAGE_FILES["diffusion_models"]:
+            detected = comfy.model_detection.detect_unet_config(state_dict, "")
+            if detected != ZIMAGE_UNET_CONFIG:
+                raise RuntimeError(f"the Z-Image weights detect as {detected}, expected {ZIMAGE_UNET_CONFIG}")
+        if name == ZIMAGE_FILES["text_encoders"] and comfy.sd.detect_te_model(state_dict) != comfy.sd.TEModel.QWEN3_4B:
+            raise RuntimeError("the text encoder weights are not detected as Qwen3-4B")
+
+    _save_layouts(folder, layouts, torch.Generator().manual_seed(seed), check)
 
 
 # -- random CLIP vision tower ----------------------------------------------------------------------
@@ -587,9 +689,15 @@ def _main(argv: list[str]) -> int:
     flux.add_argument("folder", type=Path)
     flux.add_argument("--comfy-dir", type=Path, default=DEFAULT_COMFY_DIR)
     flux.add_argument("--seed", type=int, default=0)
+    zimage = sub.add_parser("make-zimage", help="write random Z-Image diffusion model, Qwen3-4B and VAE files")
+    zimage.add_argument("folder", type=Path)
+    zimage.add_argument("--comfy-dir", type=Path, default=DEFAULT_COMFY_DIR)
+    zimage.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "make-flux":
         _build_flux(args.folder.resolve(), args.comfy_dir.resolve(), args.seed)
+    elif args.command == "make-zimage":
+        _build_zimage(args.folder.resolve(), args.comfy_dir.resolve(), args.seed)
     elif args.command == "make-checkpoint":
         _build_checkpoint(args.kind, args.path.resolve(), args.comfy_dir.resolve(), args.seed)
     else:
