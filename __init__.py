@@ -13,6 +13,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
+# the frontend extension (the trainer's live view), served by ComfyUI at /extensions/<pack>/
+WEB_DIRECTORY = "./web"
+
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: E402,F401 (what ComfyUI looks for)
 # else: imported outside ComfyUI (pytest collects the repo root as a package): there are no nodes

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import lora_nodes, reward_nodes, sampler_nodes, settings_nodes, trainer_node
+from . import live_view, lora_nodes, reward_nodes, sampler_nodes, settings_nodes, trainer_node
 from .paths import register_reward_folder
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
@@ -26,4 +26,5 @@ class AlignPropExtension(ComfyExtension):
 async def comfy_entrypoint() -> AlignPropExtension:
     # ComfyUI 0.3.75 never calls on_load, and the schemas list models/reward_models, so register here too.
     register_reward_folder()
+    live_view.register_routes()
     return AlignPropExtension()

@@ -37,6 +37,7 @@ from .choices import check_combos
 from .comfy_families import check_clip, check_family_inputs, family_backend
 from .comfy_model import training_session
 from .config_inputs import build, config_inputs, merge
+from . import live_view
 from .lora_nodes import Lora, apply_to_model
 from .model_source import base_model_name
 from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
@@ -172,8 +173,9 @@ class AlignPropTrainer(io.ComfyNode):
         bar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
         preview_cfg = dataclasses.replace(cfg, eval_batch_size=1, eval_latents=1)
 
-        def preview() -> tuple[tuple, float]:
-            """ComfyUI's preview tuple for the first held-out prompt, and its reward."""
+        def preview(step: int) -> tuple[tuple, float]:
+            """ComfyUI's preview tuple for the first held-out prompt, and its reward; the live view
+            gets the same image."""
             from comfy.cli_args import args
             from PIL import Image
 
@@ -181,7 +183,9 @@ class AlignPropTrainer(io.ComfyNode):
                 scores, images = evaluate(backend, reward, held_out[:1], sampler, preview_cfg,
                                           return_images=True)
             pixels = (images[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            return ("JPEG", Image.fromarray(pixels), args.preview_size), scores[0]
+            image = Image.fromarray(pixels)
+            live_view.save_preview(live, image, step, held_out[0], float(scores[0]))
+            return ("JPEG", image, args.preview_size), scores[0]
 
         trained = {"steps": 0, "started": False, "cancelled": False}
 
@@ -196,14 +200,17 @@ class AlignPropTrainer(io.ComfyNode):
             trained["started"] = True
             if "eval_reward" in metrics:
                 text = f"step {step}: held-out reward {metrics['eval_reward']:.4f}"
+                live.add_eval(step, metrics["eval_reward"])
             else:
                 trained["steps"] = step
                 text = f"step {step}/{cfg.steps}: reward {metrics['reward']:.4f}, K={metrics['k']}"
+                live.add_step(step, metrics["reward"])
                 image = None
                 if preview_every and step % preview_every == 0:
-                    image, score = preview()
+                    image, score = preview(step)
                     text += f"; preview {held_out[0]!r}: reward {score:.4f}"
                 show(step, image)
+            live_view.publish(live, node_id)
             logging.info("AlignProp %s", text)
             if node_id:
                 PromptServer.instance.send_progress_text(text, node_id)
@@ -212,19 +219,28 @@ class AlignPropTrainer(io.ComfyNode):
             return trained["cancelled"] or mm.processing_interrupted()
 
         # 2. train on the model itself; LoRA layers are removed again whatever happens
-        with training_session(model, vae):
-            backend = family_backend(model, clip, vae, cfg.width, cfg.height,
-                                     name=base_model_name(family, cls.hidden.prompt, node_id))
-            try:
-                result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
-                               out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
-                               on_step=on_step, should_stop=should_stop, init_lora=init_lora,
-                               state_dir=state_dir, resume_from=state_file if resume else None,
-                               overwrite=overwrite)
-            except torch.OutOfMemoryError as err:
-                raise RuntimeError(_out_of_memory_message(err, trained, cfg, sampler, path)) from err
-            finally:
-                remove_lora(backend.lora_target)
+        live = live_view.start_run(node_id, cfg.steps)
+        try:
+            with training_session(model, vae):
+                backend = family_backend(model, clip, vae, cfg.width, cfg.height,
+                                         name=base_model_name(family, cls.hidden.prompt, node_id))
+                try:
+                    result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
+                                   out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
+                                   on_step=on_step, should_stop=should_stop, init_lora=init_lora,
+                                   state_dir=state_dir, resume_from=state_file if resume else None,
+                                   overwrite=overwrite, on_save=lambda saved: live.set_lora(str(saved)))
+                except torch.OutOfMemoryError as err:
+                    raise RuntimeError(_out_of_memory_message(err, trained, cfg, sampler, path)) from err
+                finally:
+                    remove_lora(backend.lora_target)
+        except BaseException as err:
+            live.finish("cancelled" if isinstance(err, mm.InterruptProcessingException) else "failed",
+                        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            live_view.publish(live, node_id, force=True)
+            raise
+        live.finish("cancelled" if result.stopped_early else "finished")
+        live_view.publish(live, node_id, force=True)
 
         # 3. a cancelled run has kept <name>-partial and its state: report the cancel as ComfyUI does
         if result.stopped_early:

@@ -40,7 +40,8 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
           out_dir: str | Path | None = None, lora_name: str = "alignprop_lora.safetensors",
           resume_from: str | Path | None = None, on_step: OnStep | None = None,
           should_stop: Callable[[], bool] | None = None, init_lora: LoraFile | None = None,
-          state_dir: str | Path | None = None, overwrite: bool = False) -> TrainResult:
+          state_dir: str | Path | None = None, overwrite: bool = False,
+          on_save: Callable[[Path], None] | None = None) -> TrainResult:
     """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward`.
 
     Args:
@@ -58,6 +59,7 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
         should_stop: polled at step boundaries; True ends the run and still saves the LoRA.
         init_lora: a LoRA file to continue from (its rank, alpha and modules must match `lora`).
         state_dir: where train_state.pt goes (default: out_dir).
+        on_save: called with the path of every LoRA file written (step saves, the final or partial one).
         overwrite: replace an existing file at out_dir/lora_name; without it that is refused
             (FileExistsError) before any work.
 
@@ -86,7 +88,12 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
             run.save_state(state_out / "train_state.pt")
 
     def save(name: str) -> Path | None:
-        return run.save_lora(out / name) if out is not None else None
+        if out is None:
+            return None
+        path = run.save_lora(out / name)
+        if on_save is not None:
+            on_save(path)
+        return path
 
     if run.steps_done == 0 and not run.evals:  # a run stopped during its step-0 evaluation has it already
         report(run.evaluate())
