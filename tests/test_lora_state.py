@@ -11,9 +11,15 @@ from safetensors.torch import load_file
 from alignprop_core.config import LoraConfig
 from alignprop_core.lora import (add_lora, apply_lora_file, load_lora, lora_from_state, lora_modules,
                                  lora_state_dict, save_lora)
-from test_lora import inputs, make_unet, perturb, run  # noqa: F401  (inputs is a fixture)
+from test_lora import make_unet, perturb, run
 
 RES_TARGETS = ("to_q", "to_v", "conv1", "time_emb_proj")  # linear and conv LoRA, not the default targets
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 3, 32, generator=g)
 
 
 @pytest.fixture
@@ -47,7 +53,7 @@ def test_tensors_come_back_detached_on_the_cpu_in_their_dtype(saved):
     assert {v.dtype for k, v in lora.state.items() if not k.endswith(".alpha")} == {torch.float16}
 
 
-def test_a_lora_without_a_target_list_continues_on_exactly_its_own_layers(saved, inputs):  # noqa: F811
+def test_a_lora_without_a_target_list_continues_on_exactly_its_own_layers(saved, inputs):
     path, trained = saved
     lora = lora_from_state(load_file(str(path)))
     fresh = make_unet()

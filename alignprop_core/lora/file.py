@@ -299,20 +299,17 @@ def lora_from_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     """A ``LoraFile`` of a LoRA's tensors, read as ``load_lora`` reads those of a file.
 
     Args:
-        state: the tensors, kohya or diffusers-transformer keys (a file's, or a plain state dict
-            another program hands over, such as ComfyUI's LORA_MODEL).
-        metadata: the file's safetensors metadata; None (or empty) for tensors without any: then
-            the LoRA names no target modules, and its family is told by its key names alone.
+        state: kohya or diffusers-transformer keys (a file's, or a dict such as ComfyUI's LORA_MODEL).
+        metadata: the file's metadata; None without any (no target modules; family from key names).
         source: what the tensors came from, for messages (a quoted path, an input's name).
 
     Returns:
-        A ``LoraFile`` holding the same tensors (on the CPU, detached; dtypes kept); rank and alpha
-        read off the factors (a module without ``.alpha`` has alpha = rank).
+        A ``LoraFile`` of the tensors (detached, on the CPU, dtypes kept); rank and alpha read off
+        the factors (a module without ``.alpha`` has alpha = rank).
 
     Raises:
-        ValueError: a key that is not a string or a value that is not a tensor, no lora keys, keys
-            of no known form, modules without both factors, ranks/alphas that differ between modules,
-            or unreadable target-module metadata.
+        ValueError: an entry that is not a name and a tensor, no lora keys, keys of no known form,
+            a module without both factors, differing ranks/alphas, unreadable target metadata.
     """
     bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
