@@ -1,21 +1,28 @@
 """LoRA nodes: save, load (to continue training), mix (the paper's adapter interpolation), and
-applying a LoRA to a MODEL through ComfyUI's own LoRA patching (what LoraLoader does).
+applying a LoRA to a MODEL through ComfyUI's own LoRA patching (what LoraLoader does); and the
+conversion between this pack's LoRA and ComfyUI's own LORA_MODEL (the socket of Load LoRA Model and
+Save LoRA Weights: a plain dict of key -> tensor, no metadata).
 
 Apply checks the LoRA against the MODEL before patching: ComfyUI itself only logs a layer whose
 shapes do not fit and renders without it, so a LoRA for another model would look applied."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import check_finite
 from alignprop_core.lora import (MIX_MODES, LoraFile, check_factors, check_family, check_lora_finite,
-                                 diffusers_lora_file, load_lora, mix_loras, save_lora_file)
+                                 diffusers_lora_file, file_archs, load_lora, lora_from_state, mix_loras,
+                                 save_lora_file)
 from alignprop_core.files.outputs import claim, lora_file_name, numbered_path
 
 from .choices import check_combos
-from .paths import existing_path, output_path
+from .paths import NO_FILE, existing_path, output_path
 
 Lora = io.Custom("ALIGNPROP_LORA")
+LoraModel = io.Custom("LORA_MODEL")  # ComfyUI's own: Load LoRA Model and Save LoRA Weights take it
 CATEGORY = "AlignProp/lora"
 # (down, up) factor suffixes: kohya (UNet files), diffusers transformer form (SD3/FLUX files)
 FACTOR_PAIRS = (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight"))
@@ -81,6 +88,40 @@ def apply_to_model(model, lora: LoraFile, strength: float = 1.0):
     return patched
 
 
+def to_lora_model(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """ComfyUI's LORA_MODEL of a LoRA: exactly the tensors of its file (same keys, ``.alpha`` included,
+    same dtypes), contiguous on the CPU, so Load LoRA Model patches what LoraLoader does with the
+    file and Save LoRA Weights can write them as they are."""
+    return {key: value.detach().cpu().contiguous() for key, value in lora.state.items()}
+
+
+def from_lora_model(lora_model) -> LoraFile:
+    """This pack's LoRA of a ComfyUI LORA_MODEL: rank, alpha and model family read off its keys, as
+    for a file; it has no metadata (no target list, reward spec, steps or base model).
+
+    Raises:
+        ValueError: a LORA_MODEL that is not a LoRA of the key forms this pack writes and reads, or
+            whose model family its key names do not tell; the message says what was found and what to do.
+    """
+    fix = ("AlignProp reads the kohya keys its trainer writes (lora_unet_<layer>.lora_down.weight, "
+           ".lora_up.weight, .alpha) and the diffusers keys of SD3/FLUX.1 LoRAs (transformer.<layer>.lora_A"
+           ".weight, .lora_B.weight): connect AlignProp Trainer's lora_model output, or apply this LoRA with "
+           "ComfyUI's Load LoRA Model node instead.")
+    if not isinstance(lora_model, Mapping):
+        raise ValueError(f"lora_model is a {type(lora_model).__name__}, not a LORA_MODEL (a dict of key names "
+                         f"to tensors). {fix}")
+    try:
+        lora = lora_from_state(lora_model, None, source="the LORA_MODEL on lora_model")
+    except ValueError as err:
+        raise ValueError(f"lora_model is not a LoRA AlignProp can read: {err} {fix}") from err
+    if not file_archs(lora.state)[0]:
+        shown = ", ".join(sorted(lora.state)[:3])
+        raise ValueError(f"lora_model: its key names (e.g. {shown}) name the layers of no model family "
+                         f"AlignProp trains (SD1.x, SDXL, SD3, FLUX.1, Z-Image), so it cannot be checked "
+                         f"against a MODEL. {fix}")
+    return lora
+
+
 class SaveLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -121,13 +162,31 @@ class LoadLora(io.ComfyNode):
 
         return io.Schema(
             node_id="AlignProp_LoadLora", display_name="Load AlignProp LoRA", category=CATEGORY,
-            inputs=[io.Combo.Input("lora_name", options=[f for f in folder_paths.get_filename_list("loras")
-                                                         if f.endswith(".safetensors")],
-                                   tooltip="a LoRA in models/loras (kohya format)")],
+            inputs=[io.Combo.Input("lora_name", options=[NO_FILE, *(f for f in folder_paths.get_filename_list("loras")
+                                                                   if f.endswith(".safetensors"))],
+                                   tooltip="a LoRA in models/loras (kohya format); leave at (none) when "
+                                           "lora_model is connected"),
+                    LoraModel.Input("lora_model", optional=True,
+                                    tooltip="instead of a file: ComfyUI's LORA_MODEL, e.g. AlignProp Trainer's "
+                                            "lora_model output. It holds the tensors only, not the file's "
+                                            "metadata: the reward spec, step count, base model and training "
+                                            "settings are lost (AlignProp Save LoRA writes a file without them), "
+                                            "the model family is read off the layer names, and as init_lora it "
+                                            "trains exactly its own layers")],
             outputs=[Lora.Output(display_name="lora")])
 
     @classmethod
-    def execute(cls, lora_name):
+    def execute(cls, lora_name=NO_FILE, lora_model=None):
+        chosen = bool(lora_name) and lora_name != NO_FILE
+        if chosen == (lora_model is not None):
+            raise ValueError(
+                f"Load AlignProp LoRA takes one LoRA: lora_name is {lora_name!r} and a LORA_MODEL is connected to "
+                "lora_model; set lora_name to (none) to use the LORA_MODEL, or disconnect lora_model." if chosen else
+                "Load AlignProp LoRA has no LoRA: lora_name is (none) and nothing is connected to lora_model; "
+                "choose a file in lora_name (models/loras), or connect a LORA_MODEL (e.g. AlignProp Trainer's "
+                "lora_model output).")
+        if lora_model is not None:
+            return io.NodeOutput(from_lora_model(lora_model))
         check_combos(cls.define_schema(), {"lora_name": lora_name})
         return io.NodeOutput(load_lora(existing_path("loras", lora_name)))
 

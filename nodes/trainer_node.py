@@ -1,7 +1,9 @@
 """The AlignProp Trainer node: trains LoRA directly on the ComfyUI MODEL with a reward.
 
 ComfyUI objects in, one `alignprop_core.training.trainer.train` call, ComfyUI objects out: the MODEL with the
-LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE and the file path.
+LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE, the file path, and
+the LoRA once more as ComfyUI's own LORA_MODEL (the file's tensors, for Load LoRA Model and Save LoRA
+Weights; last, so the links of workflows saved before it keep their output indices).
 Progress goes to the node's bar and text, with a preview image every `preview_every` steps (the first
 held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is).
 
@@ -26,7 +28,7 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
-from alignprop_core.lora import check_lora_fits, load_lora, remove_lora
+from alignprop_core.lora import check_lora_fits, load_lora, lora_modules, remove_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.files.prompts import parse_prompts
@@ -38,7 +40,7 @@ from .comfy_families import check_clip, check_family_inputs, family_backend
 from .comfy_model import training_session
 from .config_inputs import build, config_inputs, merge
 from . import live_view
-from .lora_nodes import Lora, apply_to_model
+from .lora_nodes import Lora, LoraModel, apply_to_model, to_lora_model
 from .model_source import base_model_name
 from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
 from .reward_nodes import Reward
@@ -127,7 +129,11 @@ class AlignPropTrainer(io.ComfyNode):
                                          "train longer)"),
             ],
             outputs=[io.Model.Output(display_name="model"), Lora.Output(display_name="lora"),
-                     io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path")])
+                     io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path"),
+                     LoraModel.Output(display_name="lora_model",
+                                      tooltip="the trained LoRA as ComfyUI's LORA_MODEL: the tensors of the file "
+                                              "written (kohya keys, alpha included), for ComfyUI's Load LoRA Model "
+                                              "and Save LoRA Weights; no metadata (reward spec, steps, settings)")])
 
     @classmethod
     def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, optimizer=None, evaluation=None,
@@ -153,12 +159,15 @@ class AlignPropTrainer(io.ComfyNode):
             raise ValueError("init_lora and lora_settings are both connected, but the LoRA file of init_lora "
                              "fixes its rank, alpha and layers; disconnect AlignProp LoRA Settings to continue "
                              "that LoRA, or init_lora to train a new one.")
-        lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha,  # the file's own layers
-                               target_modules=init_lora.target_modules or LoraConfig().target_modules)
-                    if init_lora is not None
-                    else lora_settings or LoraConfig())
         if init_lora is not None:
             check_lora_fits(init_lora, model.model.diffusion_model)
+        # the file's own layers; one without a target list (a LORA_MODEL, another program's file): the
+        # layers it holds, which the injected LoRA must match key for key
+        lora_cfg = (LoraConfig(rank=init_lora.rank, alpha=init_lora.alpha,
+                               target_modules=init_lora.target_modules
+                               or lora_modules(init_lora, model.model.diffusion_model))
+                    if init_lora is not None
+                    else lora_settings or LoraConfig())
         requested = output_path("loras", lora_file_name(lora_name, "lora_name"), what="lora_name")
         state_dir = _state_dir(folder_paths.get_output_directory(), lora_name)
         state_file = os.path.join(state_dir, "train_state.pt")
@@ -251,7 +260,7 @@ class AlignPropTrainer(io.ComfyNode):
             os.remove(state_file)
         lora = load_lora(result.lora_path)
         curve = _curve_image(result.history, result.evals, f"AlignProp: {reward.spec.label}")
-        return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path))
+        return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path), to_lora_model(lora))
 
 
 def _state_dir(output_dir: str, lora_name: str) -> str:

@@ -302,6 +302,8 @@ NODE_ROWS: list[BadInput] = [
     _node(APPLY, "apply-strength-nan", "strength", "NaN", {"strength": NAN}, "strength must be a finite number"),
     _node(LOAD, "load-lora-name-missing", "lora_name", "missing.safetensors (not in models/loras)",
           {"lora_name": "missing.safetensors"}, "lora_name='missing.safetensors' is not one of its options"),
+    _node(LOAD, "load-lora-name-none", "lora_name", "(none), and nothing on lora_model", {"lora_name": "(none)"},
+          "lora_name is (none) and nothing is connected to lora_model", "choose a file in lora_name"),
 ]
 
 ROWS: list[BadInput] = CLI_ROWS + NODE_ROWS

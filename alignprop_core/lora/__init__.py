@@ -4,7 +4,8 @@ checks, and mixing.
 Code outside this package imports from here, not from the submodules:
 
 * ``inject``: peft LoRA layers on a module (add, remove, state, scale),
-* ``file``: the ``.safetensors`` file (``LoraFile``; save, load, check, apply),
+* ``file``: the ``.safetensors`` file (``LoraFile``; save, load, check, apply), and a LoRA from
+  tensors without a file (``lora_from_state``),
 * ``keys``: peft <-> kohya keys (UNet files; SD3/FLUX files of ComfyUI's models), the module naming
   a file uses, its metadata,
 * ``transformer_keys``: the diffusers key form of SD3/FLUX files, reading either form,
@@ -15,8 +16,8 @@ Code outside this package imports from here, not from the submodules:
 * ``mix``: interpolating two LoRAs.
 """
 from .check import check_factors, check_lora_finite
-from .file import (LoraFile, apply_lora_file, check_lora_fits, load_lora, save_lora,
-                   save_lora_file)
+from .file import (LoraFile, apply_lora_file, check_lora_fits, load_lora, lora_from_state, lora_modules,
+                   save_lora, save_lora_file)
 from .families import DEFAULT_TARGETS, check_family, file_archs, lora_preset, metadata_arch, model_arch
 from .inject import (add_lora, has_lora, lora_parameters, lora_rank_alpha, lora_state_dict, remove_lora,
                      set_lora_scale, set_lora_state_dict)
@@ -32,7 +33,8 @@ __all__ = [
     "add_lora", "remove_lora", "has_lora", "lora_parameters", "lora_state_dict", "set_lora_state_dict",
     "lora_rank_alpha", "set_lora_scale",
     # file
-    "LoraFile", "save_lora", "save_lora_file", "load_lora", "apply_lora_file", "check_lora_fits",
+    "LoraFile", "save_lora", "save_lora_file", "load_lora", "lora_from_state", "apply_lora_file",
+    "check_lora_fits", "lora_modules",
     # check
     "check_lora_finite", "check_factors",
     # mix

@@ -38,6 +38,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch as st
@@ -286,19 +287,48 @@ def load_lora(path: str | os.PathLike, module: nn.Module | None = None) -> LoraF
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({load_error_reason(err)}); it "
                          "is damaged or incomplete: copy it again, or train it again.") from err
-    if not any(k.endswith(FACTOR_SUFFIXES) for k in state):
-        raise ValueError(f"{str(path)!r} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight' or "
-                         "'.lora_A.weight'/'.lora_B.weight'); it is not a LoRA file.")
-    rank, alpha = rank_alpha_of(group_lora(state))
+    lora = lora_from_state(state, metadata, source=repr(str(path)))
     if module is not None:
         check_family(state, metadata, module)
         lora_to_peft(state, module)
+    return lora
+
+
+def lora_from_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                    source: str = "the LoRA") -> LoraFile:
+    """A ``LoraFile`` of a LoRA's tensors, read as ``load_lora`` reads those of a file.
+
+    Args:
+        state: kohya or diffusers-transformer keys (a file's, or a dict such as ComfyUI's LORA_MODEL).
+        metadata: the file's metadata; None without any (no target modules; family from key names).
+        source: what the tensors came from, for messages (a quoted path, an input's name).
+
+    Returns:
+        A ``LoraFile`` of the tensors (detached, on the CPU, dtypes kept); rank and alpha read off
+        the factors (a module without ``.alpha`` has alpha = rank).
+
+    Raises:
+        ValueError: an entry that is not a name and a tensor, no lora keys, keys of no known form,
+            a module without both factors, differing ranks/alphas, unreadable target metadata.
+    """
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+        what = "entry that is" if len(bad) == 1 else "entries that are"
+        raise ValueError(f"{source} holds {len(bad)} {what} not a name and a tensor ({shown}); a LoRA is a "
+                         "dict of key names to tensors.")
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    metadata = dict(metadata or {})
+    if not any(k.endswith(FACTOR_SUFFIXES) for k in state):
+        raise ValueError(f"{source} holds no lora keys (no '.lora_down.weight'/'.lora_up.weight' or "
+                         "'.lora_A.weight'/'.lora_B.weight'); it is not a LoRA.")
+    rank, alpha = rank_alpha_of(group_lora(state))
     targets: tuple[str, ...] = ()
     if TARGETS_KEY in metadata:
         try:
             targets = tuple(json.loads(metadata[TARGETS_KEY]))
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{str(path)!r} has unreadable {TARGETS_KEY} metadata: {err}.") from err
+            raise ValueError(f"{source} has unreadable {TARGETS_KEY} metadata: {err}.") from err
     return LoraFile(state=state, rank=rank, alpha=alpha, target_modules=targets, metadata=metadata)
 
 
@@ -332,6 +362,20 @@ def check_lora_fits(lora: LoraFile, module: nn.Module) -> None:
     _fitted(lora, module)
 
 
+def _paths(peft_state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    return tuple(sorted(k[: -len(".lora_A.weight")] for k in peft_state if k.endswith(".lora_A.weight")))
+
+
+def lora_modules(lora: LoraFile, module: nn.Module) -> tuple[str, ...]:
+    """The paths of the layers of ``module`` that ``lora`` patches, a ``LoraConfig.target_modules``
+    that injects exactly its modules (for a LoRA whose metadata names no target list).
+
+    Raises:
+        ValueError: as ``check_lora_fits``.
+    """
+    return _paths(_fitted(lora, module)[0])
+
+
 def apply_lora_file(module: nn.Module, lora: LoraFile) -> None:
     """Put the weights of ``lora`` into ``module``, injecting LoRA layers first if there are none.
 
@@ -355,8 +399,7 @@ def apply_lora_file(module: nn.Module, lora: LoraFile) -> None:
                              f"rank={rank}, alpha={alpha}; call remove_lora first to load it fresh.")
         set_lora_state_dict(module, state)
         return
-    paths = tuple(sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")))
-    add_lora(module, LoraConfig(rank=rank, alpha=alpha, target_modules=paths))
+    add_lora(module, LoraConfig(rank=rank, alpha=alpha, target_modules=_paths(state)))
     try:
         set_lora_state_dict(module, state)
     except Exception:
