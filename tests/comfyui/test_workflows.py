@@ -2,7 +2,7 @@
 
 For each ``workflows/<name>.json`` (the UI format the browser loads) this module checks that every
 node type in it is registered in ``/object_info``, converts it to the API format the way the
-frontend does (``ui_to_api``) and compares the result with the committed ``<name>.api.json``, then
+frontend does (``ui_to_api``) and compares the result with the committed ``api/<name>.api.json``, then
 queues that graph through ``POST /prompt`` with test-sized values (the random SD1.5 checkpoint, or
 the random SD3 one for the SD3.5 workflow and the random FLUX.1 files for the FLUX one, 64 px, 2 sampler and training steps, tiny reward files
 written into the server's model folders).
@@ -24,6 +24,8 @@ import harness
 pytestmark = pytest.mark.slow
 
 WORKFLOWS_DIR = harness.REPO_ROOT / "workflows"
+# the API twins live one level down: ComfyUI lists every workflows/*.json as a template
+API_DIR = WORKFLOWS_DIR / "api"
 TRAINING = ("train_aesthetic_lora", "train_reward_mix")
 WORKFLOWS = (*TRAINING, "score_ksampler_batch", "use_trained_lora", "mix_two_loras", "train_sd35_lora",
              "train_flux_lora")
@@ -114,7 +116,7 @@ def shrink_for_test(api: dict, ckpt_name: str | None, files: dict[str, dict] | N
 
 def load_workflow(name: str) -> tuple[dict, dict]:
     ui = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
-    api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
+    api = json.loads((API_DIR / f"{name}.api.json").read_text())
     return ui, api
 
 
@@ -180,10 +182,10 @@ def node_id_of(api: dict, class_type: str, title: str | None = None) -> str:
 
 # -- static checks ---------------------------------------------------------------------------------
 def test_every_workflow_is_tested():
-    on_disk = {p.name[: -len(".api.json")] for p in WORKFLOWS_DIR.glob("*.api.json")}
+    on_disk = {p.name[: -len(".api.json")] for p in API_DIR.glob("*.api.json")}
     assert on_disk == set(WORKFLOWS), "add new workflows to WORKFLOWS (and a run test) in this module"
-    for name in WORKFLOWS:
-        assert (WORKFLOWS_DIR / f"{name}.json").is_file(), f"{name}.json (UI format) is missing"
+    assert {p.stem for p in WORKFLOWS_DIR.glob("*.json")} == set(WORKFLOWS), (
+        "workflows/ holds exactly one UI file per workflow (API twins go to workflows/api/)")
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -200,7 +202,7 @@ def test_node_types_are_registered(object_info, name):
 def test_ui_format_matches_api_twin(object_info, name):
     ui, api = load_workflow(name)
     assert ui_to_api(ui, object_info) == api, (
-        f"workflows/{name}.json and {name}.api.json differ; edit the API twin and regenerate the UI file "
+        f"workflows/{name}.json and api/{name}.api.json differ; edit the API twin and regenerate the UI file "
         "with tools/api_to_ui.py")
 
 
