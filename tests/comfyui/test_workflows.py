@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -128,6 +129,11 @@ def object_info(server) -> dict:
 
 @pytest.fixture(scope="module")
 def reward_files(server) -> None:
+    """The reward files the workflows name, in the server's model folders (`write_reward_files`)."""
+    write_reward_files(server.models_dir)
+
+
+def write_reward_files(models_dir: Path) -> None:
     """A tiny aesthetic head (the real 768-1024-128-64-16-1 layout) and a tiny CLIP ViT with a
     768-d projection in ComfyUI's clip_vision layout, under the file names the workflows use."""
     import torch
@@ -137,12 +143,19 @@ def reward_files(server) -> None:
     from alignprop_core.rewards.aesthetic import AestheticHead
 
     torch.manual_seed(3)
-    torch.save(AestheticHead(768).state_dict(), server.models_dir / "reward_models" / AESTHETIC_HEAD)
+    torch.save(AestheticHead(768).state_dict(), models_dir / "reward_models" / AESTHETIC_HEAD)
     config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, projection_dim=768, num_hidden_layers=2,
                               num_attention_heads=1, image_size=224, patch_size=32, hidden_act="gelu")
     model = CLIPVisionModelWithProjection(config).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(server.models_dir / "clip_vision" / CLIP_VISION))
+              str(models_dir / "clip_vision" / CLIP_VISION))
+
+
+def flux_loader_values(flux_files: dict[str, str]) -> dict[str, dict]:
+    """The loader inputs (`shrink_for_test`'s files) that point the FLUX workflow at the random files."""
+    return {"UNETLoader": {"unet_name": flux_files["unet_name"]},
+            "DualCLIPLoader": {"clip_name1": flux_files["clip_l"], "clip_name2": flux_files["t5xxl"]},
+            "VAELoader": {"vae_name": flux_files["vae_name"]}}
 
 
 def run_workflow(server, name: str, ckpt_name: str | None, timeout: float = 900.0,
@@ -259,10 +272,7 @@ def test_train_sd35_lora(server, sd3_checkpoint):
 
 
 def test_train_flux_lora(server, flux_files, reward_files):
-    files = {"UNETLoader": {"unet_name": flux_files["unet_name"]},
-             "DualCLIPLoader": {"clip_name1": flux_files["clip_l"], "clip_name2": flux_files["t5xxl"]},
-             "VAELoader": {"vae_name": flux_files["vae_name"]}}
-    entry = run_workflow(server, "train_flux_lora", None, timeout=1800, files=files)
+    entry = run_workflow(server, "train_flux_lora", None, timeout=1800, files=flux_loader_values(flux_files))
     _, api = load_workflow("train_flux_lora")
     lora = server.models_dir / "loras" / "alignprop" / "flux_aesthetic.safetensors"
     assert lora.is_file() and lora.stat().st_size > 0, f"no LoRA at {lora}"
