@@ -1,9 +1,10 @@
 """Dev tool: build the UI-format workflow (what the ComfyUI browser saves) from its API-format twin.
 
-The API twin (``<name>.api.json``, what ``POST /prompt`` takes) is the source we edit; this script
-writes ``<name>.json`` beside it, for users to drag into the browser. The node definitions come from
-a running ComfyUI's ``/object_info`` (or a saved copy of it), because the UI format stores widget
-values as a bare list whose order is the frontend's:
+The API twin (``workflows/api/<name>.api.json``, what ``POST /prompt`` takes) is the source we edit;
+this script writes ``workflows/<name>.json``, for users to drag into the browser. The twins sit in
+``api/`` because ComfyUI offers every ``workflows/*.json`` in its template browser. The node
+definitions come from a running ComfyUI's ``/object_info`` (or a saved copy of it), because the UI
+format stores widget values as a bare list whose order is the frontend's:
 
 - widgets are the node's INT, FLOAT, STRING, BOOLEAN and COMBO inputs (not ``forceInput``), in
   ``input_order``, required before optional;
@@ -14,7 +15,7 @@ values as a bare list whose order is the frontend's:
 Nodes are laid out left to right by graph depth, and a ``Note`` node (frontend-only) explains the
 workflow. Regenerate every UI file, keeping each file's current Note text, with ComfyUI running::
 
-    python tools/api_to_ui.py workflows/*.api.json --object-info http://127.0.0.1:8188
+    python tools/api_to_ui.py workflows/api/*.api.json --object-info http://127.0.0.1:8188
 
 ``--note TEXT`` (with one file) sets the Note text instead.
 """
@@ -218,9 +219,14 @@ def existing_note(path: Path) -> str | None:
 
 
 def ui_path(api_path: Path) -> Path:
+    """workflows/<name>.json for workflows/api/<name>.api.json."""
     if not api_path.name.endswith(".api.json"):
         raise ValueError(f"{api_path} does not end in .api.json; name API twins <name>.api.json")
-    return api_path.with_name(api_path.name[: -len(".api.json")] + ".json")
+    folder = api_path.resolve().parent
+    if folder.name != "api":
+        raise ValueError(f"{api_path} is not in an api/ folder; keep API twins in workflows/api/ so that "
+                         "ComfyUI's template browser lists only the UI files")
+    return folder.parent / (api_path.name[: -len(".api.json")] + ".json")
 
 
 def main(argv: list[str] | None = None) -> int:

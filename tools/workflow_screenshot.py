@@ -40,6 +40,10 @@ MODEL_FOLDER_OF_INPUT = {
     "clip_name": "clip_vision",
     "clip_vision_file": "clip_vision",
     "head": "reward_models",
+    "unet_name": "diffusion_models",
+    "clip_name1": "text_encoders",
+    "clip_name2": "text_encoders",
+    "vae_name": "vae",
 }
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 MAX_PNG_BYTES = 400_000  # larger screenshots are quantised to a palette
@@ -182,6 +186,39 @@ def close_dialogs(page) -> int:
     return closed
 
 
+def new_page(browser, server: harness.Server, width: int, height: int):
+    """A page of browser that may reach only server, with the "try Nodes 2.0" banner dismissed."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    # the app asks api.comfy.org about nodes; nothing may leave this machine
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
+               else route.abort())
+    # dismissed "try Nodes 2.0" banner, as the frontend remembers it
+    page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    return page
+
+
+def open_app(page, server: harness.Server) -> None:
+    """Load ComfyUI's web app in page and wait until its graph exists."""
+    page.goto(server.url, wait_until="domcontentloaded", timeout=180_000)
+    page.wait_for_function(APP_READY, timeout=300_000)
+
+
+def graph_clip(page, width: int, height: int) -> tuple[dict, float]:
+    """Hide the app's chrome, fit the graph into the viewport; return the screenshot clip around the
+    graph and the canvas zoom."""
+    # (not page.add_style_tag: it fails on any CSP report, and the app's blocked calls to
+    # api.comfy.org raise some)
+    page.evaluate("(css) => { const style = document.createElement('style'); "
+                  "style.textContent = css; document.head.appendChild(style); }", HIDE_CSS)
+    if closed := close_dialogs(page):
+        print(f"[screenshot] closed {closed} dialog(s)", file=sys.stderr)
+    box = page.evaluate(FIT_GRAPH, MARGIN_PX)
+    clip = {"x": max(0.0, box["x"] - MARGIN_PX), "y": max(0.0, box["y"] - MARGIN_PX)}
+    clip["width"] = min(width - clip["x"], box["width"] + 2 * MARGIN_PX)
+    clip["height"] = min(height - clip["y"], box["height"] + 2 * MARGIN_PX)
+    return clip, box["scale"]
+
+
 def take_screenshot(server: harness.Server, workflow: dict, executable: str, width: int, height: int) -> Shot:
     """Load workflow in the app served by server and return the cropped screenshot of its graph."""
     from playwright.sync_api import sync_playwright
@@ -190,39 +227,21 @@ def take_screenshot(server: harness.Server, workflow: dict, executable: str, wid
         browser = playwright.chromium.launch(executable_path=executable, headless=True,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            # the app asks api.comfy.org about nodes; nothing may leave this machine
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
-                       else route.abort())
-            # dismissed "try Nodes 2.0" banner, as the frontend remembers it
-            page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-
-            def open_app() -> list[dict]:
-                page.goto(server.url, wait_until="domcontentloaded", timeout=180_000)
-                page.wait_for_function(APP_READY, timeout=300_000)
-                return page.evaluate(LOAD_AND_FIND_MISSING, workflow)
-
-            missing = open_app()
+            page = new_page(browser, server, width, height)
+            open_app(page, server)
+            missing = page.evaluate(LOAD_AND_FIND_MISSING, workflow)
             placed, skipped = place_dummy_models(missing, server.models_dir)
             for warning in skipped:
                 print(f"[screenshot] left as it is: {warning}", file=sys.stderr)
             if placed:  # the dropdown lists are read when the app starts
-                missing = open_app()
+                open_app(page, server)
+                missing = page.evaluate(LOAD_AND_FIND_MISSING, workflow)
                 for item in missing:
                     if MODEL_FOLDER_OF_INPUT.get(item["widget"]):
                         raise RuntimeError(f"{item['node']}.{item['widget']} still misses {item['value']!r} "
                                            f"after placing it in the models folder\n{server.log_tail()}")
-            # (not page.add_style_tag: it fails on any CSP report, and the app's blocked calls to
-            # api.comfy.org raise some)
-            page.evaluate("(css) => { const style = document.createElement('style'); "
-                          "style.textContent = css; document.head.appendChild(style); }", HIDE_CSS)
-            if closed := close_dialogs(page):
-                print(f"[screenshot] closed {closed} dialog(s)", file=sys.stderr)
-            box = page.evaluate(FIT_GRAPH, MARGIN_PX)
-            clip = {"x": max(0.0, box["x"] - MARGIN_PX), "y": max(0.0, box["y"] - MARGIN_PX)}
-            clip["width"] = min(width - clip["x"], box["width"] + 2 * MARGIN_PX)
-            clip["height"] = min(height - clip["y"], box["height"] + 2 * MARGIN_PX)
-            return Shot(png=page.screenshot(clip=clip), scale=box["scale"], placed=placed)
+            clip, scale = graph_clip(page, width, height)
+            return Shot(png=page.screenshot(clip=clip), scale=scale, placed=placed)
         finally:
             browser.close()
 

@@ -455,9 +455,12 @@ def cached_random_flux(cache_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR, see
     return paths
 
 
-def install_random_flux(base_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR) -> None:
-    """The cached random FLUX.1 files, copied into base_dir's diffusion_models, text_encoders and vae."""
-    paths = cached_random_flux(REPO_ROOT / ".cache" / "comfyui" / "checkpoints", comfy_dir=comfy_dir)
+def install_random_flux(base_dir: Path, comfy_dir: Path = DEFAULT_COMFY_DIR,
+                        cache_dir: Path | None = None) -> None:
+    """The cached random FLUX.1 files (in cache_dir, by default the tests' .cache/comfyui/checkpoints),
+    copied into base_dir's diffusion_models, text_encoders and vae."""
+    cache_dir = cache_dir or REPO_ROOT / ".cache" / "comfyui" / "checkpoints"
+    paths = cached_random_flux(cache_dir, comfy_dir=comfy_dir)
     for key, folder in (("diffusion_models", "diffusion_models"), ("clip_l", "text_encoders"),
                         ("t5xxl", "text_encoders"), ("vae", "vae")):
         target = Path(base_dir) / "models" / folder / paths[key].name

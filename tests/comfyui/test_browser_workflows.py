@@ -4,7 +4,7 @@ test_workflows.py converts the UI files with our reading of the frontend's rules
 module asks the real frontend (comfyui-frontend-package, served by the test server) instead:
 
 1. for each workflows/<name>.json, `app.loadGraphData(workflow)` then `app.graphToPrompt()` gives
-   exactly the committed <name>.api.json (same node ids, class types, inputs and titles);
+   exactly the committed api/<name>.api.json (same node ids, class types, inputs and titles);
 2. one small workflow (score_ksampler_batch, test-sized: the random SD1.5 checkpoint, 64 px, two
    sampler steps) is edited through the app's widgets and queued with `app.queuePrompt`, as the
    Queue button does; it runs to success and its history entry carries the browser's workflow.

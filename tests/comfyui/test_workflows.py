@@ -2,7 +2,7 @@
 
 For each ``workflows/<name>.json`` (the UI format the browser loads) this module checks that every
 node type in it is registered in ``/object_info``, converts it to the API format the way the
-frontend does (``ui_to_api``) and compares the result with the committed ``<name>.api.json``, then
+frontend does (``ui_to_api``) and compares the result with the committed ``api/<name>.api.json``, then
 queues that graph through ``POST /prompt`` with test-sized values (the random SD1.5 checkpoint, or
 the random SD3 one for the SD3.5 workflow and the random FLUX.1 files for the FLUX one, 64 px, 2 sampler and training steps, tiny reward files
 written into the server's model folders).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -24,6 +25,8 @@ import harness
 pytestmark = pytest.mark.slow
 
 WORKFLOWS_DIR = harness.REPO_ROOT / "workflows"
+# the API twins live one level down: ComfyUI lists every workflows/*.json as a template
+API_DIR = WORKFLOWS_DIR / "api"
 TRAINING = ("train_aesthetic_lora", "train_reward_mix")
 WORKFLOWS = (*TRAINING, "score_ksampler_batch", "use_trained_lora", "mix_two_loras", "train_sd35_lora",
              "train_flux_lora")
@@ -114,7 +117,7 @@ def shrink_for_test(api: dict, ckpt_name: str | None, files: dict[str, dict] | N
 
 def load_workflow(name: str) -> tuple[dict, dict]:
     ui = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
-    api = json.loads((WORKFLOWS_DIR / f"{name}.api.json").read_text())
+    api = json.loads((API_DIR / f"{name}.api.json").read_text())
     return ui, api
 
 
@@ -126,6 +129,11 @@ def object_info(server) -> dict:
 
 @pytest.fixture(scope="module")
 def reward_files(server) -> None:
+    """The reward files the workflows name, in the server's model folders (`write_reward_files`)."""
+    write_reward_files(server.models_dir)
+
+
+def write_reward_files(models_dir: Path) -> None:
     """A tiny aesthetic head (the real 768-1024-128-64-16-1 layout) and a tiny CLIP ViT with a
     768-d projection in ComfyUI's clip_vision layout, under the file names the workflows use."""
     import torch
@@ -135,12 +143,19 @@ def reward_files(server) -> None:
     from alignprop_core.rewards.aesthetic import AestheticHead
 
     torch.manual_seed(3)
-    torch.save(AestheticHead(768).state_dict(), server.models_dir / "reward_models" / AESTHETIC_HEAD)
+    torch.save(AestheticHead(768).state_dict(), models_dir / "reward_models" / AESTHETIC_HEAD)
     config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, projection_dim=768, num_hidden_layers=2,
                               num_attention_heads=1, image_size=224, patch_size=32, hidden_act="gelu")
     model = CLIPVisionModelWithProjection(config).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(server.models_dir / "clip_vision" / CLIP_VISION))
+              str(models_dir / "clip_vision" / CLIP_VISION))
+
+
+def flux_loader_values(flux_files: dict[str, str]) -> dict[str, dict]:
+    """The loader inputs (`shrink_for_test`'s files) that point the FLUX workflow at the random files."""
+    return {"UNETLoader": {"unet_name": flux_files["unet_name"]},
+            "DualCLIPLoader": {"clip_name1": flux_files["clip_l"], "clip_name2": flux_files["t5xxl"]},
+            "VAELoader": {"vae_name": flux_files["vae_name"]}}
 
 
 def run_workflow(server, name: str, ckpt_name: str | None, timeout: float = 900.0,
@@ -180,10 +195,10 @@ def node_id_of(api: dict, class_type: str, title: str | None = None) -> str:
 
 # -- static checks ---------------------------------------------------------------------------------
 def test_every_workflow_is_tested():
-    on_disk = {p.name[: -len(".api.json")] for p in WORKFLOWS_DIR.glob("*.api.json")}
+    on_disk = {p.name[: -len(".api.json")] for p in API_DIR.glob("*.api.json")}
     assert on_disk == set(WORKFLOWS), "add new workflows to WORKFLOWS (and a run test) in this module"
-    for name in WORKFLOWS:
-        assert (WORKFLOWS_DIR / f"{name}.json").is_file(), f"{name}.json (UI format) is missing"
+    assert {p.stem for p in WORKFLOWS_DIR.glob("*.json")} == set(WORKFLOWS), (
+        "workflows/ holds exactly one UI file per workflow (API twins go to workflows/api/)")
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -200,7 +215,7 @@ def test_node_types_are_registered(object_info, name):
 def test_ui_format_matches_api_twin(object_info, name):
     ui, api = load_workflow(name)
     assert ui_to_api(ui, object_info) == api, (
-        f"workflows/{name}.json and {name}.api.json differ; edit the API twin and regenerate the UI file "
+        f"workflows/{name}.json and api/{name}.api.json differ; edit the API twin and regenerate the UI file "
         "with tools/api_to_ui.py")
 
 
@@ -257,10 +272,7 @@ def test_train_sd35_lora(server, sd3_checkpoint):
 
 
 def test_train_flux_lora(server, flux_files, reward_files):
-    files = {"UNETLoader": {"unet_name": flux_files["unet_name"]},
-             "DualCLIPLoader": {"clip_name1": flux_files["clip_l"], "clip_name2": flux_files["t5xxl"]},
-             "VAELoader": {"vae_name": flux_files["vae_name"]}}
-    entry = run_workflow(server, "train_flux_lora", None, timeout=1800, files=files)
+    entry = run_workflow(server, "train_flux_lora", None, timeout=1800, files=flux_loader_values(flux_files))
     _, api = load_workflow("train_flux_lora")
     lora = server.models_dir / "loras" / "alignprop" / "flux_aesthetic.safetensors"
     assert lora.is_file() and lora.stat().st_size > 0, f"no LoRA at {lora}"
