@@ -42,18 +42,24 @@ def flux_trainer_graph(files: dict, lora_name: str, **overrides) -> dict:
     return graph
 
 
-def flux_ksampler_graph(files: dict, prefix: str, lora_name: str | None) -> dict:
-    graph = loaders(files)
+def loader_ksampler_graph(loader_nodes: dict, prefix: str, lora_name: str | None, guidance: float | None = None
+                          ) -> dict:
+    """KSampler (2 euler steps, cfg 1) on loader nodes "1" (MODEL), "11" (CLIP), "12" (VAE), with the
+    LoRA through LoraLoaderModelOnly when given, and FluxGuidance when `guidance` is given."""
+    graph = dict(loader_nodes)
     model = ["1", 0]
     if lora_name:
         graph["8"] = {"class_type": "LoraLoaderModelOnly",
                       "inputs": {"model": model, "lora_name": lora_name, "strength_model": 1.0}}
         model = ["8", 0]
+    positive = ["2", 0]
+    if guidance is not None:
+        graph["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": positive, "guidance": guidance}}
+        positive = ["9", 0]
     graph.update({
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["11", 0], "text": "a cat"}},
-        "9": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
         "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["9", 0], "negative": ["9", 0],
+        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": positive, "negative": positive,
                                                    "latent_image": ["4", 0], "seed": 0, "steps": 2, "cfg": 1.0,
                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["12", 0]}},
@@ -73,8 +79,9 @@ def test_flux_lora_from_the_trainer_loads_in_loraloader_and_changes_ksampler(ser
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= modules
     assert max(float(v.abs().max()) for k, v in lora.state.items() if k.endswith("lora_up.weight")) > 0
 
-    assert_lora_changes_ksampler(server, flux_ksampler_graph(flux_files, "flux_plain", None),
-                                 flux_ksampler_graph(flux_files, "flux_lora", "alignprop_test/flux.safetensors"))
+    plain = loader_ksampler_graph(loaders(flux_files), "flux_plain", None, guidance=3.5)
+    patched = loader_ksampler_graph(loaders(flux_files), "flux_lora", "alignprop_test/flux.safetensors", guidance=3.5)
+    assert_lora_changes_ksampler(server, plain, patched)
 
 
 def test_an_sd15_clip_with_the_flux_model_is_refused(server, flux_files, sd15_checkpoint):

@@ -17,10 +17,9 @@ import pytest
 
 from alignprop_core.lora import load_lora
 from test_trainer_server import _messages, _wait_any, assert_lora_changes_ksampler, trainer_graph
+from test_trainer_server_flux import SIZE, loader_ksampler_graph  # SIZE: 2x2 tokens of Z-Image too
 
 pytestmark = pytest.mark.slow
-
-SIZE = 32  # pixels: a 2x2 grid of Z-Image tokens
 
 
 def loaders(files: dict) -> dict:
@@ -41,25 +40,6 @@ def zimage_trainer_graph(files: dict, lora_name: str, **overrides) -> dict:
     return graph
 
 
-def zimage_ksampler_graph(files: dict, prefix: str, lora_name: str | None) -> dict:
-    graph = loaders(files)
-    model = ["1", 0]
-    if lora_name:
-        graph["8"] = {"class_type": "LoraLoaderModelOnly",
-                      "inputs": {"model": model, "lora_name": lora_name, "strength_model": 1.0}}
-        model = ["8", 0]
-    graph.update({
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["11", 0], "text": "a cat"}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["2", 0],
-                                                   "latent_image": ["4", 0], "seed": 0, "steps": 2, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["12", 0]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
-    })
-    return graph
-
-
 def test_zimage_lora_from_the_trainer_loads_in_loraloader_and_changes_ksampler(server, zimage_files):
     started = time.monotonic()
     server.run(zimage_trainer_graph(zimage_files, "alignprop_test/zimage"), timeout=1500)
@@ -73,8 +53,8 @@ def test_zimage_lora_from_the_trainer_loads_in_loraloader_and_changes_ksampler(s
             "lora_unet_noise_refiner_1_attention_qkv", "lora_unet_context_refiner_0_attention_out"} <= modules
     assert max(float(v.abs().max()) for k, v in lora.state.items() if k.endswith("lora_up.weight")) > 0
 
-    assert_lora_changes_ksampler(server, zimage_ksampler_graph(zimage_files, "zimage_plain", None),
-                                 zimage_ksampler_graph(zimage_files, "zimage_lora",
+    assert_lora_changes_ksampler(server, loader_ksampler_graph(loaders(zimage_files), "zimage_plain", None),
+                                 loader_ksampler_graph(loaders(zimage_files), "zimage_lora",
                                                        "alignprop_test/zimage.safetensors"))
 
 
