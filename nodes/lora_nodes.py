@@ -127,6 +127,8 @@ class SaveLora(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SaveLora", display_name="AlignProp Save LoRA", category=CATEGORY,
+            description="writes a LoRA (from the trainer or Load/Mix nodes) to models/loras as a kohya-format "
+                        ".safetensors with its metadata; key_format diffusers for SD3/FLUX.1 files diffusers loads",
             is_output_node=True,
             inputs=[Lora.Input("lora", tooltip="LoRA from the trainer, Load or Mix"),
                     io.String.Input("lora_name", default="alignprop/alignprop_lora",
@@ -162,6 +164,8 @@ class LoadLora(io.ComfyNode):
 
         return io.Schema(
             node_id="AlignProp_LoadLora", display_name="Load AlignProp LoRA", category=CATEGORY,
+            description="loads a LoRA file from models/loras, or takes ComfyUI's LORA_MODEL, as an AlignProp LoRA: "
+                        "for Apply LoRA, Mix LoRAs, Save LoRA or the trainer's init_lora",
             inputs=[io.Combo.Input("lora_name", options=[NO_FILE, *(f for f in folder_paths.get_filename_list("loras")
                                                                    if f.endswith(".safetensors"))],
                                    tooltip="a LoRA in models/loras (kohya format); leave at (none) when "
@@ -196,6 +200,7 @@ class MixLoras(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_MixLoras", display_name="AlignProp Mix LoRAs", category=CATEGORY,
+            description="a weighted sum of two LoRAs of the same model family, as one LoRA",
             inputs=[Lora.Input("lora_a", tooltip="LoRA at t = 0"), Lora.Input("lora_b", tooltip="LoRA at t = 1"),
                     io.Float.Input("t", default=0.5, min=-1.0, max=2.0, step=0.01,
                                    tooltip="interpolation weight of lora_b (outside [0,1] extrapolates)"),
@@ -216,6 +221,8 @@ class ApplyLora(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_ApplyLora", display_name="AlignProp Apply LoRA", category=CATEGORY,
+            description="applies an AlignProp LoRA to a MODEL (as LoRA patches on a copy; the input MODEL is not "
+                        "changed)",
             inputs=[io.Model.Input("model", tooltip="the MODEL to patch"),
                     Lora.Input("lora", tooltip="an AlignProp LoRA (e.g. from Mix LoRAs)"),
                     io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="LoRA strength")],

@@ -51,6 +51,8 @@ class AestheticReward(io.ComfyNode):
         return io.Schema(
             node_id="AlignProp_AestheticReward", display_name="AlignProp Aesthetic Reward (LAION)",
             category=CATEGORY,
+            description="reward: the LAION aesthetic predictor (linear head on CLIP ViT-L/14 image embeddings); "
+                        "higher is prettier",
             inputs=[
                 _file_input("head", REWARD_FOLDER, "LAION aesthetic MLP head, sac+logos+ava1-l14-linearMSE.pth "
                             "(3.7 MB), in models/reward_models"),
@@ -90,6 +92,7 @@ class HPSReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_HPSReward", display_name="AlignProp HPSv2 Reward", category=CATEGORY,
+            description="reward: Human Preference Score v2 of each image for its prompt",
             inputs=[_file_input("checkpoint", REWARD_FOLDER, "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt "
                                 "(open_clip ViT-H-14 with HPS weights) in models/reward_models")],
             outputs=[Reward.Output(display_name="reward")])
@@ -104,6 +107,7 @@ class PickScoreReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_PickScoreReward", display_name="AlignProp PickScore Reward", category=CATEGORY,
+            description="reward: PickScore of each image for its prompt (a CLIP model trained on human picks)",
             inputs=[io.Combo.Input("model_dir", options=model_dirs(),
                                    tooltip="folder in models/reward_models holding PickScore_v1 "
                                            "(transformers CLIPModel with its tokenizer and processor)")],
@@ -119,6 +123,7 @@ class CLIPScoreReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_CLIPScoreReward", display_name="AlignProp CLIP Score Reward", category=CATEGORY,
+            description="reward: CLIP cosine similarity between each image and its prompt (image-text alignment)",
             inputs=[io.String.Input("arch", default="ViT-L-14", tooltip="open_clip architecture name"),
                     _file_input("checkpoint", REWARD_FOLDER, "open_clip checkpoint of that architecture")],
             outputs=[Reward.Output(display_name="reward")])
@@ -135,6 +140,8 @@ class CompressibilityReward(io.ComfyNode):
         return io.Schema(
             node_id="AlignProp_CompressibilityReward", display_name="AlignProp JPEG Compressibility Reward",
             category=CATEGORY,
+            description="reward: how small the image's JPEG would be (a differentiable size model); negative for "
+                        "incompressibility",
             inputs=[io.Int.Input("quality", default=95, min=1, max=100, tooltip="JPEG quality of the size model"),
                     io.Combo.Input("direction", options=list(JPEG_DIRECTIONS),
                                    tooltip="reward small files (compressible) or large ones")],
@@ -152,6 +159,7 @@ class ObjectCountReward(io.ComfyNode):
         return io.Schema(
             node_id="AlignProp_ObjectCountReward", display_name="AlignProp Object Count Reward",
             category=CATEGORY,
+            description="reward: how close a differentiable object counter's count is to the target count",
             inputs=[io.Combo.Input("model_dir", options=model_dirs(),
                                    tooltip="OWL-ViT or OWLv2 folder (transformers layout) in models/reward_models"),
                     io.String.Input("object_name", default="", tooltip="object to count; empty: each prompt's last word"),
@@ -170,6 +178,8 @@ class SimpleReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SimpleReward", display_name="AlignProp Weight-free Reward", category=CATEGORY,
+            description="rewards that need no weights (colour target, smoothness, ...): for trying the pack and for "
+                        "tests",
             inputs=[io.Combo.Input("kind", options=list(SIMPLE_KINDS),
                                    tooltip="smoothness: negative total variation; color_target: mean colour "
                                            "close to (red, green, blue)"),
@@ -191,6 +201,7 @@ class RewardMixer(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_RewardMixer", display_name="AlignProp Reward Mixer", category=CATEGORY,
+            description="a weighted mixture of two rewards (optionally standardised), trained as one reward",
             inputs=[Reward.Input("reward_1", tooltip="first reward"),
                     io.Float.Input("weight_1", default=1.0, min=-100.0, max=100.0, step=0.01, tooltip="its weight"),
                     Reward.Input("reward_2", tooltip="second reward"),
@@ -214,6 +225,7 @@ class ScoreImages(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_ScoreImages", display_name="AlignProp Score Images", category=CATEGORY,
+            description="scores an IMAGE batch with a reward and shows the scores (and their prompt) as text",
             is_output_node=True,
             inputs=[io.Image.Input("images", tooltip="images from any sampler (IMAGE batch)"),
                     Reward.Input("reward", tooltip="the reward to score with"),

@@ -26,6 +26,8 @@ class SamplerSettings(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SamplerSettings", display_name="AlignProp Sampler Settings", category=CATEGORY,
+            description="the differentiable sampler: steps, eta, guidance, truncation K, gradient checkpointing, "
+                        "estimator (truncated or DRaFT-LV) and FLUX.1's distilled guidance",
             inputs=config_inputs(SamplerConfig, limits=SAMPLER_LIMITS, optional=LATER_FIELDS),
             outputs=[Sampler.Output(display_name="sampler")])
 
@@ -39,6 +41,8 @@ class PreviewSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_PreviewSampler", display_name="AlignProp Preview Sampler", category=CATEGORY,
+            description="samples images from a MODEL with the AlignProp sampler (no training), e.g. to see what a "
+                        "reward will score",
             inputs=[io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5, FLUX.1 or Z-Image model "
                                                     "(LoRA patches apply)"),
                     io.Clip.Input("clip", tooltip="the model's text encoders"),

@@ -88,6 +88,8 @@ class AlignPropTrainer(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_Trainer", display_name="AlignProp Trainer", category="AlignProp/training",
+            description="trains a LoRA on the loaded MODEL by backpropagating the reward through the sampling "
+                        "chain; draws the run live on the node and writes the LoRA to models/loras",
             is_output_node=True, hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x, SDXL, SD3/SD3.5, FLUX.1 or Z-Image MODEL (Load Checkpoint "

@@ -144,6 +144,7 @@ def test_node_list_and_inputs(server):
         assert ours[node_type]["output"] == [trainer["optional"][socket][0]], node_type
     for name, node in ours.items():
         assert node["category"].startswith("AlignProp/"), name
+        assert node["description"].strip(), f"{name} has no description"
         for spec in {**node["input"].get("required", {}), **node["input"].get("optional", {})}.values():
             assert spec[1].get("tooltip") if len(spec) > 1 else False, (name, spec)
 
