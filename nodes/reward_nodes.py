@@ -178,7 +178,7 @@ class SimpleReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SimpleReward", display_name="AlignProp Weight-free Reward", category=CATEGORY,
-            description="rewards that need no weights (colour target, smoothness, ...): for trying the pack and for "
+            description="rewards that need no weights (smoothness, colour target): for trying the pack and for "
                         "tests",
             inputs=[io.Combo.Input("kind", options=list(SIMPLE_KINDS),
                                    tooltip="smoothness: negative total variation; color_target: mean colour "
