@@ -108,7 +108,7 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     inputs = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="cat\ndog", sampler=sampler(),
                   **train_inputs)
-    out_model, lora, curve, path = node("AlignProp_Trainer", lora_name=f"alignprop/{case}", **inputs)
+    out_model, lora, curve, path, lora_model = node("AlignProp_Trainer", lora_name=f"alignprop/{case}", **inputs)
     if case == arch and arch != "zimage":
         trained[arch] = (model, clip, inputs, lora)
     unchanged = (not has_lora(model.model.diffusion_model)
@@ -119,7 +119,8 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
                                                                         1.0)[0]
     guided = takes_guidance(model)
     results[case] = {"family": model_family(model), "guided": guided, "path": path, "unchanged": unchanged,
-                     "messages": warnings,
+                     "messages": warnings, "lora_model_is_the_file": sorted(lora_model) == sorted(lora.state)
+                     and all(torch.equal(lora_model[k], lora.state[k]) for k in lora.state),
                      "weight_dtypes": sorted({str(p.dtype) for p in model.model.diffusion_model.parameters()}),
                      "patched_modules": len(loaded.patches), "curve_shape": list(curve.shape),
                      "base": ksample(model, clip, guided), "loader": ksample(loaded, clip, guided),
@@ -203,6 +204,7 @@ CASES = {"sd3": "sd3", "flux": "flux", "flux_fp8": "flux", "flux_schnell": "flux
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainer_writes_a_kohya_lora_of_comfyuis_layers(case, flow_runs):
     got, arch = flow_runs[case], CASES[case]
+    assert got["lora_model_is_the_file"]  # the LORA_MODEL output holds exactly the written file's tensors
     with safe_open(got["path"], "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
         ups = [f.get_tensor(k) for k in keys if k.endswith("lora_up.weight")]
