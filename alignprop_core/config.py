@@ -215,6 +215,24 @@ class TrainConfig:
     eval_batch_size: int = _help("images per evaluation forward pass", default=4)
     save_every: int = _help("save the LoRA and the training state every N steps (0 = only at end)",
                             default=0)
+    kl_weight: float = _help("pull toward the base model: weight of the mean squared difference between "
+                             "the LoRA model's and the base model's denoiser outputs at the same x_t on "
+                             "the gradient-window steps (adapters off for the base pass, one more "
+                             "denoiser pass per window step; proportional to the per-step KL of the "
+                             "two Gaussian transition kernels for eta > 0); 0 = off", default=0.0)
+    lora_l2_weight: float = _help("weight of an L2 penalty on the LoRA's weight change: the sum over "
+                                  "layers of ||(alpha / rank) B A||^2 (squared Frobenius norm); 0 = off",
+                                  default=0.0)
+    judges: tuple[str, ...] = _help("rewards that score the held-out images beside the training reward "
+                                    "and are never trained on, as reward specs (e.g. toy_blobs, "
+                                    "clip_score[...]); with eval_latents >= 2 the held-out images' "
+                                    "diversity per prompt is measured too", default=())
+    best_by: str = _help("the held-out number that picks the best LoRA and drives early stopping: "
+                         "reward (the training reward), diversity, or a judge's name", default="reward")
+    keep_best: bool = _help("save the LoRA of the best evaluation (by best_by) beside the final one as "
+                            "<name>-best.safetensors", default=True)
+    early_stop_evals: int = _help("stop training once best_by has stayed below its best for this many "
+                                  "evaluations in a row (0 = never stop early)", default=0)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -232,6 +250,29 @@ class TrainConfig:
                       "lr_warmup_steps")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError("TrainConfig.adam_beta1 and adam_beta2 must lie in [0, 1).")
+        _non_negative(self, "kl_weight", "lora_l2_weight", "early_stop_evals")
+        judges = self.judges
+        if isinstance(judges, str) or not isinstance(judges, (list, tuple)) or not all(
+                isinstance(j, str) and j.strip() for j in judges):
+            raise ValueError(f"TrainConfig.judges must be a sequence of reward specs, got {judges!r}; give "
+                             "e.g. ('toy_blobs',) or () for none.")
+        self.judges = tuple(judges)
+        names = judge_names(self.judges)
+        if self.best_by not in ("reward", "diversity", *names):
+            raise ValueError(f"TrainConfig.best_by={self.best_by!r} is not a held-out number of this run; use "
+                             f"one of {', '.join(('reward', 'diversity', *names))}.")
+        if self.best_by == "diversity" and self.eval_latents < 2:
+            raise ValueError("TrainConfig.best_by='diversity' needs at least two images per held-out prompt; "
+                             "set TrainConfig.eval_latents >= 2.")
+
+
+def judge_names(judges: tuple[str, ...] | list[str]) -> list[str]:
+    """The name each judge's numbers go under: its reward name, with #2, #3 ... for repeats."""
+    names: list[str] = []
+    for text in judges:
+        name = text.split("[", 1)[0].split(":", 1)[0].strip()
+        names.append(name if name not in names else f"{name}#{sum(n.split('#')[0] == name for n in names) + 1}")
+    return names
 
 
 def with_input_names(err: ValueError, names: dict[str, str]) -> ValueError:

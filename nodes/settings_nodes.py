@@ -24,7 +24,8 @@ TRAIN_LIMITS = {"steps": (1, 100000, 1), "batch_size": (1, 64, 1), "grad_accum":
                 "adam_beta1": (0.0, 0.9999, 0.001), "adam_beta2": (0.0, 0.9999, 0.0001),
                 "reward_target": (-1e6, 1e6, 0.01), "seed": (0, 2 ** 63 - 1, 1),
                 "eval_seed": (0, 2 ** 63 - 1, 1), "eval_every": (0, 100000, 1), "save_every": (0, 100000, 1),
-                "lr_warmup_steps": (0, 100000, 1)}
+                "lr_warmup_steps": (0, 100000, 1), "kl_weight": (0.0, 1e6, 0.001),
+                "lora_l2_weight": (0.0, 1e6, 0.001), "early_stop_evals": (0, 100000, 1)}
 LORA_LIMITS = {"rank": (1, 256, 1), "alpha": (0.01, 1024.0, 0.01)}
 
 Optimizer = io.Custom("ALIGNPROP_OPTIMIZER")
@@ -34,21 +35,29 @@ LoraSettingsSocket = io.Custom("ALIGNPROP_LORA_SETTINGS")
 
 OPTIMIZER_FIELDS = ("grad_accum", "lr_schedule", "lr_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
                     "adam_eps", "max_grad_norm", "mixed_precision")
-EVALUATION_FIELDS = ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every")
-OBJECTIVE_FIELDS = ("loss", "reward_target", "reward_augment", "negative_prompt")
+EVALUATION_FIELDS = ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every", "best_by",
+                     "keep_best", "early_stop_evals")
+OBJECTIVE_FIELDS = ("loss", "reward_target", "reward_augment", "negative_prompt", "kl_weight", "lora_l2_weight")
+# fields added after workflows were saved: optional inputs, so those workflows still validate
+LATER_FIELDS = ("best_by", "keep_best", "early_stop_evals", "kl_weight", "lora_l2_weight")
 # every TrainConfig field a settings node holds; the trainer shows the others (but reward, its socket)
 SETTINGS_FIELDS = OPTIMIZER_FIELDS + EVALUATION_FIELDS + OBJECTIVE_FIELDS
 
 
 def _schema(node_id: str, display_name: str, description: str, fields_: tuple[str, ...], socket, output: str):
     return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
-                     inputs=config_inputs(TrainConfig, only=fields_, limits=TRAIN_LIMITS),
+                     inputs=config_inputs(TrainConfig, only=fields_, limits=TRAIN_LIMITS, optional=LATER_FIELDS),
                      outputs=[socket.Output(display_name=output)])
 
 
 def _train_settings(node: type[io.ComfyNode], kwargs: dict, fields_: tuple[str, ...]) -> io.NodeOutput:
     check_combos(node.define_schema(), kwargs)
-    return io.NodeOutput(pick(TrainConfig, kwargs, fields_))
+    # best_by may name a judge, which only the trainer knows (its judges socket): checked there
+    chosen = {k: v for k, v in kwargs.items() if k != "best_by"}
+    values = pick(TrainConfig, chosen, fields_)
+    if "best_by" in fields_:
+        values["best_by"] = str(kwargs.get("best_by", values["best_by"])).strip()
+    return io.NodeOutput(values)
 
 
 class OptimizerSettings(io.ComfyNode):

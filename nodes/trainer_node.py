@@ -102,7 +102,7 @@ class AlignPropTrainer(io.ComfyNode):
                                 tooltip="training prompts, one per line (# starts a comment)"),
                 io.String.Input("lora_name", default="alignprop/alignprop_lora",
                                 tooltip="file name under models/loras (.safetensors is added)"),
-                *config_inputs(TrainConfig, skip=("reward", *SETTINGS_FIELDS), limits=TRAIN_LIMITS),
+                *config_inputs(TrainConfig, skip=("reward", "judges", *SETTINGS_FIELDS), limits=TRAIN_LIMITS),
                 Sampler.Input("sampler", optional=True, tooltip="sampler settings (default: 20 DDIM steps, K=1)"),
                 Optimizer.Input("optimizer", optional=True, tooltip="AlignProp Optimizer Settings: AdamW, "
                                 "accumulation, clipping, lr schedule, mixed precision (unconnected: its defaults)"),
