@@ -1,4 +1,4 @@
-"""Reward nodes: one loader per reward of the core, a mixer, and Score Images.
+"""Reward nodes: one loader per reward of the core, a mixer, the judges list, and Score Images.
 
 Each loader resolves file names in models/reward_models (or models/clip_vision), or takes a model
 that a standard ComfyUI loader loaded (the aesthetic reward's CLIP_VISION), calls one core factory
@@ -22,6 +22,7 @@ from .choices import check_choice
 from .paths import NO_FILE, REWARD_FOLDER, existing_path, model_dirs, weight_files
 
 Reward = io.Custom("ALIGNPROP_REWARD")
+Judges = io.Custom("ALIGNPROP_JUDGES")
 CATEGORY = "AlignProp/rewards"
 # Compressibility direction -> core reward name
 JPEG_DIRECTIONS = {"compressible": "jpeg_compressibility", "incompressible": "jpeg_incompressibility"}
@@ -220,6 +221,24 @@ class RewardMixer(io.ComfyNode):
         return io.NodeOutput(make_mixture(parts, standardize=standardize, spec=spec))
 
 
+class RewardJudges(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AlignProp_Judges", display_name="AlignProp Judges", category=CATEGORY,
+            description="rewards that score the trainer's held-out images beside its training reward and are "
+                        "never trained on: they show when the training reward is being fooled",
+            inputs=[Reward.Input("judge_1", tooltip="a reward to judge the held-out images with (e.g. CLIP "
+                                                    "score or HPS while training on aesthetics)"),
+                    Reward.Input("judge_2", optional=True, tooltip="optional second judge"),
+                    Reward.Input("judge_3", optional=True, tooltip="optional third judge")],
+            outputs=[Judges.Output(display_name="judges")])
+
+    @classmethod
+    def execute(cls, judge_1, judge_2=None, judge_3=None):
+        return io.NodeOutput([j for j in (judge_1, judge_2, judge_3) if j is not None])
+
+
 class ScoreImages(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -248,4 +267,4 @@ class ScoreImages(io.ComfyNode):
 
 
 NODES = [AestheticReward, HPSReward, PickScoreReward, CLIPScoreReward, CompressibilityReward,
-         ObjectCountReward, SimpleReward, RewardMixer, ScoreImages]
+         ObjectCountReward, SimpleReward, RewardMixer, RewardJudges, ScoreImages]

@@ -3,7 +3,10 @@
 ComfyUI objects in, one `alignprop_core.training.trainer.train` call, ComfyUI objects out: the MODEL with the
 LoRA applied (as ordinary LoRA patches on a clone), the LoRA, a reward-curve IMAGE, the file path, and
 the LoRA once more as ComfyUI's own LORA_MODEL (the file's tensors, for Load LoRA Model and Save LoRA
-Weights; last, so the links of workflows saved before it keep their output indices).
+Weights), the held-out evaluations as a table (training reward, judges, diversity) and the path of the
+best evaluation's LoRA (`<name>-best`); outputs are only ever appended, so the links of workflows saved
+earlier keep their output indices. Judges (AlignProp Judges) score the held-out images beside the
+training reward without being trained on.
 Progress goes to the node's bar and text, with a preview image every `preview_every` steps (the first
 held-out prompt from its fixed evaluation latent, sampled with the LoRA as it is).
 
@@ -28,6 +31,7 @@ import torch
 from comfy_api.latest import io
 
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
+from alignprop_core.eval_table import evaluation_table
 from alignprop_core.lora import check_lora_fits, load_lora, lora_modules, remove_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
@@ -43,7 +47,7 @@ from . import live_view
 from .lora_nodes import Lora, LoraModel, apply_to_model, to_lora_model
 from .model_source import base_model_name
 from .paths import NO_FILE, join_inside, output_path, prompt_files, read_prompt_file
-from .reward_nodes import Reward
+from .reward_nodes import Judges, Reward
 from .sampler_nodes import Sampler
 from .settings_nodes import SETTINGS_FIELDS, TRAIN_LIMITS, Evaluation, LoraSettingsSocket, Objective, Optimizer
 
@@ -113,6 +117,9 @@ class AlignPropTrainer(io.ComfyNode):
                 LoraSettingsSocket.Input("lora_settings", optional=True, tooltip="AlignProp LoRA Settings: rank, "
                                          "alpha, layers, init seed (unconnected: its defaults); not with init_lora"),
                 Lora.Input("init_lora", optional=True, tooltip="continue training this LoRA (Load AlignProp LoRA)"),
+                Judges.Input("judges", optional=True, tooltip="AlignProp Judges: rewards that also score the "
+                             "held-out images and are never trained on (their names can pick the best LoRA: "
+                             "best_by in AlignProp Evaluation Settings)"),
                 io.Combo.Input("prompt_file", options=prompt_files(), default=NO_FILE, optional=True,
                                tooltip="a prompt list (one per line) from ComfyUI's input folder or shipped "
                                        "with AlignProp; when chosen it replaces the prompts text"),
@@ -135,11 +142,17 @@ class AlignPropTrainer(io.ComfyNode):
                      LoraModel.Output(display_name="lora_model",
                                       tooltip="the trained LoRA as ComfyUI's LORA_MODEL: the tensors of the file "
                                               "written (kohya keys, alpha included), for ComfyUI's Load LoRA Model "
-                                              "and Save LoRA Weights; no metadata (reward spec, steps, settings)")])
+                                              "and Save LoRA Weights; no metadata (reward spec, steps, settings)"),
+                     io.String.Output(display_name="evaluation",
+                                      tooltip="the held-out evaluations as a table: training reward, each judge "
+                                              "and the held-out images' diversity per evaluation step"),
+                     io.String.Output(display_name="best_lora_path",
+                                      tooltip="the LoRA of the best evaluation (best_by), saved beside the final "
+                                              "one as <name>-best; empty with keep_best off")])
 
     @classmethod
     def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, optimizer=None, evaluation=None,
-                objective=None, lora_settings=None, init_lora=None, prompt_file=NO_FILE, eval_prompts="",
+                objective=None, lora_settings=None, init_lora=None, judges=None, prompt_file=NO_FILE, eval_prompts="",
                 preview_every=0, overwrite=False, resume=False, **kwargs):
         import comfy.model_management as mm
         import comfy.utils
@@ -153,7 +166,8 @@ class AlignPropTrainer(io.ComfyNode):
         else:
             train_prompts = parse_prompts(prompts, source="the prompts input")
         held_out = parse_prompts(eval_prompts, "eval_prompts") if eval_prompts.strip() else train_prompts
-        cfg = build(TrainConfig, kwargs, reward=reward.spec.text())
+        judges = list(judges or [])
+        cfg = build(TrainConfig, kwargs, reward=reward.spec.text(), judges=tuple(j.spec.text() for j in judges))
         cfg = merge(cfg, optimizer, evaluation, objective)
         sampler = sampler or SamplerConfig()
         family = check_family_inputs(model, vae, sampler, cfg.width, cfg.height)
@@ -211,6 +225,9 @@ class AlignPropTrainer(io.ComfyNode):
             trained["started"] = True
             if "eval_reward" in metrics:
                 text = f"step {step}: held-out reward {metrics['eval_reward']:.4f}"
+                text += "".join(f", {name} {value:.4f}" for name, value in (metrics.get("judges") or {}).items())
+                if metrics.get("diversity") is not None:
+                    text += f", diversity {metrics['diversity']:.4f}"
                 live.add_eval(step, metrics["eval_reward"])
             else:
                 trained["steps"] = step
@@ -239,7 +256,7 @@ class AlignPropTrainer(io.ComfyNode):
                     result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
                                    out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
                                    on_step=on_step, should_stop=should_stop, init_lora=init_lora,
-                                   state_dir=state_dir, resume_from=state_file if resume else None,
+                                   state_dir=state_dir, resume_from=state_file if resume else None, judges=judges,
                                    overwrite=overwrite, on_save=lambda saved: live.set_lora(str(saved)))
                 except torch.OutOfMemoryError as err:
                     raise RuntimeError(_out_of_memory_message(err, trained, cfg, sampler, path)) from err
@@ -262,7 +279,10 @@ class AlignPropTrainer(io.ComfyNode):
             os.remove(state_file)
         lora = load_lora(result.lora_path)
         curve = _curve_image(result.history, result.evals, f"AlignProp: {reward.spec.label}")
-        return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path), to_lora_model(lora))
+        best = str(result.best_path) if result.best_path else ""
+        table = evaluation_table(result.evals, result.best_step if best else None, best, result.early_stopped)
+        return io.NodeOutput(apply_to_model(model, lora), lora, curve, str(result.lora_path), to_lora_model(lora),
+                             table, best)
 
 
 def _state_dir(output_dir: str, lora_name: str) -> str:

@@ -108,7 +108,7 @@ for case, arch, weights, extra, weight_dtype in zip(*[args[i::5] for i in range(
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     inputs = dict(model=model, clip=clip, vae=vae, reward=reward, prompts="cat\ndog", sampler=sampler(),
                   **train_inputs)
-    out_model, lora, curve, path, lora_model = node("AlignProp_Trainer", lora_name=f"alignprop/{case}", **inputs)
+    out_model, lora, curve, path, lora_model, *_ = node("AlignProp_Trainer", lora_name=f"alignprop/{case}", **inputs)
     if case == arch and arch != "zimage":
         trained[arch] = (model, clip, inputs, lora)
     unchanged = (not has_lora(model.model.diffusion_model)
