@@ -116,7 +116,8 @@ def _pulled_step(x_t: torch.Tensor, noise: torch.Tensor | None, cond: Cond, unco
     return step.update(out, x_t, noise), term
 
 
-def _checkpointed_step(x_t: torch.Tensor, args: tuple, fn: Callable = _denoise_step):
+def _checkpointed_step(x_t: torch.Tensor, args: tuple, fn: Callable = _denoise_step
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One denoising step under the reentrant checkpoint: the forward runs without building any
     graph, and backward re-runs it with grad enabled and backpropagates through that copy.
 
@@ -145,11 +146,10 @@ def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig, pull: BasePull 
     """One denoising step that carries gradient: checkpointed (see `_checkpointed_step`) or plain;
     with `pull`, the step also runs the base model and appends its pull term there."""
     fn, fn_args = (_denoise_step, args) if pull is None else (_pulled_step, (*args, pull.adapters_off))
-    out = _checkpointed_step(x, fn_args, fn) if cfg.checkpoint_unet else fn(x, *fn_args)
+    x = _checkpointed_step(x, fn_args, fn) if cfg.checkpoint_unet else fn(x, *fn_args)
     if pull is not None:
-        out, term = out
+        x, term = x
         pull.terms.append(term)
-    x = out
     if cfg.checkpoint_unet and x.device.type == "cpu":
         _release_freed_heap(x)  # this step's discarded activations
         if x.requires_grad:
