@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alignprop_core import reporting
-from alignprop_core.cli import main
+from alignprop_core.cli import _configs_from_args, build_parser, main
 from alignprop_core.lora import load_lora
 from alignprop_core.models.tiny_model import ensure_tiny_model_dir
 from alignprop_core.training.train_state import TrainState, save_train_state
@@ -195,6 +195,16 @@ def test_overwrite_and_the_checked_name_reach_the_trainer(model_dir, prompt_file
     assert _run(argv, capsys)[0] == 2
     assert _run([*argv, "--overwrite"], capsys)[0] == 0
     assert seen["overwrite"] is True and seen["lora_name"] == "alignprop_lora.safetensors"
+
+
+def test_penalty_flags_reach_the_train_config():
+    argv = ["train", "--model", "m", "--prompts", "p.txt", "--kl-weight", "0.5", "--lora-l2-weight", "2e-3"]
+    train = _configs_from_args(build_parser().parse_args(argv))[2]
+    assert (train.kl_weight, train.lora_l2_weight) == (0.5, 2e-3)
+    defaults = _configs_from_args(build_parser().parse_args(argv[:5]))[2]
+    assert (defaults.kl_weight, defaults.lora_l2_weight) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="--kl-weight"):
+        _configs_from_args(build_parser().parse_args([*argv[:5], "--kl-weight", "-1"]))
 
 
 def test_train_writes_lora_metrics_and_plots(model_dir, prompt_file, tmp_path, capsys):

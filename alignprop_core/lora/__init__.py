@@ -3,7 +3,8 @@ checks, and mixing.
 
 Code outside this package imports from here, not from the submodules:
 
-* ``inject``: peft LoRA layers on a module (add, remove, state, scale),
+* ``inject``: peft LoRA layers on a module (add, remove, state, scale, turn off for a base pass,
+  the size of the weight change),
 * ``file``: the ``.safetensors`` file (``LoraFile``; save, load, check, apply), and a LoRA from
   tensors without a file (``lora_from_state``),
 * ``keys``: peft <-> kohya keys (UNet files; SD3/FLUX files of ComfyUI's models), the module naming
@@ -19,8 +20,8 @@ from .check import check_factors, check_lora_finite
 from .file import (LoraFile, apply_lora_file, check_lora_fits, load_lora, lora_from_state, lora_modules,
                    save_lora, save_lora_file)
 from .families import DEFAULT_TARGETS, check_family, file_archs, lora_preset, metadata_arch, model_arch
-from .inject import (add_lora, has_lora, lora_parameters, lora_rank_alpha, lora_state_dict, remove_lora,
-                     set_lora_scale, set_lora_state_dict)
+from .inject import (adapters_off, add_lora, has_lora, lora_delta_l2, lora_parameters, lora_rank_alpha,
+                     lora_state_dict, remove_lora, set_lora_scale, set_lora_state_dict)
 from .keys import (CANONICAL_NAMING, LORA_ARCHS, convert_names, kohya_name, kohya_to_peft, lora_metadata,
                    peft_to_kohya)
 from .mix import MIX_MODES, mix_loras
@@ -31,7 +32,7 @@ from .unet_paths import RESNET_LAYERS, UNetLayout, ldm_to_diffusers_paths, namin
 __all__ = [
     # inject
     "add_lora", "remove_lora", "has_lora", "lora_parameters", "lora_state_dict", "set_lora_state_dict",
-    "lora_rank_alpha", "set_lora_scale",
+    "lora_rank_alpha", "set_lora_scale", "adapters_off", "lora_delta_l2",
     # file
     "LoraFile", "save_lora", "save_lora_file", "load_lora", "lora_from_state", "apply_lora_file",
     "check_lora_fits", "lora_modules",

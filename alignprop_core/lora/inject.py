@@ -23,8 +23,10 @@ file format (kohya keys) lives in ``alignprop_core.lora.file``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -322,3 +324,65 @@ def set_lora_scale(module: nn.Module, scale: float) -> None:
     _require_lora(module, "set the LoRA scale")
     for _, layer in _lora_layers(module):
         layer.set_scale(ADAPTER, float(scale))
+
+
+@contextlib.contextmanager
+def adapters_off(module: nn.Module) -> Iterator[None]:
+    """Run the base model: every LoRA layer's scaling is 0 inside, restored on exit (also on error).
+
+    The adapter weights keep ``requires_grad`` (peft's ``disable_adapters`` would clear it), so the
+    context can be entered inside a training step, and again when a gradient checkpoint recomputes
+    that step in backward: each entry saves and restores the values it found, so nesting is safe.
+
+    Args:
+        module: a module with LoRA injected (e.g. ``backend.lora_target``).
+
+    Raises:
+        ValueError: if ``module`` has no LoRA layers.
+    """
+    _require_lora(module, "turn the LoRA adapters off")
+    layers = [layer for _, layer in _lora_layers(module) if ADAPTER in layer.scaling]
+    saved = [layer.scaling[ADAPTER] for layer in layers]
+    try:
+        for layer in layers:
+            layer.scaling[ADAPTER] = 0.0
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.scaling[ADAPTER] = value
+
+
+def _factor_matrices(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in'), B (out, r)) of a Linear or Conv LoRA layer, so that its delta is B @ A.
+
+    A conv adapter's A is a (r, in, kh, kw) kernel and its B a 1x1 (out, r, 1, 1) one; flattening A's
+    kernel into its input axis gives the delta weight reshaped to (out, in * kh * kw).
+    """
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    if b.dim() > 2 and any(size != 1 for size in b.shape[2:]):
+        raise ValueError(f"LoRA B of shape {tuple(b.shape)} is not a 1x1 kernel; its weight change is "
+                         "not B @ A.")
+    return a.flatten(1), b.flatten(1)
+
+
+def lora_delta_l2(module: nn.Module) -> torch.Tensor:
+    """Sum over LoRA layers of ||s B A||_F^2, the squared size of the weight change, s = the scaling.
+
+    Differentiable in the adapter weights. ``B A`` is never formed (a (out, in) matrix per layer):
+    ||B A||_F^2 = trace(B^T B A A^T) = sum((B^T B) * (A A^T)), two r x r products.
+
+    Args:
+        module: a module with LoRA injected.
+
+    Returns:
+        A scalar tensor in the adapters' dtype (float32, float64 on a float64 base), on their device.
+    """
+    _require_lora(module, "measure the LoRA weight change")
+    total = None
+    for _, layer in _lora_layers(module):
+        if ADAPTER not in layer.lora_A:
+            continue
+        a, b = _factor_matrices(layer)
+        term = float(layer.scaling[ADAPTER]) ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+        total = term if total is None else total + term.to(total.device)
+    return total

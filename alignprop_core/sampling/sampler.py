@@ -16,13 +16,20 @@ Rewards") keeps K = 1 and adds n lower-variance copies of the last step: the cha
 stopped from gradient, is re-noised to the last step's noise level with fresh noise and denoised
 again with gradient, n times; the n + 1 results are returned as one batch, and the loss averages
 the reward over them.
+
+The pull toward the base model (`BasePull`, asked for by passing one to `sample_latents` or
+`sample_images`) runs the denoiser a second time on every step that carries gradient, with the LoRA
+adapters off, at the same x_t, and records per sample the mean squared difference of the two guided
+predictions. Both passes sit inside the step's checkpointed function, so memory stays per step, and
+gradient reaches the LoRA through the adapted prediction and, through x_t, the earlier window steps.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -71,13 +78,46 @@ def guided_prediction(denoiser: Denoiser, x_t: torch.Tensor, t: int | float, con
     return out_u + guidance_scale * (out_c - out_u)
 
 
+@dataclass
+class BasePull:
+    """Collects the pull toward the base model over one sample batch's gradient window.
+
+    Give one to `sample_latents`/`sample_images`; every step that carries gradient (DRaFT-LV's
+    copies included) appends its term, per sample mean over the non-batch dims of
+    (out_lora - out_base)^2 in float32, shape (B,), where out_base is the guided prediction at the
+    same x_t run inside `adapters_off()` (e.g. `functools.partial(lora.adapters_off, module)`).
+    """
+
+    adapters_off: Callable[[], ContextManager]  # a fresh context with the LoRA's effect at zero
+    terms: list[torch.Tensor] = field(default_factory=list)  # one (B,) per window step
+
+    def value(self) -> torch.Tensor:
+        """Mean over window steps and samples (a float32 scalar); 0 if no step carried gradient."""
+        if not self.terms:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.stack(self.terms).mean()
+
+
 def _denoise_step(x_t: torch.Tensor, noise: torch.Tensor | None, cond: Cond, uncond: Cond | None,
                   denoiser: Denoiser, step: Step, cfg: SamplerConfig) -> torch.Tensor:
     out = guided_prediction(denoiser, x_t, step.t, cond, uncond, cfg.guidance_scale)
     return step.update(out, x_t, noise)
 
 
-def _checkpointed_step(x_t: torch.Tensor, args: tuple) -> torch.Tensor:
+def _pulled_step(x_t: torch.Tensor, noise: torch.Tensor | None, cond: Cond, uncond: Cond | None,
+                 denoiser: Denoiser, step: Step, cfg: SamplerConfig,
+                 adapters_off: Callable[[], ContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_denoise_step` plus the base model's prediction at the same x_t: (x_next, pull term (B,))."""
+    out = guided_prediction(denoiser, x_t, step.t, cond, uncond, cfg.guidance_scale)
+    with adapters_off():
+        base = guided_prediction(denoiser, x_t, step.t, cond, uncond, cfg.guidance_scale)
+    diff = out.float() - base.float()
+    term = diff.square().mean(dim=tuple(range(1, diff.dim())))
+    return step.update(out, x_t, noise), term
+
+
+def _checkpointed_step(x_t: torch.Tensor, args: tuple, fn: Callable = _denoise_step
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One denoising step under the reentrant checkpoint: the forward runs without building any
     graph, and backward re-runs it with grad enabled and backpropagates through that copy.
 
@@ -87,10 +127,11 @@ def _checkpointed_step(x_t: torch.Tensor, args: tuple) -> torch.Tensor:
     adds a single node per step (1.02x). Its conditions: gradient reaches the LoRA weights only if a
     tensor input requires grad, hence the detached leaf for the window's first step, and the result
     must be backpropagated with `.backward()`: `torch.autograd.grad(loss, params)` raises.
+    `fn` is the step (`_denoise_step`, or `_pulled_step` whose two outputs both carry gradient).
     """
     if not x_t.requires_grad:
         x_t = x_t.detach().requires_grad_(True)
-    return checkpoint(_denoise_step, x_t, *args, use_reentrant=True)
+    return checkpoint(fn, x_t, *args, use_reentrant=True)
 
 
 def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -100,12 +141,16 @@ def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
 
 
-def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig) -> torch.Tensor:
-    """One denoising step that carries gradient: checkpointed (see `_checkpointed_step`) or plain."""
-    if not cfg.checkpoint_unet:
-        return _denoise_step(x, *args)
-    x = _checkpointed_step(x, args)
-    if x.device.type == "cpu":
+def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig, pull: BasePull | None = None
+               ) -> torch.Tensor:
+    """One denoising step that carries gradient: checkpointed (see `_checkpointed_step`) or plain;
+    with `pull`, the step also runs the base model and appends its pull term there."""
+    fn, fn_args = (_denoise_step, args) if pull is None else (_pulled_step, (*args, pull.adapters_off))
+    x = _checkpointed_step(x, fn_args, fn) if cfg.checkpoint_unet else fn(x, *fn_args)
+    if pull is not None:
+        x, term = x
+        pull.terms.append(term)
+    if cfg.checkpoint_unet and x.device.type == "cpu":
         _release_freed_heap(x)  # this step's discarded activations
         if x.requires_grad:
             x.register_hook(_release_freed_heap)  # the next stage's recomputed ones, in backward
@@ -114,7 +159,7 @@ def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig) -> torch.Tensor
 
 def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, cond: Cond,
                    uncond: Cond | None, cfg: SamplerConfig, grad_steps: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, pull: BasePull | None = None) -> torch.Tensor:
     """Run the sampling chain from x_T; the last `grad_steps` steps are differentiable.
 
     Args:
@@ -126,6 +171,9 @@ def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, co
         grad_steps: K; 0 runs the whole chain without gradient.
         generator: source of the eta > 0 noise and of DRaFT-LV's re-noising; the eta noise is drawn
             at every step, inside the window or not, so the random stream does not depend on K.
+        pull: when given, every step that carries gradient also runs the base model and appends its
+            pull term to `pull.terms` (one more denoiser pass per such step; see `BasePull`). The
+            result and the random stream are the same as without it.
 
     Returns:
         x_0 latents, (B, C, h, w); attached to the graph when grad_steps > 0 and grad is enabled.
@@ -147,14 +195,15 @@ def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, co
             with torch.no_grad():
                 x = _denoise_step(x, *args)
         else:
-            x = _grad_step(x, args, cfg)
+            x = _grad_step(x, args, cfg, pull)
     if cfg.estimator == "draft_lv" and grad_steps > 0 and torch.is_grad_enabled():
-        x = torch.cat([x, *_lv_copies(x, chain[-1], cond, uncond, denoiser, cfg, generator)])
+        x = torch.cat([x, *_lv_copies(x, chain[-1], cond, uncond, denoiser, cfg, generator, pull)])
     return x
 
 
 def _lv_copies(x0: torch.Tensor, last: Step, cond: Cond, uncond: Cond | None, denoiser: Denoiser,
-               cfg: SamplerConfig, generator: torch.Generator | None) -> list[torch.Tensor]:
+               cfg: SamplerConfig, generator: torch.Generator | None,
+               pull: BasePull | None = None) -> list[torch.Tensor]:
     """DRaFT-LV's n extra estimates: the stop-gradient result re-noised to the last step's level
     with fresh noise, then denoised by that step with gradient."""
     clean = x0.detach()
@@ -162,7 +211,7 @@ def _lv_copies(x0: torch.Tensor, last: Step, cond: Cond, uncond: Cond | None, de
     for _ in range(cfg.lv_samples):
         x_t = last.renoise(clean, _draw_noise(clean, generator))
         noise = _draw_noise(clean, generator) if last.needs_noise else None
-        copies.append(_grad_step(x_t, (noise, cond, uncond, denoiser, last, cfg), cfg))
+        copies.append(_grad_step(x_t, (noise, cond, uncond, denoiser, last, cfg), cfg, pull))
     return copies
 
 
@@ -227,10 +276,11 @@ def with_guidance(backend: DiffusionBackend, cfg: SamplerConfig, cond: Cond) -> 
 
 def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: SamplerConfig,
                   x_T: torch.Tensor, negative_prompt: str = "", grad_steps: int = 0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, pull: BasePull | None = None) -> torch.Tensor:
     """Prompts + initial noise -> images (B,3,H,W) in [0,1], differentiable through the last K steps.
 
-    With the DRaFT-LV estimator and gradient on, ((n + 1) B, 3, H, W): see `sample_latents`.
+    With the DRaFT-LV estimator and gradient on, ((n + 1) B, 3, H, W): see `sample_latents`, which
+    also says what `pull` collects.
     """
     if len(prompts) != x_T.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts but {x_T.shape[0]} initial latents; "
@@ -241,5 +291,5 @@ def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: Sample
         uncond = (with_guidance(backend, cfg, backend.encode_prompts([negative_prompt] * len(prompts)))
                   if cfg.use_cfg else None)
     latents = sample_latents(backend.denoiser, backend.schedule, x_T, cond, uncond, cfg,
-                             grad_steps, generator)
+                             grad_steps, generator, pull)
     return decode_images(backend, latents, cfg.checkpoint_vae)

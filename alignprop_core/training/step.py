@@ -4,10 +4,16 @@
 DDIM chain with the last K steps differentiable and checkpointed, decodes, scores with the reward,
 backpropagates into the LoRA weights only and takes one AdamW step. `training.run.TrainRun` calls it
 once per step; the bench calls it directly to time exactly the step the trainer runs.
+
+Two optional penalties limit reward hacking: `TrainConfig.kl_weight` times the pull toward the base
+model (`sampling.sampler.BasePull`, per micro-batch) and `TrainConfig.lora_l2_weight` times the
+squared size of the LoRA's weight change (`lora.lora_delta_l2`, once per optimiser step: the weights
+do not change between micro-batches).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any, Sequence
@@ -15,9 +21,10 @@ from typing import Any, Sequence
 import torch
 
 from ..config import SamplerConfig, TrainConfig
+from ..lora import adapters_off, lora_delta_l2
 from ..models.backend import DiffusionBackend
 from ..rewards import RewardFn
-from ..sampling.sampler import draw_truncation, sample_images
+from ..sampling.sampler import BasePull, draw_truncation, sample_images
 from .augment import augment_for_reward
 
 
@@ -68,6 +75,27 @@ def reward_loss(rewards: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     raise ValueError(f"TrainConfig.loss={cfg.loss!r} is not known; use maximize or target.")
 
 
+def _base_pull(backend: DiffusionBackend, cfg: TrainConfig) -> BasePull | None:
+    """A collector of the pull toward the base model, or None when kl_weight is 0 (no extra pass)."""
+    if cfg.kl_weight <= 0:
+        return None
+    return BasePull(functools.partial(adapters_off, backend.lora_target))
+
+
+@torch.no_grad()
+def _lora_l2_value(backend: DiffusionBackend) -> float:
+    return float(lora_delta_l2(backend.lora_target))
+
+
+def _lora_l2(backend: DiffusionBackend, cfg: TrainConfig, scaler: torch.amp.GradScaler) -> float:
+    """The L2 penalty's value; with lora_l2_weight > 0 its weighted gradient is accumulated too."""
+    if cfg.lora_l2_weight <= 0:
+        return _lora_l2_value(backend)
+    l2 = lora_delta_l2(backend.lora_target)
+    scaler.scale(cfg.lora_l2_weight * l2).backward()
+    return l2.item()
+
+
 def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequence[str],
                    sampler: SamplerConfig, cfg: TrainConfig, params: list[torch.nn.Parameter],
                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -84,23 +112,27 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
         step: 0-based index of this step (sets the learning rate).
 
     Returns:
-        The step's metrics: reward, loss, k, grad_norm, skipped (a non-finite reward skips the
-        update), lr.
+        The step's metrics: reward, loss (the minimised objective: reward loss plus the weighted
+        penalties; the reward loss alone when both weights are 0), k, grad_norm, skipped (a
+        non-finite reward skips the update), lr, pull (the pull toward the base model, mean over
+        micro-batches; 0.0 when kl_weight is 0, as it is not computed), lora_l2 (the squared size of
+        the LoRA's weight change at the step's start, always measured).
     """
     optimizer.zero_grad(set_to_none=True)
     lr = learning_rate(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    rewards, losses, ks = [], [], []
+    rewards, losses, ks, pulls = [], [], [], []
     for _ in range(cfg.grad_accum):
         idx = torch.randint(len(prompts), (cfg.batch_size,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         shape = backend.latent_shape(cfg.batch_size, cfg.height, cfg.width)
         x_T = torch.randn(shape, generator=gen).to(backend.device)  # (B, C, H/f, W/f)
         k = draw_truncation(sampler, gen)  # once per batch: the whole window is contiguous
+        pull = _base_pull(backend, cfg)
         with autocast_context(backend.device, cfg.mixed_precision):
             images = sample_images(backend, batch_prompts, sampler, x_T, cfg.negative_prompt,
-                                   grad_steps=k, generator=gen)
+                                   grad_steps=k, generator=gen, pull=pull)
             scored = augment_for_reward(images.float(), cfg.reward_augment, gen)
             # DRaFT-LV returns n + 1 estimates per prompt, in blocks of the batch's prompt order
             estimates = images.shape[0] // len(batch_prompts)
@@ -110,12 +142,20 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
             warnings.warn(f"the reward returned NaN/Inf for prompts {batch_prompts}; this optimiser "
                           "step is skipped and the LoRA is left unchanged.")
             return {"reward": math.nan, "loss": math.nan, "k": k, "grad_norm": math.nan, "skipped": True,
-                    "lr": lr}
+                    "lr": lr, "pull": math.nan, "lora_l2": _lora_l2_value(backend)}
         loss = reward_loss(r, cfg)  # over all estimates: DRaFT-LV's average of n + 1
+        if pull is not None:
+            pulled = pull.value()
+            loss = loss + cfg.kl_weight * pulled
+            pulls.append(pulled.item())
         scaler.scale(loss / cfg.grad_accum).backward()
         rewards += r[:len(batch_prompts)].detach().tolist()  # the sampled images' own rewards
         losses.append(loss.item())
         ks.append(k)
+    l2 = _lora_l2(backend, cfg, scaler)
+    loss_mean = sum(losses) / len(losses)
+    if cfg.lora_l2_weight > 0:
+        loss_mean += cfg.lora_l2_weight * l2
     scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])
@@ -124,5 +164,6 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    return {"reward": sum(rewards) / len(rewards), "loss": sum(losses) / len(losses),
-            "k": ks[0] if len(ks) == 1 else ks, "grad_norm": float(grad_norm), "skipped": False, "lr": lr}
+    return {"reward": sum(rewards) / len(rewards), "loss": loss_mean,
+            "k": ks[0] if len(ks) == 1 else ks, "grad_norm": float(grad_norm), "skipped": False, "lr": lr,
+            "pull": sum(pulls) / len(pulls) if pulls else 0.0, "lora_l2": l2}
