@@ -94,6 +94,10 @@ def test_a_reward_that_is_not_differentiable_is_refused_as_the_training_reward()
     sampler, lora, cfg = _configs(reward="toy_blobs")
     with pytest.raises(ValueError, match="toy_blobs is not differentiable; use it as a judge"):
         TrainRun(make_backend(torch.float32), make_reward("toy_blobs"), PROMPTS, EVAL, sampler, lora, cfg)
+    mixed = make_reward("mixture", spec="toy_count:1, toy_blobs:1")  # a part without gradient: refused too
+    with pytest.raises(ValueError, match="is not differentiable"):
+        TrainRun(make_backend(torch.float32), mixed, PROMPTS, EVAL, sampler, lora, dataclasses.replace(
+            cfg, reward=mixed.spec.text()))
 
 
 # -- judges and diversity in the evaluation --------------------------------------------------------
