@@ -2,8 +2,10 @@
 
 Every field of SamplerConfig, LoraConfig and TrainConfig is a flag (`--sampler-steps`, `--lora-rank`,
 `--lr`, ...), generated from the dataclasses so the CLI, the nodes and the docs cannot drift apart.
-A run writes the LoRA (.safetensors), metrics.csv / metrics.json, reward_curve.png and
-before_after.png into --out. `demo` trains on the shipped toy world (a shapes model pretrained by
+A run writes the LoRA (.safetensors), the LoRA of its best evaluation (<name>-best.safetensors, by
+--best-by; --no-keep-best skips it), metrics.csv / metrics.json, reward_curve.png and before_after.png
+into --out. --judges adds rewards that only score the held-out images (e.g. toy_blobs, the toy world's
+weight-free blob count), so a hacked training reward shows against them. `demo` trains on the shipped toy world (a shapes model pretrained by
 `alignprop_core.toy.pretrain`) toward the toy_count reward: draw as many shapes as the prompt asks.
 
 Every error is one line, ``alignprop: error: ...`` on stderr, exit code 2 (``--debug`` adds the
@@ -35,6 +37,7 @@ from .sampling.chain import check_flow_eta
 from .sampling.sampler import check_model_takes
 from .rewards import REWARDS, build_reward
 from .rewards.spec import RewardSpec, parse_value
+from .training.best import best_lora_name
 from .training.train_state import check_resumable, load_train_state
 
 # (flag prefix, dataclass): TrainConfig fields have no prefix
@@ -77,6 +80,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
         if isinstance(default, bool):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
+        elif f.name == "judges":  # reward specs, as --reward takes them; a bare --judges means none
+            group.add_argument(flag, dest=dest, nargs="*", type=_reward_text, default=list(default),
+                               metavar="SPEC", help=help_text)
         elif isinstance(default, tuple):
             group.add_argument(flag, dest=dest, nargs="+", default=list(default), help=help_text)
         else:
@@ -148,7 +154,7 @@ def demo_preset() -> tuple[SamplerConfig, LoraConfig, TrainConfig]:
     return (SamplerConfig(steps=10, guidance_scale=4.0, truncation="uniform", k_min=3, k_max=6),
             LoraConfig(rank=8, alpha=8.0),
             TrainConfig(reward="toy_count", steps=50, batch_size=4, lr=1.5e-3, width=32, height=32,
-                        eval_every=25, eval_latents=4, eval_batch_size=18))
+                        eval_every=25, eval_latents=4, eval_batch_size=18, judges=("toy_blobs",)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,13 +275,17 @@ def _build_reward(spec: RewardSpec):
         raise ValueError(f"--reward {spec.name}: {err}") from err
 
 
-def check_outputs(args: argparse.Namespace) -> str:
-    """The LoRA file name, checked; --out made writable; an existing LoRA refused without --overwrite."""
+def check_outputs(args: argparse.Namespace, keep_best: bool = False) -> str:
+    """The LoRA file name, checked; --out made writable; an existing LoRA (and with `keep_best` an
+    existing <name>-best, unless resuming the run that wrote it) refused without --overwrite."""
     name = lora_file_name(args.lora_name, "--lora-name")
     if "/" in name or "\\" in name or os.sep in name:
         raise ValueError(f"--lora-name {args.lora_name!r} contains a path separator; it is a file name "
                          "inside --out: give the folder with --out and only the name with --lora-name.")
     claim(check_writable(args.out, "--out") / name, args.overwrite, "the LoRA file (--out/--lora-name)")
+    if keep_best and args.resume is None:
+        claim(args.out / best_lora_name(name), args.overwrite,
+              "the best LoRA file (--out/<--lora-name>-best; --no-keep-best skips it)")
     return name
 
 
@@ -323,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         "train": to_dict(train)}, args.resume)
     created = _missing_parent(args.out)
     try:
-        lora_name = check_outputs(args)
+        lora_name = check_outputs(args, train.keep_best)
         # 2. the reward (may load a reward model), then the diffusion model and the run itself
         reward = _build_reward(spec)
         from .reporting import run_and_report  # torch-heavy imports only once the arguments are valid
@@ -366,14 +376,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _headline(reward: str, summary: dict[str, Any]) -> str:
-    """One human line: the held-out reward (and the reward's own report) before -> after."""
+    """One human line: the held-out reward, each judge, the diversity and the reward's own report
+    before -> after, and the best LoRA's step where it is not the last."""
     start, end = summary.get("held_out_reward_start"), summary.get("held_out_reward_end")
     if start is None or end is None:
         return "alignprop: no held-out evaluation was run."
     line = f"held-out {reward}: {start:.3f} -> {end:.3f}"
+    judges_end = summary.get("held_out_judges_end") or {}
+    for name, value in (summary.get("held_out_judges_start") or {}).items():
+        if name in judges_end:
+            line += f"; judge {name} {value:.2f} -> {judges_end[name]:.2f}"
+    div_start, div_end = summary.get("diversity_start"), summary.get("diversity_end")
+    if div_start is not None and div_end is not None:
+        line += f"; diversity {div_start:.3f} -> {div_end:.3f}"
     before, after = summary.get("held_out_report_start", {}), summary.get("held_out_report_end", {})
     for key in before:
         line += f"; {key.replace('_', ' ')} {before[key]:.2f} -> {after[key]:.2f}"
+    best, last = summary.get("best_step"), summary.get("steps")
+    if best is not None and best != last:
+        line += f"; best LoRA: step {best}" + (" (kept as -best)" if summary.get("best_lora") else "")
+    if summary.get("early_stopped"):
+        line += f"; stopped early at step {last}"
     return line
 
 

@@ -16,11 +16,30 @@ def _pyplot():
     return plt
 
 
+def _watched(evals: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Label -> (steps, values) of each judge and of the diversity, over the evaluations that have it."""
+    lines: dict[str, tuple[list[int], list[float]]] = {}
+    for e in evals:
+        numbers = {f"judge {name}": v for name, v in (e.get("judges") or {}).items()}
+        numbers["diversity"] = e.get("diversity")
+        for label, value in numbers.items():
+            if value is not None:
+                steps, values = lines.setdefault(label, ([], []))
+                steps.append(e["step"])
+                values.append(value)
+    return lines
+
+
 def plot_reward_curve(history: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]],
                       path: str | Path, title: str = "AlignProp reward") -> Path:
-    """Training reward per optimiser step and held-out reward at evaluation points."""
+    """Training reward per optimiser step and held-out reward at evaluation points; below, when the
+    evaluations have them, each judge and the held-out diversity (one shared axis, values as they are)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    watched = _watched(evals)
+    if watched:
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(6, 6), dpi=110, sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     done = [h for h in history if not h.get("skipped")]
     if done:
         ax.plot([h["step"] for h in done], [h["reward"] for h in done], lw=1, alpha=0.6,
@@ -28,11 +47,19 @@ def plot_reward_curve(history: Sequence[dict[str, Any]], evals: Sequence[dict[st
     if evals:
         ax.plot([e["step"] for e in evals], [e["eval_reward"] for e in evals], "o-", lw=2,
                 label="held-out reward (fixed latents)")
-    ax.set_xlabel("optimiser step")
+    if not watched:  # with a panel below, the step axis is labelled there
+        ax.set_xlabel("optimiser step")
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    if watched:
+        for label, (steps, values) in watched.items():
+            low.plot(steps, values, "o-", lw=1.5, label=label)
+        low.set_xlabel("optimiser step")
+        low.set_ylabel("held-out judges, diversity")
+        low.grid(alpha=0.3)
+        low.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

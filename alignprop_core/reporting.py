@@ -1,6 +1,7 @@
 """One whole run from the command line: load the model, train, and write every artefact.
 
-Artefacts in the output folder: the LoRA, metrics.csv / metrics.json, reward_curve.png, and
+Artefacts in the output folder: the LoRA, with `TrainConfig.keep_best` the LoRA of the best
+evaluation (<name>-best.safetensors), metrics.csv / metrics.json, reward_curve.png, and
 before_after.png (held-out prompts from fixed latents, without and with the LoRA).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .plots import plot_reward_curve, save_before_after_grid
 from .rewards import Reward
 from .run_log import write_metrics
 from .training.evaluate import eval_entries, evaluate
+from .training.run import build_judges, check_trainable
 from .training.trainer import train
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,6 +34,7 @@ def _progress(total: int):
     def on_step(step: int, metrics: dict[str, Any]) -> None:
         if "eval_reward" in metrics:
             latest["eval"] = metrics["eval_reward"]
+            latest.update(metrics.get("judges") or {})
         else:
             latest["reward"] = metrics["reward"]
             bar.update(step - bar.n)
@@ -43,10 +46,15 @@ def _progress(total: int):
 def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
                    eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig,
                    cfg: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
-                   device: torch.device, overwrite: bool = False) -> dict[str, Any]:
-    """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`."""
+                   device: torch.device, overwrite: bool = False,
+                   judges: Sequence[Reward] | None = None) -> dict[str, Any]:
+    """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`.
+
+    `judges` score every evaluation beside the reward (default: built from cfg.judges)."""
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
+    check_trainable(reward)  # before the model is loaded
+    named, cfg = build_judges(judges, cfg)
     cfg = dataclasses.replace(cfg, reward=reward.spec.text())  # the reward as built, with its arguments
     backend = load_backend(model_dir, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision],
                            name=Path(model_dir).name)
@@ -59,7 +67,8 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
     bar, on_step = _progress(cfg.steps)
     try:
         result = train(backend, reward, prompts, eval_prompts, sampler, lora, cfg, out_dir=out_dir,
-                       lora_name=lora_name, resume_from=resume_from, on_step=on_step, overwrite=overwrite)
+                       lora_name=lora_name, resume_from=resume_from, on_step=on_step, overwrite=overwrite,
+                       judges=list(named.values()))
     finally:
         bar.close()
 
@@ -77,11 +86,21 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
     scored = eval_entries(shown, cfg)  # the prompt of each image (eval_latents per prompt)
     extra = {} if not reward.has_report else {"held_out_report_start": reward.report(before, scored),
                                               "held_out_report_end": reward.report(after, scored)}
-    return {**extra, "reward": reward.spec.text(),
+    return {**extra, **held_out_summary(evals), "reward": reward.spec.text(),
         "lora": str(result.lora_path), "metrics_csv": str(csv_path), "metrics_json": str(json_path),
         "reward_curve": str(curve), "before_after": str(grid),
         "held_out_reward_start": evals[0]["eval_reward"] if evals else None,
         "held_out_reward_end": evals[-1]["eval_reward"] if evals else None,
         "steps": result.history[-1]["step"] if result.history else 0,
         "stopped_early": result.stopped_early,
+        "best_lora": str(result.best_path) if result.best_path is not None else None,
+        "best_step": result.best_step, "early_stopped": result.early_stopped,
     }
+
+
+def held_out_summary(evals: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The judges (name -> mean score) and the diversity at the first and the last evaluation."""
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    return {"held_out_judges_start": dict(first.get("judges") or {}),
+            "held_out_judges_end": dict(last.get("judges") or {}),
+            "diversity_start": first.get("diversity"), "diversity_end": last.get("diversity")}

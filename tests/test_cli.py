@@ -240,3 +240,43 @@ def test_demo_raises_the_held_out_reward(tmp_path, capsys):
     # the weight-free referee agrees: more images show as many separate blobs as requested
     assert report_end["counted_blobs_accuracy"] > report_start["counted_blobs_accuracy"]
     assert (tmp_path / "demo" / "before_after.png").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_judge_flags_reach_the_config(command):
+    from alignprop_core.cli import _configs_from_args, build_parser
+
+    base = [command] + (["--model", "m", "--prompts", "p"] if command == "train" else [])
+    _, _, cfg = _configs_from_args(build_parser().parse_args(
+        [*base, "--judges", "toy_blobs", "smoothness[]", "--best-by", "toy_blobs", "--no-keep-best",
+         "--early-stop-evals", "3"]))
+    assert (cfg.judges, cfg.best_by, cfg.keep_best, cfg.early_stop_evals) == (
+        ("toy_blobs", "smoothness"), "toy_blobs", False, 3)
+    _, _, default = _configs_from_args(build_parser().parse_args(base))
+    assert default.judges == (("toy_blobs",) if command == "demo" else ()) and default.keep_best
+    _, _, none = _configs_from_args(build_parser().parse_args([*base, "--judges"]))
+    assert none.judges == ()
+
+
+def test_an_unknown_judge_or_best_by_is_one_line(capsys):
+    code, err = _run(["demo", "--judges", "toy_blobz"], capsys)
+    assert code == 2 and "--judges" in err and "toy_blobz" in err, err
+    code, err = _run(["demo", "--best-by", "clip_score", "--out", "/nonexistent/x"], capsys)
+    assert code == 2 and "--best-by='clip_score' is not a held-out number" in err, err
+
+
+def test_headline_shows_judges_diversity_and_the_best_step():
+    from alignprop_core.cli import _headline
+
+    summary = {"held_out_reward_start": -1.2344, "held_out_reward_end": -0.9871,
+               "held_out_judges_start": {"toy_blobs": 0.52}, "held_out_judges_end": {"toy_blobs": 0.61},
+               "diversity_start": 0.21, "diversity_end": 0.19,
+               "held_out_report_start": {"counted_blobs_accuracy": 0.5},
+               "held_out_report_end": {"counted_blobs_accuracy": 0.6},
+               "best_step": 25, "best_lora": "out/alignprop_lora-best.safetensors", "steps": 50}
+    assert _headline("toy count", summary) == (
+        "held-out toy count: -1.234 -> -0.987; judge toy_blobs 0.52 -> 0.61; diversity 0.210 -> 0.190; "
+        "counted blobs accuracy 0.50 -> 0.60; best LoRA: step 25 (kept as -best)")
+    assert _headline("toy count", {**summary, "best_step": 50, "diversity_start": None}) == (
+        "held-out toy count: -1.234 -> -0.987; judge toy_blobs 0.52 -> 0.61; "
+        "counted blobs accuracy 0.50 -> 0.60")

@@ -27,6 +27,7 @@ def factory_kwargs(clip_files, aesthetic_head, pickscore_dir, detector_dirs):  #
         "smoothness": {},
         "colourfulness": {},
         "toy_count": dict(attributes=["count", "colour"]),  # the committed toy classifier
+        "toy_blobs": {},  # weight-free: counts blobs
         "mixture": dict(spec="smoothness:1, jpeg_compressibility:0.5[toward=-1]", standardize=True),
     }
 
@@ -39,11 +40,14 @@ def test_every_registered_reward_builds_and_scores(factory_kwargs):
             warnings.simplefilter("ignore")  # the test-made aesthetic head fails the md5 check
             reward = make_reward(name, **factory_kwargs[name])
         images = torch.rand(2, 3, 64, 64, generator=g).requires_grad_(True)
-        # toy_count reads the toy world's captions; every other reward takes any text
-        prompts = (["two red circles on a black background", "one blue square"] if name == "toy_count"
+        # the toy rewards read the toy world's captions; every other reward takes any text
+        prompts = (["two red circles on a black background", "one blue square"] if name.startswith("toy_")
                    else ["a photo of a cat", "a dog on grass"])
         scores = reward(images, prompts)
         assert scores.shape == (2,) and torch.isfinite(scores).all(), name
+        if not reward.differentiable:  # a judge only (toy_blobs): the trainer refuses to train on it
+            assert not scores.requires_grad, name
+            continue
         scores.sum().backward()
         assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0, name
 

@@ -1,4 +1,5 @@
-"""The reward registry: reward name -> factory of a differentiable ``fn(images, prompts) -> Tensor[B]``.
+"""The reward registry: reward name -> factory of a differentiable ``fn(images, prompts) -> Tensor[B]``
+(or of a `Reward` that says it is not differentiable, such as toy_blobs: a judge, never trained on).
 
 Images are (B, 3, H, W) in [0, 1]; the result is one score per image, higher is better. A reward is
 data first: a `RewardSpec` (name + arguments, one-line text) that `build_reward` turns into a
@@ -23,6 +24,7 @@ from .object_count import make_object_count
 from .pickscore import make_pickscore
 from .smoothness import make_smoothness
 from .spec import RewardSpec
+from .toy_blobs import make_toy_blobs
 from .toy_count import make_toy_count
 
 
@@ -44,6 +46,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "smoothness": make_smoothness,
     "colourfulness": make_colourfulness,
     "toy_count": make_toy_count,
+    "toy_blobs": make_toy_blobs,  # not differentiable: a judge only
     "mixture": make_mixture_reward,
 }
 

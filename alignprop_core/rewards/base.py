@@ -5,6 +5,10 @@ the registry wraps a plain function as a `FunctionReward`. The trainer only ever
 it calls it, saves and restores its state (e.g. a standardised mixture's running statistics), scores
 held-out images inside `scoring_only()` so evaluation does not move that state, and asks for its
 `report` (extra per-component numbers, e.g. the toy world's count accuracy).
+
+A reward whose score carries no gradient to the pixels (a count, an accuracy) sets
+`differentiable = False`: it can judge held-out images (`TrainConfig.judges`) but the trainer
+refuses to train on it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class Reward:
     state and report methods only if they keep state or have more to say."""
 
     has_report = False  # True where `report` has numbers to give
+    differentiable = True  # False: the score has no gradient, so it may judge but never be trained on
 
     def __init__(self, spec: RewardSpec):
         self.spec = spec

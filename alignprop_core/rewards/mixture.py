@@ -60,6 +60,8 @@ class MixtureReward(Reward):
         self.stats = RunningStats()
         self.update_stats = True  # set False to score (e.g. evaluation) without moving the statistics
         self.last_components: list[torch.Tensor] = []  # detached shaped components (B,), for logging
+        # a part without gradient (e.g. toy_blobs) would be trained on in name only: judge it instead
+        self.differentiable = all(getattr(fn, "differentiable", True) for fn in fns)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_images(images, prompts)

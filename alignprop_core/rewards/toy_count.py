@@ -26,8 +26,9 @@ ATTRIBUTES = ("count", "colour", "shape", "background")
 KINDS = ("log_prob", "prob")
 
 
-def _targets(prompts: Sequence[str], attributes: Sequence[str]) -> torch.Tensor:
-    """(B, len(attributes)) class indices the prompts ask for; errors name prompts that lack one."""
+def toy_targets(prompts: Sequence[str], attributes: Sequence[str], reward: str = "toy_count") -> torch.Tensor:
+    """(B, len(attributes)) class indices the prompts ask for (a count n is index n - 1); errors name
+    the `reward` and the prompts that lack one."""
     from alignprop_core.toy.shapes import BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, parse_caption
 
     index = {"count": lambda v: v - 1, "colour": COLOUR_NAMES.index, "shape": SHAPES.index,
@@ -37,7 +38,7 @@ def _targets(prompts: Sequence[str], attributes: Sequence[str]) -> torch.Tensor:
         parsed = parse_caption(prompt)
         missing = [a for a in attributes if parsed[a] is None]
         if missing:
-            raise ValueError(f"the toy_count reward needs prompts of the toy world that name the "
+            raise ValueError(f"the {reward} reward needs prompts of the toy world that name the "
                              f"{' and '.join(missing)} (e.g. 'three red circles on a black "
                              f"background'); {prompt!r} does not.")
         rows.append([index[a](parsed[a]) for a in attributes])
@@ -78,7 +79,7 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_images(images, prompts)
-        targets = _targets(check_prompts(prompts, "toy_count"), attributes).to(images.device)
+        targets = toy_targets(check_prompts(prompts, "toy_count"), attributes).to(images.device)
         classifier.to(images.device)
         logits = classifier(images.float())
         logp = torch.stack([(logits[a] / temperature).log_softmax(1).gather(1, targets[:, j:j + 1]).squeeze(1)
@@ -89,7 +90,7 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
     def report(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """Share of images whose predicted count / colour / shape is the one the prompt asks for, and
         share whose separate blobs, counted by `toy.counting.count_shapes`, number as requested."""
-        targets = _targets(check_prompts(prompts, "toy_count"), ("count", "colour", "shape"))
+        targets = toy_targets(check_prompts(prompts, "toy_count"), ("count", "colour", "shape"))
         classifier.to(images.device)
         logits = classifier(images.float())
         out = {f"{a}_accuracy": float((logits[a].argmax(1).cpu() == targets[:, j]).float().mean())

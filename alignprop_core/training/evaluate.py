@@ -1,8 +1,15 @@
-"""Held-out evaluation: the reward of images sampled from fixed latents, without gradient."""
+"""Held-out evaluation: the reward of images sampled from fixed latents, without gradient.
+
+`evaluate` scores the held-out images with one reward (and can hand the images back). `evaluate_held_out`
+is what a training run records at each evaluation: the same images scored by the training reward and by
+every judge (rewards that are never trained on, so a hacked reward shows as a gap between them), and
+their diversity (`training.diversity`).
+"""
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -10,7 +17,49 @@ from ..config import SamplerConfig, TrainConfig
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn
 from ..sampling.sampler import sample_images
+from .diversity import downsample, held_out_diversity
 from .step import autocast_context
+
+
+@dataclass
+class HeldOutScores:
+    """One evaluation's numbers: per-image scores of the reward and of each judge, and the diversity."""
+
+    scores: list[float]  # the training reward of each held-out image
+    judges: dict[str, list[float]] = field(default_factory=dict)  # judge name -> its score of each image
+    diversity: float | None = None  # None with one image per prompt
+
+    def record(self, step: int) -> dict[str, Any]:
+        """The evaluation record a run keeps: {"step", "eval_reward", "judges": {name: mean},
+        "diversity"}."""
+        return {"step": step, "eval_reward": _mean(self.scores),
+                "judges": {name: _mean(values) for name, values in self.judges.items()},
+                "diversity": self.diversity}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _sample_held_out(backend: DiffusionBackend, prompts: Sequence[str], sampler: SamplerConfig,
+                     cfg: TrainConfig, score: Callable[[list[str], torch.Tensor], None]) -> None:
+    """Sample every held-out image from its fixed latent, batch by batch, and hand each batch
+    (prompts, images (B, 3, H, W) float in [0, 1]) to `score`, under the run's autocast."""
+    gen = torch.Generator().manual_seed(cfg.eval_seed)
+    entries = eval_entries(prompts, cfg)
+    shape = backend.latent_shape(len(entries), cfg.height, cfg.width)
+    x_T = torch.randn(shape, generator=gen).to(backend.device)
+    for i in range(0, len(entries), cfg.eval_batch_size):
+        chunk = list(entries[i:i + cfg.eval_batch_size])
+        with autocast_context(backend.device, cfg.mixed_precision):
+            img = sample_images(backend, chunk, sampler, x_T[i:i + len(chunk)],
+                                cfg.negative_prompt, grad_steps=0, generator=gen)
+            score(chunk, img.float())
+
+
+def _scoring_only(reward: Reward | RewardFn) -> contextlib.AbstractContextManager:
+    # only a Reward can keep state that scoring would move; a plain function needs no guard
+    return reward.scoring_only() if isinstance(reward, Reward) else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -27,23 +76,50 @@ def evaluate(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequ
     Returns:
         (per-image rewards, images (N,3,H,W) on the CPU if return_images else None)
     """
-    # only a Reward can keep state that scoring would move; a plain function needs no guard
-    scoring = reward.scoring_only() if isinstance(reward, Reward) else contextlib.nullcontext()
-    gen = torch.Generator().manual_seed(cfg.eval_seed)
-    entries = eval_entries(prompts, cfg)
-    shape = backend.latent_shape(len(entries), cfg.height, cfg.width)
-    x_T = torch.randn(shape, generator=gen).to(backend.device)
-    scores, images = [], []
-    with scoring:
-        for i in range(0, len(entries), cfg.eval_batch_size):
-            chunk = list(entries[i:i + cfg.eval_batch_size])
-            with autocast_context(backend.device, cfg.mixed_precision):
-                img = sample_images(backend, chunk, sampler, x_T[i:i + len(chunk)],
-                                    cfg.negative_prompt, grad_steps=0, generator=gen)
-                scores += reward(img.float(), chunk).float().tolist()
-            if return_images:
-                images.append(img.float().cpu())
+    scores: list[float] = []
+    images: list[torch.Tensor] = []
+
+    def score(chunk: list[str], img: torch.Tensor) -> None:
+        scores.extend(reward(img, chunk).float().tolist())
+        if return_images:
+            images.append(img.cpu())
+
+    with _scoring_only(reward):
+        _sample_held_out(backend, prompts, sampler, cfg, score)
     return scores, (torch.cat(images) if return_images else None)
+
+
+@torch.no_grad()
+def evaluate_held_out(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
+                      sampler: SamplerConfig, cfg: TrainConfig,
+                      judges: Mapping[str, Reward | RewardFn] | None = None) -> HeldOutScores:
+    """The held-out images (as `evaluate` samples them) scored by `reward` and by every judge, and
+    their diversity when cfg.eval_latents >= 2.
+
+    Each reward scores inside its own `scoring_only()`. Only downsampled copies of the images are
+    kept (for the diversity), so memory stays small however many held-out images there are.
+
+    Args:
+        judges: judge name (`config.judge_names`) -> reward; none by default.
+    """
+    judges = dict(judges or {})
+    result = HeldOutScores(scores=[], judges={name: [] for name in judges})
+    small: list[torch.Tensor] = []
+
+    def score(chunk: list[str], img: torch.Tensor) -> None:
+        result.scores.extend(reward(img, chunk).float().tolist())
+        for name, judge in judges.items():
+            result.judges[name].extend(judge(img, chunk).float().tolist())
+        if cfg.eval_latents >= 2:
+            small.append(downsample(img))
+
+    with contextlib.ExitStack() as stack:
+        for scorer in (reward, *judges.values()):
+            stack.enter_context(_scoring_only(scorer))
+        _sample_held_out(backend, prompts, sampler, cfg, score)
+    if small:
+        result.diversity = held_out_diversity(torch.cat(small), len(prompts))
+    return result
 
 
 def eval_entries(prompts: Sequence[str], cfg: TrainConfig) -> list[str]:

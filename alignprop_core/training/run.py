@@ -6,8 +6,12 @@ history. `training.trainer.train` is the plain loop over it with callbacks and f
 ComfyUI node, the bench and future multi-process training use the same pieces.
 
 A run records what it is as data (`config`: the sampler, LoRA and training configs, with the reward's
-one-line spec in `train.reward`); a saved state resumes only into a run with the same LoRA settings
-and the same reward spec.
+one-line spec in `train.reward` and the judges' in `train.judges`); a saved state resumes only into a
+run with the same LoRA settings and the same reward spec.
+
+Each evaluation scores the held-out images with the training reward and every judge (rewards that only
+watch, e.g. the toy world's weight-free blob count) and measures their diversity; a reward that is not
+differentiable can only be a judge.
 """
 from __future__ import annotations
 
@@ -19,12 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from ..config import LoraConfig, SamplerConfig, TrainConfig, judge_names, to_dict
 from ..lora import LoraFile, add_lora, apply_lora_file, lora_state_dict, save_lora, set_lora_state_dict
 from ..models.backend import DiffusionBackend
-from ..rewards import Reward, RewardFn, as_reward
+from ..rewards import Reward, RewardFn, as_reward, build_reward
 from ..sampling.sampler import check_sampler_fits
-from .evaluate import evaluate
+from .evaluate import evaluate_held_out
 from .step import make_optimizer, make_scaler, optimizer_step
 from .train_state import TrainState, check_resumable, save_train_state
 
@@ -42,6 +46,41 @@ def check_run_inputs(backend: DiffusionBackend, prompts: Sequence[str], eval_pro
         check_sampler_fits(backend, sampler)
 
 
+def check_trainable(reward: Reward | RewardFn) -> None:
+    """ValueError if `reward` says it has no gradient (`Reward.differentiable` is False)."""
+    if isinstance(reward, Reward) and not reward.differentiable:
+        raise ValueError(f"the reward {reward.spec.text()} is not differentiable; use it as a judge "
+                         "(TrainConfig.judges, --judges) and train on a differentiable reward such as "
+                         "toy_count.")
+
+
+def _build_judge(text: str) -> Reward:
+    try:
+        return build_reward(text)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"TrainConfig.judges: the judge {text!r} cannot be built ({err}); give a reward "
+                         "spec as for the training reward, e.g. toy_blobs.") from err
+
+
+def build_judges(judges: Sequence[Reward] | None, cfg: TrainConfig) -> tuple[dict[str, Reward], TrainConfig]:
+    """The run's judges by name, and `cfg` with `judges` recording their specs.
+
+    Given `Reward` objects are used as they are (cfg.judges becomes their spec texts); otherwise each
+    spec of cfg.judges is built by the reward registry. The returned config is validated again, so
+    best_by must name one of these judges.
+    """
+    if judges is None:
+        built = [_build_judge(text) for text in cfg.judges]
+    else:
+        built = list(judges)
+        wrong = [type(j).__name__ for j in built if not isinstance(j, Reward)]
+        if wrong:
+            raise TypeError(f"judges must be Reward objects (with a spec to record), got {', '.join(wrong)}; "
+                            "wrap a plain function with rewards.as_reward(fn, 'name').")
+    cfg = dataclasses.replace(cfg, judges=tuple(j.spec.text() for j in built))
+    return dict(zip(judge_names(cfg.judges), built)), cfg
+
+
 class TrainRun:
     """One AlignProp run on `backend`: LoRA added at construction, trained by `step()`.
 
@@ -53,14 +92,18 @@ class TrainRun:
         init_lora: a LoRA file to start from (its rank, alpha and modules must match `lora`).
         state: a saved training state to continue exactly (checked by `check_resumable`).
         source: where `state` came from, for messages.
+        judges: rewards that score each evaluation beside `reward` (default: built from cfg.judges);
+            given ones replace cfg.judges by their specs.
     """
 
     def __init__(self, backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
                  eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig, cfg: TrainConfig,
                  init_lora: LoraFile | None = None, state: TrainState | None = None,
-                 source: str | Path = "the training state"):
+                 source: str | Path = "the training state", judges: Sequence[Reward] | None = None):
         check_run_inputs(backend, prompts, eval_prompts, cfg, sampler)
         self.reward = as_reward(reward, cfg.reward)
+        check_trainable(self.reward)
+        self.judges, cfg = build_judges(judges, cfg)  # name -> judge
         self.cfg = dataclasses.replace(cfg, reward=self.reward.spec.text())  # the reward as it was built
         self.backend, self.prompts, self.eval_prompts = backend, list(prompts), list(eval_prompts)
         self.sampler, self.lora = sampler, lora
@@ -77,7 +120,7 @@ class TrainRun:
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.steps_done = 0
         self.history: list[dict[str, Any]] = []  # metrics of every optimiser step
-        self.evals: list[dict[str, Any]] = []  # held-out reward at evaluation points
+        self.evals: list[dict[str, Any]] = []  # evaluation records (see `evaluate`)
         if state is not None:
             self._load(state)
 
@@ -117,10 +160,13 @@ class TrainRun:
         return metrics
 
     def evaluate(self) -> dict[str, Any]:
-        """Mean held-out reward at the current step; returns it (also appended to `evals`)."""
-        scores, _ = evaluate(self.backend, self.reward, self.eval_prompts, self.sampler, self.cfg)
-        self.evals.append({"step": self.steps_done, "eval_reward": sum(scores) / len(scores)})
-        return dict(self.evals[-1])
+        """Score the held-out images at the current step; returns the record (also appended to
+        `evals`): {"step", "eval_reward" (mean training reward), "judges": {name: mean score},
+        "diversity": mean pairwise distance of each prompt's images, None with eval_latents = 1}."""
+        held_out = evaluate_held_out(self.backend, self.reward, self.eval_prompts, self.sampler, self.cfg,
+                                     self.judges)
+        self.evals.append(held_out.record(self.steps_done))
+        return copy.deepcopy(self.evals[-1])
 
     def state(self) -> TrainState:
         """Everything needed to continue this run as if it had never stopped."""

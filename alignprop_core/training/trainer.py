@@ -6,6 +6,10 @@ backpropagate into the LoRA weights only, and take an AdamW step. Every random d
 `torch.Generator` whose state is saved with the run, so the same seed gives the same LoRA and a resumed
 run is bit-identical to an uninterrupted one (on the CPU). Nothing here knows ComfyUI: progress and
 cancellation come in through the `on_step` and `should_stop` callbacks.
+
+Every evaluation (`TrainRun.evaluate`) also picks the best LoRA so far by `TrainConfig.best_by` (see
+`training.best`): with `keep_best` it is written as `<name>-best.safetensors` beside the final one,
+and with `early_stop_evals` the run ends once that number stops improving.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ..files.outputs import check_writable, claim, lora_file_name, partial_path
 from ..lora import LoraFile
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn
+from .best import best_index, best_lora_name, stalled
 from .run import TrainRun, check_run_inputs
 from .train_state import load_train_state
 
@@ -31,8 +36,22 @@ class TrainResult:
 
     lora_path: Path | None  # the LoRA written: the final name, or <name>-partial if stopped early
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics of every optimiser step
-    evals: list[dict[str, Any]] = field(default_factory=list)  # held-out reward at eval points
+    evals: list[dict[str, Any]] = field(default_factory=list)  # evaluation records (TrainRun.evaluate)
     stopped_early: bool = False  # should_stop() or Ctrl-C ended the run before cfg.steps
+    best_path: Path | None = None  # <name>-best.safetensors: the LoRA of the best evaluation, if kept
+    best_step: int | None = None  # the step of the best evaluation by cfg.best_by
+    early_stopped: bool = False  # cfg.early_stop_evals ended the run; it finished under the final name
+
+
+def saved_step(path: Path) -> int | None:
+    """The alignprop.step a LoRA file's metadata records; None if the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {})["alignprop.step"])
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not the best LoRA of this run
+        return None
 
 
 def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
@@ -41,7 +60,8 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
           resume_from: str | Path | None = None, on_step: OnStep | None = None,
           should_stop: Callable[[], bool] | None = None, init_lora: LoraFile | None = None,
           state_dir: str | Path | None = None, overwrite: bool = False,
-          on_save: Callable[[Path], None] | None = None) -> TrainResult:
+          on_save: Callable[[Path], None] | None = None,
+          judges: Sequence[Reward] | None = None) -> TrainResult:
     """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward`.
 
     Args:
@@ -59,25 +79,34 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
         should_stop: polled at step boundaries; True ends the run and still saves the LoRA.
         init_lora: a LoRA file to continue from (its rank, alpha and modules must match `lora`).
         state_dir: where train_state.pt goes (default: out_dir).
-        on_save: called with the path of every LoRA file written (step saves, the final or partial one).
-        overwrite: replace an existing file at out_dir/lora_name; without it that is refused
-            (FileExistsError) before any work.
+        on_save: called with the path of every LoRA file written (step saves, the best, the final or
+            partial one).
+        overwrite: replace an existing file at out_dir/lora_name (and, with cfg.keep_best, at
+            out_dir/<name>-best.safetensors); without it that is refused (FileExistsError) before any
+            work. A resumed run may always replace the -best file: it continues the run that wrote it.
+        judges: rewards that score every evaluation beside `reward`, never trained on (default: built
+            from cfg.judges).
 
     Returns:
-        TrainResult with the LoRA path and the metric history.
+        TrainResult with the LoRA path, the metric history, the best LoRA and whether it stopped early.
     """
     # 0. everything that can be refused is refused before the first sample
     check_run_inputs(backend, prompts, eval_prompts, cfg)
     state = load_train_state(resume_from) if resume_from is not None else None
     out = Path(out_dir) if out_dir is not None else None
     state_out = Path(state_dir) if state_dir is not None else out
+    keep_best = cfg.keep_best and out is not None
     if out is not None:
         lora_name = lora_file_name(lora_name, "lora_name")
         claim(check_writable(out) / lora_name, overwrite, "the LoRA file")
+        if keep_best and state is None:
+            claim(out / best_lora_name(lora_name), overwrite, "the best LoRA file")
     if state_out is not None:
         check_writable(state_out, "the training-state folder")
     run = TrainRun(backend, reward, prompts, eval_prompts, sampler, lora, cfg, init_lora=init_lora,
-                   state=state, source=resume_from or "the training state")
+                   state=state, source=resume_from or "the training state", judges=judges)
+    best_by, patience = run.cfg.best_by, run.cfg.early_stop_evals
+    best: dict[str, Any] = {"step": None, "path": None}
 
     def report(metrics: dict[str, Any]) -> None:
         if on_step is not None:
@@ -95,9 +124,33 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
             on_save(path)
         return path
 
-    if run.steps_done == 0 and not run.evals:  # a run stopped during its step-0 evaluation has it already
+    def evaluate() -> None:
+        """Evaluate, and keep the LoRA if this evaluation is the best so far."""
         report(run.evaluate())
-    stopped = False
+        if best_index(run.evals, best_by) == len(run.evals) - 1:
+            best["step"] = run.steps_done
+            if keep_best:
+                best["path"] = save(best_lora_name(lora_name))
+
+    def restore_best() -> None:
+        """A resumed run's best so far, from its restored evaluations; the -best file is trusted only
+        if it holds that step (else it is written now, if the LoRA is still the best one)."""
+        where = best_index(run.evals, best_by)
+        if where is None:
+            return
+        best["step"] = run.evals[where]["step"]
+        if not keep_best:
+            return
+        path = out / best_lora_name(lora_name)
+        if saved_step(path) == best["step"]:
+            best["path"] = path
+        elif best["step"] == run.steps_done:
+            best["path"] = save(path.name)
+
+    restore_best()
+    if run.steps_done == 0 and not run.evals:  # a run stopped during its step-0 evaluation has it already
+        evaluate()
+    stopped = early = False
     try:
         while not run.done:
             if should_stop is not None and should_stop():
@@ -105,11 +158,19 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
                 break
             report(run.step())
             step = run.steps_done
-            if (run.cfg.eval_every and step % run.cfg.eval_every == 0) or step == run.cfg.steps:
-                report(run.evaluate())
+            evaluated = (run.cfg.eval_every and step % run.cfg.eval_every == 0) or step == run.cfg.steps
+            if evaluated:
+                evaluate()
             if run.cfg.save_every and step % run.cfg.save_every == 0:
                 save_state()
                 save(f"{Path(lora_name).stem}-step{step:05d}.safetensors")
+            if evaluated and not run.done and stalled(run.evals, best_by, patience):
+                early = True
+                warnings.warn(f"early stop at step {step}: {best_by} has not improved on its best (step "
+                              f"{best['step']}) for {patience} evaluations; the LoRA of step {step} is saved "
+                              f"as {lora_name}" + (f", the best as {best_lora_name(lora_name)}."
+                                                   if best["path"] is not None else "."))
+                break
     except KeyboardInterrupt:
         stopped = True
         warnings.warn(f"training interrupted at step {run.steps_done}; saving the LoRA trained so far as "
@@ -125,4 +186,5 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
     if stopped:
         save_state()
     path = save(partial_path(lora_name).name if stopped else lora_name)
-    return TrainResult(lora_path=path, history=run.history, evals=run.evals, stopped_early=stopped)
+    return TrainResult(lora_path=path, history=run.history, evals=run.evals, stopped_early=stopped,
+                       best_path=best["path"], best_step=best["step"], early_stopped=early)
