@@ -1,5 +1,8 @@
 """Writing a run's metrics to disk: one CSV row per optimiser step and a JSON file with everything.
 
+Step rows hold the step's reward, loss (with any penalties), K, gradient norm, whether it was skipped,
+and the penalties' values: pull (toward the base model; 0 when kl_weight is 0) and lora_l2.
+
 Rows of an evaluated step (and the step-0 row) also hold the held-out numbers: eval_reward, one
 ``judge_<name>`` column per judge (`TrainConfig.judges`) and diversity.
 """
@@ -18,7 +21,7 @@ def write_metrics(out_dir: str | Path, history: Sequence[dict[str, Any]],
     out.mkdir(parents=True, exist_ok=True)
     eval_at = {e["step"]: eval_columns(e) for e in evals}
     judges = list(dict.fromkeys(name for e in evals for name in e.get("judges") or {}))
-    columns = ["step", "reward", "loss", "k", "grad_norm", "skipped", "eval_reward",
+    columns = ["step", "reward", "loss", "k", "grad_norm", "skipped", "pull", "lora_l2", "eval_reward",
                *(f"judge_{name}" for name in judges), "diversity"]
     csv_path = out / "metrics.csv"
     with csv_path.open("w", newline="") as f:

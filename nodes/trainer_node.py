@@ -36,6 +36,7 @@ from alignprop_core.lora import check_lora_fits, load_lora, lora_modules, remove
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.files.prompts import parse_prompts
+from alignprop_core.training.best import best_lora_name
 from alignprop_core.training.evaluate import evaluate
 from alignprop_core.training.trainer import train
 
@@ -192,11 +193,13 @@ class AlignPropTrainer(io.ComfyNode):
                                     f"(no training state at {state_file}); turn resume off to start anew.")
         check_clip(model, clip)
         check_writable(os.path.dirname(requested), "the loras folder")  # the last check: it makes the folder
-        path = requested if overwrite else str(numbered_path(requested))
+        # without overwrite, a name whose final or best LoRA exists gets the next free number
+        companions = (best_lora_name,) if cfg.keep_best else ()
+        path = requested if overwrite else str(numbered_path(requested, companions))
 
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
-        preview_cfg = dataclasses.replace(cfg, eval_batch_size=1, eval_latents=1)
+        preview_cfg = dataclasses.replace(cfg, eval_batch_size=1, eval_latents=1, best_by="reward")
 
         def preview(step: int) -> tuple[tuple, float]:
             """ComfyUI's preview tuple for the first held-out prompt, and its reward; the live view

@@ -120,11 +120,12 @@ def test_judges_score_the_evaluated_images_and_reach_the_csv(tmp_path):
 
     csv_path, _ = write_metrics(tmp_path, run.history, run.evals, {})
     rows = list(csv.DictReader(csv_path.open()))
-    assert list(rows[0]) == ["step", "reward", "loss", "k", "grad_norm", "skipped", "eval_reward",
+    assert list(rows[0]) == ["step", "reward", "loss", "k", "grad_norm", "skipped", "pull", "lora_l2", "eval_reward",
                              "judge_smoothness", "judge_color_target", "diversity"]
     assert [r["step"] for r in rows] == ["0", "1"]
     assert float(rows[1]["judge_smoothness"]) == record["judges"]["smoothness"]
     assert float(rows[1]["diversity"]) == record["diversity"] and float(rows[0]["diversity"]) > 0
+    assert float(rows[1]["pull"]) == 0.0 and float(rows[1]["lora_l2"]) == run.history[0]["lora_l2"]
 
 
 def test_given_judges_are_recorded_and_best_by_is_checked_against_them():
@@ -212,3 +213,32 @@ def test_a_resumed_run_recomputes_the_best_from_its_evaluations(tmp_path, last, 
     assert [e["judges"]["scripted"] for e in result.evals] == pytest.approx(values)
     assert result.best_step == best_step and result.best_path == tmp_path / BEST
     assert load_lora(tmp_path / BEST).metadata["alignprop.step"] == str(best_step)
+
+
+def test_a_numbered_name_is_free_only_if_its_best_lora_is_free_too(tmp_path):
+    from alignprop_core.files.outputs import numbered_path
+    from alignprop_core.training.best import best_lora_name
+
+    requested = tmp_path / "run.safetensors"
+    assert numbered_path(requested, (best_lora_name,)) == requested
+    (tmp_path / "run-best.safetensors").write_bytes(b"")  # left by a cancelled run
+    assert numbered_path(requested) == requested  # without companions only the name itself counts
+    assert numbered_path(requested, (best_lora_name,)) == tmp_path / "run_00001.safetensors"
+
+
+def test_the_evaluation_table_marks_the_best_row_and_names_every_number():
+    from alignprop_core.eval_table import evaluation_table
+
+    evals = [{"step": 0, "eval_reward": -2.0, "judges": {"toy_blobs": 0.5}, "diversity": 0.21},
+             {"step": 25, "eval_reward": -1.5, "judges": {"toy_blobs": 0.625}, "diversity": 0.2},
+             {"step": 50, "eval_reward": -1.25, "judges": {"toy_blobs": 0.5}, "diversity": None}]
+    lines = evaluation_table(evals, best_step=25, best_path="/loras/x-best.safetensors",
+                             early_stopped=True).splitlines()
+    assert lines[0].split() == ["step", "reward", "toy_blobs", "diversity"]
+    assert lines[1].split() == ["0", "-2.0000", "0.5000", "0.2100"]
+    assert lines[2].split() == ["25", "*", "-1.5000", "0.6250", "0.2000"]
+    assert lines[3].split() == ["50", "-1.2500", "0.5000", "-"]
+    assert lines[4] == "* best evaluation: step 25, LoRA /loras/x-best.safetensors"
+    assert lines[5].startswith("stopped early after step 50")
+    assert evaluation_table([]) == "no held-out evaluation was run"
+    assert evaluation_table(evals[:1]).splitlines()[0].split() == ["step", "reward", "toy_blobs", "diversity"]

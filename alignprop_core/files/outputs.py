@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_BYTES = 255  # one path component on ext4, APFS, NTFS (in UTF-16 units there, about the same)
@@ -63,14 +63,23 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + PARTIAL + path.suffix)
 
 
-def numbered_path(path: str | os.PathLike) -> Path:
-    """`path` if free, else the first free ``<stem>_00001<suffix>``, ``_00002``, ... beside it."""
+def numbered_path(path: str | os.PathLike, companions: Sequence[Callable[[str], str]] = ()) -> Path:
+    """`path` if free, else the first free ``<stem>_00001<suffix>``, ``_00002``, ... beside it.
+
+    `companions` map a file name to the name of a file written beside it (e.g. the best LoRA's);
+    a candidate is free only if those are free too.
+    """
     path = Path(path)
-    if not os.path.lexists(path):
+
+    def free(candidate: Path) -> bool:
+        return not any(os.path.lexists(candidate.with_name(name))
+                       for name in (candidate.name, *(c(candidate.name) for c in companions)))
+
+    if free(path):
         return path
     for n in range(1, 100000):
         candidate = path.with_name(f"{path.stem}_{n:05d}{path.suffix}")
-        if not os.path.lexists(candidate):
+        if free(candidate):
             return candidate
     raise FileExistsError(f"{path} and 99999 numbered versions of it exist; choose another name.")
 

@@ -29,7 +29,9 @@ TRAINER_WIDGETS = {"prompts", "prompt_file", "eval_prompts", "lora_name", "steps
 CHANGED = {"grad_accum": 2, "lr_schedule": "cosine", "lr_warmup_steps": 1, "weight_decay": 0.01, "adam_beta1": 0.8,
            "adam_beta2": 0.99, "adam_eps": 1e-6, "max_grad_norm": 0.5,
            "eval_every": 1, "eval_seed": 7, "eval_latents": 2, "eval_batch_size": 1, "save_every": 1,
+           "best_by": "diversity", "keep_best": False, "early_stop_evals": 3,
            "loss": "target", "reward_target": 0.5, "reward_augment": "hflip", "negative_prompt": "blurry",
+           "kl_weight": 0.5, "lora_l2_weight": 0.1,
            "rank": 2, "alpha": 1.0, "target_modules": "to_q, to_v", "init_seed": 5}
 LORA_FIELDS = {f.name for f in fields(LoraConfig)}
 
@@ -67,7 +69,7 @@ def test_trainer_shows_at_most_15_widgets_and_each_setting_on_one_node(server):
     defaults = {**{f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)},
                 **{f.name: getattr(LoraConfig(), f.name) for f in fields(LoraConfig)}}
     for name, default in defaults.items():
-        if name == "reward":
+        if name in ("reward", "judges"):  # sockets, fed by reward nodes
             continue
         expected = ["AlignProp_LoraSettings"] if name in LORA_FIELDS else None
         assert len(holders.get(name, [])) == 1, (name, holders.get(name))
@@ -126,3 +128,33 @@ def test_init_lora_with_lora_settings_is_refused(server, sd15_checkpoint):
     assert entry["status"]["status_str"] == "error", _messages(entry)
     assert "init_lora and lora_settings are both connected" in _messages(entry), _messages(entry)
     assert sorted(p.name for p in path.parent.iterdir()) == ["init.safetensors"]  # nothing written
+
+
+def test_judges_pick_the_best_lora_and_reach_the_outputs(server, sd15_checkpoint):
+    """AlignProp Judges on the trainer's judges socket: every evaluation is judged, best_by names the
+    judge, the best LoRA is written beside the final one, and the evaluation table and best path are
+    outputs; the pull toward the base model runs on the ComfyUI model (kl_weight)."""
+    name = "alignprop_settings/judged"
+    graph = trainer_graph(sd15_checkpoint, name, steps=2, eval_every=1, eval_prompts="cat", best_by="color_target",
+                          kl_weight=1.0, lora_l2_weight=0.1)
+    graph["30"] = {"class_type": "AlignProp_SimpleReward",
+                   "inputs": {"kind": "color_target", "red": 0.0, "green": 0.0, "blue": 1.0}}
+    graph["31"] = {"class_type": "AlignProp_Judges", "inputs": {"judge_1": ["30", 0]}}
+    graph["4"]["inputs"]["judges"] = ["31", 0]
+    graph["32"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 5]}}
+    graph["33"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 6]}}
+    entry = server.run(graph, timeout=900)
+    table, best_path = (entry["outputs"][node]["text"][0] for node in ("32", "33"))
+    folder = server.models_dir / "loras" / "alignprop_settings"
+    config = json.loads(load_lora(folder / "judged.safetensors").metadata["alignprop.config"])
+    assert config["train"]["judges"] == ["color_target[target=[0.0, 0.0, 1.0]]"], config["train"]["judges"]
+    assert config["train"]["kl_weight"] == 1.0 and config["train"]["best_by"] == "color_target"
+    lines = table.splitlines()
+    assert lines[0].split() == ["step", "reward", "color_target"], table
+    rows = [line.split() for line in lines[1:4]]
+    assert [r[0] for r in rows] == ["0", "1", "2"], table
+    judged = [float(r[-1]) for r in rows]
+    best_step = judged.index(max(judged))
+    assert rows[best_step][1] == "*", table  # the best row is marked
+    assert best_path == str(folder / "judged-best.safetensors"), best_path
+    assert load_lora(best_path).metadata["alignprop.step"] == str(best_step)

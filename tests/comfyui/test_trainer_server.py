@@ -26,7 +26,9 @@ TRAIN = {"steps": 2, "batch_size": 1, "lr": 1e-3, "width": 64, "height": 64, "se
          "grad_accum": 1, "lr_schedule": "constant", "lr_warmup_steps": 0, "weight_decay": 1e-4, "adam_beta1": 0.9,
          "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0, "mixed_precision": "no",
          "eval_every": 0, "eval_seed": 1234, "eval_latents": 1, "eval_batch_size": 2, "save_every": 0,
+         "best_by": "reward", "keep_best": True, "early_stop_evals": 0,
          "loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "negative_prompt": "",
+         "kl_weight": 0.0, "lora_l2_weight": 0.0,
          "rank": 4, "alpha": 4.0, "target_modules": "to_q, to_k, to_v, to_out.0", "init_seed": 0}
 # the trainer's settings sockets: socket -> (settings node, node id in trainer_graph, the inputs it holds)
 SETTINGS_NODES = {
@@ -34,8 +36,10 @@ SETTINGS_NODES = {
                   ("grad_accum", "lr_schedule", "lr_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
                    "adam_eps", "max_grad_norm", "mixed_precision")),
     "evaluation": ("AlignProp_EvaluationSettings", "22",
-                   ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every")),
-    "objective": ("AlignProp_ObjectiveSettings", "23", ("loss", "reward_target", "reward_augment", "negative_prompt")),
+                   ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every", "best_by",
+                    "keep_best", "early_stop_evals")),
+    "objective": ("AlignProp_ObjectiveSettings", "23", ("loss", "reward_target", "reward_augment", "negative_prompt",
+                                                        "kl_weight", "lora_l2_weight")),
     "lora_settings": ("AlignProp_LoraSettings", "24", ("rank", "alpha", "target_modules", "init_seed")),
 }
 RES_TARGETS = "to_q, to_k, to_v, to_out.0, conv1, conv2, time_emb_proj, conv_shortcut"  # + res blocks
