@@ -127,6 +127,9 @@ def test_on_save_gets_every_lora_file_the_trainer_writes(tmp_path):
     saved = []
     result = train(make_backend(torch.float32), make_reward("color_target"), PROMPTS, EVAL, sampler, lora, cfg,
                    out_dir=tmp_path, lora_name="run", on_save=saved.append)
-    assert [p.name for p in saved] == ["run-step00002.safetensors", "run-step00004.safetensors",
+    # the best LoRA is written at the step-0 evaluation, and again at step 4's if that one is better
+    improved = result.evals[1]["eval_reward"] > result.evals[0]["eval_reward"]
+    assert [p.name for p in saved] == ["run-best.safetensors", "run-step00002.safetensors",
+                                       *["run-best.safetensors"] * improved, "run-step00004.safetensors",
                                        "run.safetensors"]
     assert saved[-1] == result.lora_path and all(p.is_file() for p in saved)
