@@ -336,6 +336,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora_name = check_outputs(args, train.keep_best)
         # 2. the reward (may load a reward model), then the diffusion model and the run itself
         reward = _build_reward(spec)
+        from .training.run import check_trainable
+
+        check_trainable(reward)  # a judge-only reward (toy_blobs) is refused before the model loads
         from .reporting import run_and_report  # torch-heavy imports only once the arguments are valid
 
         if args.threads > 0:

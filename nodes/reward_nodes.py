@@ -26,7 +26,7 @@ Judges = io.Custom("ALIGNPROP_JUDGES")
 CATEGORY = "AlignProp/rewards"
 # Compressibility direction -> core reward name
 JPEG_DIRECTIONS = {"compressible": "jpeg_compressibility", "incompressible": "jpeg_incompressibility"}
-SIMPLE_KINDS = ("smoothness", "color_target")
+SIMPLE_KINDS = ("smoothness", "color_target", "colourfulness")
 
 
 def _device() -> torch.device:
@@ -179,11 +179,12 @@ class SimpleReward(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AlignProp_SimpleReward", display_name="AlignProp Weight-free Reward", category=CATEGORY,
-            description="rewards that need no weights (smoothness, colour target): for trying the pack and for "
-                        "tests",
+            description="rewards that need no weights (smoothness, colour target, colourfulness): for trying "
+                        "the pack, for tests, and as judges (colourfulness shows over-saturation)",
             inputs=[io.Combo.Input("kind", options=list(SIMPLE_KINDS),
                                    tooltip="smoothness: negative total variation; color_target: mean colour "
-                                           "close to (red, green, blue)"),
+                                           "close to (red, green, blue); colourfulness: Hasler-Suesstrunk "
+                                           "colourfulness"),
                     io.Float.Input("red", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="color_target red"),
                     io.Float.Input("green", default=0.55, min=0.0, max=1.0, step=0.01, tooltip="color_target green"),
                     io.Float.Input("blue", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="color_target blue")],
@@ -231,12 +232,14 @@ class RewardJudges(io.ComfyNode):
             inputs=[Reward.Input("judge_1", tooltip="a reward to judge the held-out images with (e.g. CLIP "
                                                     "score or HPS while training on aesthetics)"),
                     Reward.Input("judge_2", optional=True, tooltip="optional second judge"),
-                    Reward.Input("judge_3", optional=True, tooltip="optional third judge")],
+                    Reward.Input("judge_3", optional=True, tooltip="optional third judge"),
+                    Judges.Input("judges", optional=True, tooltip="judges of another AlignProp Judges node, "
+                                 "listed first: chain nodes for more than three")],
             outputs=[Judges.Output(display_name="judges")])
 
     @classmethod
-    def execute(cls, judge_1, judge_2=None, judge_3=None):
-        return io.NodeOutput([j for j in (judge_1, judge_2, judge_3) if j is not None])
+    def execute(cls, judge_1, judge_2=None, judge_3=None, judges=None):
+        return io.NodeOutput([*(judges or []), *(j for j in (judge_1, judge_2, judge_3) if j is not None)])
 
 
 class ScoreImages(io.ComfyNode):

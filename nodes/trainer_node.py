@@ -246,6 +246,10 @@ class AlignPropTrainer(io.ComfyNode):
             if node_id:
                 PromptServer.instance.send_progress_text(text, node_id)
 
+        def show_saved(saved) -> None:
+            if saved.name != best_lora_name(os.path.basename(path)):  # the live view names the run's own LoRA
+                live.set_lora(str(saved))
+
         def should_stop() -> bool:
             return trained["cancelled"] or mm.processing_interrupted()
 
@@ -260,7 +264,7 @@ class AlignPropTrainer(io.ComfyNode):
                                    out_dir=os.path.dirname(path), lora_name=os.path.basename(path),
                                    on_step=on_step, should_stop=should_stop, init_lora=init_lora,
                                    state_dir=state_dir, resume_from=state_file if resume else None, judges=judges,
-                                   overwrite=overwrite, on_save=lambda saved: live.set_lora(str(saved)))
+                                   overwrite=overwrite, on_save=show_saved)
                 except torch.OutOfMemoryError as err:
                     raise RuntimeError(_out_of_memory_message(err, trained, cfg, sampler, path)) from err
                 finally:

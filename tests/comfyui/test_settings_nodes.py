@@ -140,20 +140,24 @@ def test_judges_pick_the_best_lora_and_reach_the_outputs(server, sd15_checkpoint
     graph["30"] = {"class_type": "AlignProp_SimpleReward",
                    "inputs": {"kind": "color_target", "red": 0.0, "green": 0.0, "blue": 1.0}}
     graph["31"] = {"class_type": "AlignProp_Judges", "inputs": {"judge_1": ["30", 0]}}
-    graph["4"]["inputs"]["judges"] = ["31", 0]
+    # a second Judges node chained after the first: its judge comes after, named with #2
+    graph["34"] = {"class_type": "AlignProp_SimpleReward",
+                   "inputs": {"kind": "color_target", "red": 1.0, "green": 0.0, "blue": 0.0}}
+    graph["35"] = {"class_type": "AlignProp_Judges", "inputs": {"judge_1": ["34", 0], "judges": ["31", 0]}}
+    graph["4"]["inputs"]["judges"] = ["35", 0]
     graph["32"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 5]}}
     graph["33"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 6]}}
     entry = server.run(graph, timeout=900)
     table, best_path = (entry["outputs"][node]["text"][0] for node in ("32", "33"))
     folder = server.models_dir / "loras" / "alignprop_settings"
     config = json.loads(load_lora(folder / "judged.safetensors").metadata["alignprop.config"])
-    assert config["train"]["judges"] == ["color_target[target=[0.0, 0.0, 1.0]]"], config["train"]["judges"]
+    assert config["train"]["judges"] == ["color_target[target=[0.0, 0.0, 1.0]]", "color_target[target=[1.0, 0.0, 0.0]]"]
     assert config["train"]["kl_weight"] == 1.0 and config["train"]["best_by"] == "color_target"
     lines = table.splitlines()
-    assert lines[0].split() == ["step", "reward", "color_target"], table
+    assert lines[0].split() == ["step", "reward", "color_target", "color_target#2"], table
     rows = [line.split() for line in lines[1:4]]
     assert [r[0] for r in rows] == ["0", "1", "2"], table
-    judged = [float(r[-1]) for r in rows]
+    judged = [float(r[-2]) for r in rows]  # the first judge, which best_by names
     best_step = judged.index(max(judged))
     assert rows[best_step][1] == "*", table  # the best row is marked
     assert best_path == str(folder / "judged-best.safetensors"), best_path
