@@ -20,6 +20,7 @@ from alignprop_core.training.diversity import downsample, held_out_diversity, me
 from alignprop_core.training.evaluate import eval_entries, evaluate
 from alignprop_core.training.run import TrainRun
 from alignprop_core.training.trainer import train
+from test_trainer import _stop_after
 from tiny_models import make_backend
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow", "a fish", "a bird"]
@@ -61,16 +62,6 @@ def _train(out_dir=None, judge_values=None, start=0, **kw):
     extra = {k: v for k, v in kw.items() if k not in TrainConfig.__dataclass_fields__}
     return train(make_backend(torch.float32), make_reward("color_target"), PROMPTS, EVAL, sampler, lora, cfg,
                  out_dir=out_dir, judges=judges, **extra)
-
-
-def _stop_after(n):
-    calls = {"n": 0}
-
-    def should_stop():
-        calls["n"] += 1
-        return calls["n"] > n
-
-    return should_stop
 
 
 # -- toy_blobs -------------------------------------------------------------------------------------
