@@ -193,8 +193,9 @@ class AlignPropTrainer(io.ComfyNode):
                                     f"(no training state at {state_file}); turn resume off to start anew.")
         check_clip(model, clip)
         check_writable(os.path.dirname(requested), "the loras folder")  # the last check: it makes the folder
-        # without overwrite, a name whose final or best LoRA exists gets the next free number
-        companions = (best_lora_name,) if cfg.keep_best else ()
+        # without overwrite, a name whose final or best LoRA exists gets the next free number; a resumed
+        # run continues the run that wrote its best LoRA, so only the final name counts then
+        companions = (best_lora_name,) if cfg.keep_best and not resume else ()
         path = requested if overwrite else str(numbered_path(requested, companions))
 
         node_id = cls.hidden.unique_id
