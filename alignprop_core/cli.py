@@ -5,8 +5,9 @@ Every field of SamplerConfig, LoraConfig and TrainConfig is a flag (`--sampler-s
 A run writes the LoRA (.safetensors), the LoRA of its best evaluation (<name>-best.safetensors, by
 --best-by; --no-keep-best skips it), metrics.csv / metrics.json, reward_curve.png and before_after.png
 into --out. --judges adds rewards that only score the held-out images (e.g. toy_blobs, the toy world's
-weight-free blob count), so a hacked training reward shows against them. `demo` trains on the shipped toy world (a shapes model pretrained by
-`alignprop_core.toy.pretrain`) toward the toy_count reward: draw as many shapes as the prompt asks.
+weight-free blob count), so a hacked training reward shows against them. `demo` trains on the shipped
+toy world (a shapes model pretrained by `alignprop_core.toy.pretrain`) toward the toy_count reward:
+draw as many shapes as the prompt asks.
 
 Every error is one line, ``alignprop: error: ...`` on stderr, exit code 2 (``--debug`` adds the
 traceback). Files, the device, the reward and its arguments and the output names are checked before

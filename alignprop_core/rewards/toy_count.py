@@ -66,7 +66,7 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
     if kind not in KINDS:
         raise ValueError(f"toy_count kind={kind!r} is not known; use one of {', '.join(KINDS)}.")
     from alignprop_core.toy.classifier import load_classifier
-    from alignprop_core.toy.counting import count_shapes
+    from .toy_blobs import make_toy_blobs  # here: toy_blobs imports this module's toy_targets
 
     try:
         classifier = load_classifier(Path(weights_path) if weights_path else None)
@@ -76,6 +76,8 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
         raise ValueError(f"toy classifier weights {weights_path} cannot be read ({load_error_reason(err)}); "
                          "give a file written by `python -m alignprop_core.toy.pretrain`, or leave "
                          "weights_path unset for the shipped classifier.") from err
+
+    blob_referee = make_toy_blobs()
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_images(images, prompts)
@@ -89,15 +91,15 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
     @torch.no_grad()
     def report(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """Share of images whose predicted count / colour / shape is the one the prompt asks for, and
-        share whose separate blobs, counted by `toy.counting.count_shapes`, number as requested."""
+        share whose separate blobs number as requested (the `toy_blobs` judge's mean)."""
         targets = toy_targets(check_prompts(prompts, "toy_count"), ("count", "colour", "shape"))
         classifier.to(images.device)
         logits = classifier(images.float())
         out = {f"{a}_accuracy": float((logits[a].argmax(1).cpu() == targets[:, j]).float().mean())
                for j, a in enumerate(("count", "colour", "shape"))}
         out["count_probability"] = float(logits["count"].softmax(1).cpu().gather(1, targets[:, :1]).mean())  # T = 1
-        # the weight-free referee: separate blobs counted in the pixels (cannot be fooled like the CNN)
-        out["counted_blobs_accuracy"] = float((count_shapes(images).cpu() == targets[:, 0] + 1).float().mean())
+        # the weight-free referee, toy_blobs: separate blobs counted in the pixels (cannot be fooled like the CNN)
+        out["counted_blobs_accuracy"] = float(blob_referee(images, prompts).mean())
         return out
 
     # the report is what the demo prints before and after training
