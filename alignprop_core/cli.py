@@ -12,6 +12,10 @@ draw as many shapes as the prompt asks.
 Every error is one line, ``alignprop: error: ...`` on stderr, exit code 2 (``--debug`` adds the
 traceback). Files, the device, the reward and its arguments and the output names are checked before
 any model is loaded, so a typo fails in a second, not after loading or training.
+
+Started by `torchrun --nproc-per-node N` or `accelerate launch --num_processes N`, every rank runs
+the same command and trains on its share of each batch (`parallel`): --batch-size is per rank, so the
+global batch is N x --batch-size x --grad-accum; rank 0 alone writes and reports.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict, with_input_
 from .files.outputs import check_writable, claim, lora_file_name
 from .files.prompts import read_prompts, shipped_prompts
 from .models.loading import model_folder_info
+from .parallel.world import DistConfig, init_world, launched_ranks, rank_device, single_process
 from .sampling.chain import check_flow_eta
 from .sampling.sampler import check_model_takes
 from .rewards import REWARDS, build_reward
@@ -194,7 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
         for prefix, cls in CONFIGS:
             _add_config_flags(p, prefix, cls, defaults[[c for _, c in CONFIGS].index(cls)])
+        _add_config_flags(p, "dist-", DistConfig, DistConfig())  # used when a launcher starts ranks
     return parser
+
+
+def dist_config(args: argparse.Namespace) -> DistConfig:
+    """The --dist-* flags as a DistConfig; errors name the flags."""
+    try:
+        return DistConfig(**{f.name: getattr(args, "dist_" + f.name) for f in fields(DistConfig)})
+    except ValueError as err:
+        raise ValueError(str(err).replace("DistConfig.backend", "--dist-backend")
+                         .replace("DistConfig.timeout_s", "--dist-timeout-s")) from err
 
 
 def check_device(name: str, train: TrainConfig) -> torch.device:
@@ -311,13 +326,16 @@ def _remove_if_empty(folder: Path, outermost: Path) -> None:
             return
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Execute a parsed `train` or `demo` command; returns a summary dict (also printed)."""
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Execute a parsed `train` or `demo` command; returns a summary dict (also printed), or None on
+    a rank other than 0 of a data-parallel run (rank 0 reports)."""
     # 1. cheap checks, in the order a user reads the command line; no model is loaded yet
     sampler, lora, train = _configs_from_args(args)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}.")
-    device = check_device(args.device, train)
+    device = rank_device(check_device(args.device, train))
+    dist = dist_config(args)
+    ranks = launched_ranks()
     demo = args.command == "demo"
     prompts = read_prompts(args.prompts, "--prompts file") if args.prompts else shipped_prompts("toy_train")
     eval_prompts = (read_prompts(args.eval_prompts, "--eval-prompts file") if args.eval_prompts
@@ -344,9 +362,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        return run_and_report(args.model, reward, prompts, eval_prompts, sampler, lora, train,
-                              out_dir=args.out, lora_name=lora_name, resume_from=args.resume,
-                              device=device, overwrite=args.overwrite)
+        # every rank has passed the same checks; now they meet (a launcher started more than one)
+        world = init_world(device, dist) if ranks > 1 else single_process()
+        try:
+            return run_and_report(args.model, reward, prompts, eval_prompts, sampler, lora, train,
+                                  out_dir=args.out, lora_name=lora_name, resume_from=args.resume,
+                                  device=device, overwrite=args.overwrite, world=world)
+        finally:
+            world.close()
     except BaseException:
         if created is not None:
             _remove_if_empty(args.out, created)
@@ -374,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(error_line(err), file=sys.stderr)
         return 2
+    if summary is None:  # a rank other than 0: rank 0 reports the run
+        return 0
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - started, 1)}, indent=1))
     print(_headline(RewardSpec.parse(summary.get("reward", args.reward)).label, summary), file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ import torch
 from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
 from .lora import set_lora_scale
 from .models.loading import load_backend
+from .parallel.world import World, single_process
 from .plots import plot_reward_curve, save_before_after_grid
 from .rewards import Reward
 from .run_log import write_metrics
@@ -47,10 +48,14 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
                    eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig,
                    cfg: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
                    device: torch.device, overwrite: bool = False,
-                   judges: Sequence[Reward] | None = None) -> dict[str, Any]:
+                   judges: Sequence[Reward] | None = None, world: World | None = None
+                   ) -> dict[str, Any] | None:
     """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`.
 
-    `judges` score every evaluation beside the reward (default: built from cfg.judges)."""
+    `judges` score every evaluation beside the reward (default: built from cfg.judges). On a rank of a
+    data-parallel run (`world`), rank 0 alone samples the before/after grid, writes and returns the
+    summary; the other ranks train and return None."""
+    world = world or single_process()
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
     check_trainable(reward)  # before the model is loaded
@@ -62,13 +67,17 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
     # otherwise only the grid's prompts are sampled again.
     shown = list(eval_prompts) if reward.has_report else list(eval_prompts)[:8]
     grid_prompts = shown[:24]  # two lines of 12 (toy world: every count six times)
+    if not world.writes:
+        train(backend, reward, prompts, eval_prompts, sampler, lora, cfg, out_dir=out_dir, lora_name=lora_name,
+              resume_from=resume_from, overwrite=overwrite, judges=list(named.values()), world=world)
+        return None
     before_scores, before = evaluate(backend, reward, shown, sampler, cfg, return_images=True)
 
     bar, on_step = _progress(cfg.steps)
     try:
         result = train(backend, reward, prompts, eval_prompts, sampler, lora, cfg, out_dir=out_dir,
                        lora_name=lora_name, resume_from=resume_from, on_step=on_step, overwrite=overwrite,
-                       judges=list(named.values()))
+                       judges=list(named.values()), world=world)
     finally:
         bar.close()
 

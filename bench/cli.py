@@ -1,6 +1,6 @@
 """Command line: `python -m bench run --out bench/results [--quick] [--model tiny] [--reward ...]`.
 
-Runs the five benchmarks (or those named with --only), writes results.json, RESULTS.md and
+Runs the benchmarks (or those named with --only; --merge keeps the other items of an earlier run), writes results.json, RESULTS.md and
 the PNG plots into --out. `--quick` shrinks repeats, sweeps and budgets to finish in a few minutes.
 The sample-efficiency model and reward are options, so the pretrained toy world is one flag away:
 `--efficiency-model alignprop_core/data/toy_world --efficiency-reward toy_count`.
@@ -17,11 +17,11 @@ import torch
 
 from alignprop_core.cli import parse_reward_args
 from alignprop_core.config import REWARD_AUGMENTS
-from bench import efficiency, estimators, memory, overhead, plots, reference, scaling
+from bench import data_parallel, efficiency, estimators, memory, overhead, plots, reference, scaling
 from bench.machine import describe, load_average
 from bench.report import render, write_readme_summary
 
-ITEMS = ("overhead", "memory", "reference", "efficiency", "scaling", "estimators")
+ITEMS = ("overhead", "memory", "reference", "efficiency", "scaling", "estimators", "data_parallel")
 
 
 @dataclass
@@ -67,6 +67,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--quick", action="store_true", help="small sweeps and budgets (a few minutes)")
     r.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS), help="benchmarks to run")
     r.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    r.add_argument("--merge", action="store_true", help="keep the other items of --out's results.json "
+                   "(run some items again without the rest)")
     r.add_argument("--reward", default="smoothness", help="reward of items 1, 2, 3 and 5")
     r.add_argument("--memory-model", default="alignprop_core/data/toy_world",
                    help="model of item 2 (tiny | small | folder; default: the toy world)")
@@ -152,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results: dict = {"machine": describe("cpu", args.threads).as_dict(), "quick": args.quick,
-                     "args": vars(args)}
+    earlier = out / "results.json"
+    results: dict = json.loads(earlier.read_text()) if args.merge and earlier.exists() else {}
+    kept = {k: results[k] for k in ("machine", "quick", "args", "minutes", "load_end") if k in results}
+    results.update({"machine": describe("cpu", args.threads).as_dict(), "quick": args.quick, "args": vars(args)})
     if "overhead" in args.only:
         results["overhead"] = overhead.run(plan.overhead_models, plan.repeats, args.threads, args.reward)
     if "memory" in args.only:
@@ -203,8 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         results["scaling"] = scaling.run(args.scaling_model, args.reward, plan.resolutions, plan.step_counts,
                                          plan.memory_repeats + 1, args.threads, plan.sd15_px, plan.sd15_steps)
         plots.scaling(results["scaling"], out)
+    if "data_parallel" in args.only:
+        results["data_parallel"] = data_parallel.run(plan.repeats, rounds=3 if not args.quick else 1)
     results["load_end"] = load_average()
     results["minutes"] = (time.perf_counter() - t0) / 60
+    if kept:  # the earlier run's machine and times head the page; this run is a note
+        m = results["machine"]
+        results.setdefault("notes", []).append(
+            f"{', '.join(args.only)} measured again on their own ({time.strftime('%Y-%m-%d')}, "
+            f"{results['minutes']:.1f} min, load {tuple(m['load_start'])} -> {tuple(results['load_end'])}) "
+            "and merged with --merge")
+        results.update(kept)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "RESULTS.md").write_text(render(results), encoding="utf-8")
     if args.readme:

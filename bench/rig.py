@@ -15,6 +15,7 @@ import torch
 from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
 from alignprop_core.models.backend import DiffusionBackend, diffusers_backend
 from alignprop_core.lora import add_lora
+from alignprop_core.parallel import World
 from alignprop_core.rewards import RewardFn, make_reward
 from alignprop_core.sampling.sampler import sample_images
 from alignprop_core.training.step import make_optimizer, make_scaler, optimizer_step
@@ -59,11 +60,12 @@ class Rig:
     scaler: torch.amp.GradScaler
     gen: torch.Generator
     prompts: Sequence[str]
+    world: World | None = None  # a rank of a data-parallel run; None: one process
 
     def train_step(self) -> dict[str, Any]:
         """One AlignProp optimiser step, through the library's trainer."""
         return optimizer_step(self.backend, self.reward_fn, self.prompts, self.sampler, self.train,
-                              self.params, self.optimizer, self.scaler, self.gen, step=0)
+                              self.params, self.optimizer, self.scaler, self.gen, step=0, world=self.world)
 
     def sample(self) -> torch.Tensor:
         """No-grad sampling of the same T steps plus decode, same batch size, same prompts."""

@@ -98,6 +98,10 @@ CLI_ROWS: list[BadInput] = [
          ("--best-by", "diversity", "--eval-latents", "1"), "--best-by='diversity' needs at least two images",
          "--eval-latents >= 2"),
     _cli("kl-weight-negative", "--kl-weight", "-1", ("--kl-weight", "-1"), "--kl-weight must be >= 0"),
+    _cli("dist-backend-unknown", "--dist-backend", "mpi", ("--dist-backend", "mpi"),
+         "--dist-backend='mpi' is not known", "auto, gloo, nccl"),
+    _cli("dist-timeout-zero", "--dist-timeout-s", "0", ("--dist-timeout-s", "0"),
+         "--dist-timeout-s must be a positive number of seconds"),
     # device
     _cli("device-bogus", "--device", "bogus", ("--device", "bogus"), "--device 'bogus'", "cpu, cuda"),
     _cli("device-meta", "--device", "meta", ("--device", "meta"), "--device 'meta'"),

@@ -20,6 +20,8 @@ import torch
 from .spec import RewardSpec
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
+# per-component batch (means, population variances) -> those of the global batch over all ranks
+StatsPool = Callable[[list[float], list[float]], tuple[list[float], list[float]]]
 
 
 class Reward:
@@ -50,6 +52,11 @@ class Reward:
     def scoring_only(self) -> Iterator[None]:
         """Score inside this block without updating the reward's state (e.g. for evaluation)."""
         yield
+
+    def pool_batch_statistics(self, pool: StatsPool | None) -> None:
+        """Statistics a reward keeps of its training batches are to be pooled by `pool` (a
+        data-parallel run: one rank scores only its rows of the global batch); a stateless reward
+        keeps none."""
 
     def report(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """Extra numbers about a batch beside its reward (e.g. accuracies); {} if there are none."""

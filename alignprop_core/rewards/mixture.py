@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .base import Reward, RewardFn, check_images
+from .base import Reward, RewardFn, StatsPool, check_images
 from .spec import RewardSpec, parse_args, split_outside
 
 TARGET_KEY = "toward"  # reserved spec key: "aesthetic:1[toward=10]" means -|10 - r|
@@ -59,6 +59,7 @@ class MixtureReward(Reward):
         self.standardize, self.momentum, self.eps = standardize, momentum, eps
         self.stats = RunningStats()
         self.update_stats = True  # set False to score (e.g. evaluation) without moving the statistics
+        self.pool: StatsPool | None = None  # pools a batch's statistics over data-parallel ranks
         self.last_components: list[torch.Tensor] = []  # detached shaped components (B,), for logging
         # a part without gradient (e.g. toy_blobs) would be trained on in name only: judge it instead
         self.differentiable = all(getattr(fn, "differentiable", True) for fn in fns)
@@ -73,8 +74,11 @@ class MixtureReward(Reward):
         if self.standardize:
             if self.update_stats:
                 # population variance: a batch of one contributes 0 spread, not NaN
-                self.stats.update([float(p.detach().mean()) for p in parts],
-                                  [float(p.detach().var(unbiased=False)) for p in parts], self.momentum)
+                means = [float(p.detach().mean()) for p in parts]
+                spreads = [float(p.detach().var(unbiased=False)) for p in parts]
+                if self.pool is not None:
+                    means, spreads = self.pool(means, spreads)
+                self.stats.update(means, spreads, self.momentum)
             elif self.stats.batches == 0:
                 raise RuntimeError("standardized mixture called with update_stats=False before any "
                                    "statistics exist; score one training batch first or load a state.")
@@ -83,6 +87,9 @@ class MixtureReward(Reward):
                      for p, m, v in zip(parts, self.stats.mean, self.stats.var)]
         total = sum(w * p for w, p in zip(self.weights, parts))
         return total.to(images.device, torch.float32)
+
+    def pool_batch_statistics(self, pool: StatsPool | None) -> None:
+        self.pool = pool
 
     def state_dict(self) -> dict[str, Any]:
         """Running statistics as plain numbers, for saving with a training state."""

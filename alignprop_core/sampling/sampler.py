@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import SamplerConfig
 from ..models.backend import Cond, Denoiser, DiffusionBackend
+from ..parallel.shard import ONE, Shard
 from .chain import Schedule, Step, check_eta, make_chain
 from .conditioning import batch_conds, can_batch
 
@@ -134,11 +135,12 @@ def _checkpointed_step(x_t: torch.Tensor, args: tuple, fn: Callable = _denoise_s
     return checkpoint(fn, x_t, *args, use_reentrant=True)
 
 
-def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw_noise(x: torch.Tensor, generator: torch.Generator | None, shard: Shard = ONE) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn on the generator's device so a CPU generator gives
-    the same noise on any device."""
+    the same noise on any device; on a rank of a data-parallel run, this rank's rows of the noise of
+    the global batch (`parallel.shard`)."""
     gen_device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+    return shard.randn(tuple(x.shape), generator, device=gen_device, dtype=x.dtype).to(x.device)
 
 
 def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig, pull: BasePull | None = None
@@ -159,7 +161,8 @@ def _grad_step(x: torch.Tensor, args: tuple, cfg: SamplerConfig, pull: BasePull 
 
 def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, cond: Cond,
                    uncond: Cond | None, cfg: SamplerConfig, grad_steps: int,
-                   generator: torch.Generator | None = None, pull: BasePull | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, pull: BasePull | None = None,
+                   shard: Shard = ONE) -> torch.Tensor:
     """Run the sampling chain from x_T; the last `grad_steps` steps are differentiable.
 
     Args:
@@ -174,6 +177,8 @@ def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, co
         pull: when given, every step that carries gradient also runs the base model and appends its
             pull term to `pull.terms` (one more denoiser pass per such step; see `BasePull`). The
             result and the random stream are the same as without it.
+        shard: which rows of the global batch x_T is, on a rank of a data-parallel run: every noise
+            draw is made for the global batch and this rank's rows are kept.
 
     Returns:
         x_0 latents, (B, C, h, w); attached to the graph when grad_steps > 0 and grad is enabled.
@@ -189,7 +194,7 @@ def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, co
     first_grad_step = cfg.steps - grad_steps
     x = x_T
     for i, step in enumerate(chain):
-        noise = _draw_noise(x, generator) if step.needs_noise else None
+        noise = _draw_noise(x, generator, shard) if step.needs_noise else None
         args = (noise, cond, uncond, denoiser, step, cfg)
         if i < first_grad_step or not torch.is_grad_enabled():
             with torch.no_grad():
@@ -197,20 +202,20 @@ def sample_latents(denoiser: Denoiser, schedule: Schedule, x_T: torch.Tensor, co
         else:
             x = _grad_step(x, args, cfg, pull)
     if cfg.estimator == "draft_lv" and grad_steps > 0 and torch.is_grad_enabled():
-        x = torch.cat([x, *_lv_copies(x, chain[-1], cond, uncond, denoiser, cfg, generator, pull)])
+        x = torch.cat([x, *_lv_copies(x, chain[-1], cond, uncond, denoiser, cfg, generator, pull, shard)])
     return x
 
 
 def _lv_copies(x0: torch.Tensor, last: Step, cond: Cond, uncond: Cond | None, denoiser: Denoiser,
                cfg: SamplerConfig, generator: torch.Generator | None,
-               pull: BasePull | None = None) -> list[torch.Tensor]:
+               pull: BasePull | None = None, shard: Shard = ONE) -> list[torch.Tensor]:
     """DRaFT-LV's n extra estimates: the stop-gradient result re-noised to the last step's level
     with fresh noise, then denoised by that step with gradient."""
     clean = x0.detach()
     copies = []
     for _ in range(cfg.lv_samples):
-        x_t = last.renoise(clean, _draw_noise(clean, generator))
-        noise = _draw_noise(clean, generator) if last.needs_noise else None
+        x_t = last.renoise(clean, _draw_noise(clean, generator, shard))
+        noise = _draw_noise(clean, generator, shard) if last.needs_noise else None
         copies.append(_grad_step(x_t, (noise, cond, uncond, denoiser, last, cfg), cfg, pull))
     return copies
 
@@ -276,11 +281,12 @@ def with_guidance(backend: DiffusionBackend, cfg: SamplerConfig, cond: Cond) -> 
 
 def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: SamplerConfig,
                   x_T: torch.Tensor, negative_prompt: str = "", grad_steps: int = 0,
-                  generator: torch.Generator | None = None, pull: BasePull | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, pull: BasePull | None = None,
+                  shard: Shard = ONE) -> torch.Tensor:
     """Prompts + initial noise -> images (B,3,H,W) in [0,1], differentiable through the last K steps.
 
     With the DRaFT-LV estimator and gradient on, ((n + 1) B, 3, H, W): see `sample_latents`, which
-    also says what `pull` collects.
+    also says what `pull` and `shard` do.
     """
     if len(prompts) != x_T.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts but {x_T.shape[0]} initial latents; "
@@ -291,5 +297,5 @@ def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: Sample
         uncond = (with_guidance(backend, cfg, backend.encode_prompts([negative_prompt] * len(prompts)))
                   if cfg.use_cfg else None)
     latents = sample_latents(backend.denoiser, backend.schedule, x_T, cond, uncond, cfg,
-                             grad_steps, generator, pull)
+                             grad_steps, generator, pull, shard)
     return decode_images(backend, latents, cfg.checkpoint_vae)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import torch
 
 from ..config import REWARD_AUGMENTS
+from ..parallel.shard import ONE, Shard
 
 
-def augment_for_reward(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+def augment_for_reward(images: torch.Tensor, kind: str, generator: torch.Generator, shard: Shard = ONE,
+                       blocks: int = 1) -> torch.Tensor:
     """images (B, C, H, W) -> the same images, each through its own random transform of `kind`.
 
     Draws from `generator` (on the CPU) only when kind is not "none", so runs without augmentation
-    keep their random stream.
+    keep their random stream. On a rank of a data-parallel run the transforms are drawn for the global
+    batch and this rank's rows kept (`images` is `blocks` blocks of this rank's prompts).
     """
     if kind == "none":
         return images
@@ -38,8 +41,12 @@ def augment_for_reward(images: torch.Tensor, kind: str, generator: torch.Generat
         raise ValueError(f"reward augmentation 'dihedral' turns images by quarter turns, which needs square "
                          f"images, not {images.shape[-1]}x{images.shape[-2]}; use 'hflip' or square images.")
     n = images.shape[0]
-    mirror = torch.randint(2, (n,), generator=generator).tolist()
-    turns = torch.randint(4, (n,), generator=generator).tolist() if kind == "dihedral" else [0] * n
+
+    def draw(high: int) -> list[int]:
+        return shard.take(torch.randint(high, (n * shard.size,), generator=generator), blocks).tolist()
+
+    mirror = draw(2)
+    turns = draw(4) if kind == "dihedral" else [0] * n
     out = []
     for image, m, t in zip(images, mirror, turns):
         image = torch.rot90(image, t, dims=(-2, -1)) if t else image

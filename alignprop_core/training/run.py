@@ -26,6 +26,7 @@ import torch
 from ..config import LoraConfig, SamplerConfig, TrainConfig, judge_names, to_dict
 from ..lora import LoraFile, add_lora, apply_lora_file, lora_state_dict, save_lora, set_lora_state_dict
 from ..models.backend import DiffusionBackend
+from ..parallel.world import World, single_process
 from ..rewards import Reward, RewardFn, as_reward, build_reward
 from ..sampling.sampler import check_sampler_fits
 from .evaluate import evaluate_held_out
@@ -94,12 +95,16 @@ class TrainRun:
         source: where `state` came from, for messages.
         judges: rewards that score each evaluation beside `reward` (default: built from cfg.judges);
             given ones replace cfg.judges by their specs.
+        world: this rank of a data-parallel run (`parallel.world`; default one process). Every rank
+            builds the same run and takes the same steps on its rows of each global batch; the ranks
+            are checked to agree on the configs, prompts and starting state.
     """
 
     def __init__(self, backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
                  eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig, cfg: TrainConfig,
                  init_lora: LoraFile | None = None, state: TrainState | None = None,
-                 source: str | Path = "the training state", judges: Sequence[Reward] | None = None):
+                 source: str | Path = "the training state", judges: Sequence[Reward] | None = None,
+                 world: World | None = None):
         check_run_inputs(backend, prompts, eval_prompts, cfg, sampler)
         self.reward = as_reward(reward, cfg.reward)
         check_trainable(self.reward)
@@ -123,6 +128,12 @@ class TrainRun:
         self.evals: list[dict[str, Any]] = []  # evaluation records (see `evaluate`)
         if state is not None:
             self._load(state)
+        self.world = world or single_process()
+        if self.world.size > 1:
+            self.reward.pool_batch_statistics(self.world.pool_statistics)
+            self.world.check_same(json.dumps([self.config, self.prompts, self.eval_prompts, self.steps_done,
+                                              self.gen.get_state().tolist(), backend.name]),
+                                  "the run's settings, prompts and starting state")
 
     def _load(self, state: TrainState) -> None:
         """Restore every piece of state that influences what comes next."""
@@ -149,7 +160,8 @@ class TrainRun:
         before = self.gen.get_state(), copy.deepcopy(self.reward.state_dict())
         try:
             metrics = optimizer_step(self.backend, self.reward, self.prompts, self.sampler, self.cfg,
-                                     self.params, self.optimizer, self.scaler, self.gen, self.steps_done)
+                                     self.params, self.optimizer, self.scaler, self.gen, self.steps_done,
+                                     self.world)
         except BaseException:
             self.gen.set_state(before[0])
             self.reward.load_state_dict(before[1])

@@ -9,6 +9,9 @@ Two optional penalties limit reward hacking: `TrainConfig.kl_weight` times the p
 model (`sampling.sampler.BasePull`, per micro-batch) and `TrainConfig.lora_l2_weight` times the
 squared size of the LoRA's weight change (`lora.lora_delta_l2`, once per optimiser step: the weights
 do not change between micro-batches).
+
+On a rank of a data-parallel run (`parallel.world`) every draw is made for the global batch and the
+rank keeps its rows (`parallel.shard`); the LoRA gradient is averaged over the ranks before clipping.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from ..config import SamplerConfig, TrainConfig
 from ..lora import adapters_off, lora_delta_l2
 from ..models.backend import DiffusionBackend
+from ..parallel.world import World, single_process
 from ..rewards import RewardFn
 from ..sampling.sampler import BasePull, draw_truncation, sample_images
 from .augment import augment_for_reward
@@ -99,7 +103,7 @@ def _lora_l2(backend: DiffusionBackend, cfg: TrainConfig, scaler: torch.amp.Grad
 def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequence[str],
                    sampler: SamplerConfig, cfg: TrainConfig, params: list[torch.nn.Parameter],
                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   gen: torch.Generator, step: int) -> dict[str, Any]:
+                   gen: torch.Generator, step: int, world: World | None = None) -> dict[str, Any]:
     """cfg.grad_accum micro-batches of sample -> decode -> reward -> backward, then one AdamW step.
 
     Args:
@@ -110,6 +114,10 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
         params, optimizer, scaler: the LoRA parameters, their AdamW and the loss scaler.
         gen: the run's generator; every random draw of the step comes from it.
         step: 0-based index of this step (sets the learning rate).
+        world: this rank of a data-parallel run (`parallel.world`): it samples its cfg.batch_size rows
+            of each micro-batch's global batch (`parallel.shard`), the LoRA gradient is averaged over
+            the ranks before clipping and the metrics are those of the global batch. Default: one
+            process.
 
     Returns:
         The step's metrics: reward, loss (the minimised objective: reward loss plus the weighted
@@ -122,22 +130,24 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
     lr = learning_rate(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    world = world or single_process()
+    shard = world.shard
     rewards, losses, ks, pulls = [], [], [], []
     for _ in range(cfg.grad_accum):
-        idx = torch.randint(len(prompts), (cfg.batch_size,), generator=gen).tolist()
+        idx = shard.randint(len(prompts), cfg.batch_size, gen)
         batch_prompts = [prompts[i] for i in idx]
         shape = backend.latent_shape(cfg.batch_size, cfg.height, cfg.width)
-        x_T = torch.randn(shape, generator=gen).to(backend.device)  # (B, C, H/f, W/f)
+        x_T = shard.randn(shape, gen).to(backend.device)  # (B, C, H/f, W/f)
         k = draw_truncation(sampler, gen)  # once per batch: the whole window is contiguous
         pull = _base_pull(backend, cfg)
         with autocast_context(backend.device, cfg.mixed_precision):
             images = sample_images(backend, batch_prompts, sampler, x_T, cfg.negative_prompt,
-                                   grad_steps=k, generator=gen, pull=pull)
-            scored = augment_for_reward(images.float(), cfg.reward_augment, gen)
+                                   grad_steps=k, generator=gen, pull=pull, shard=shard)
             # DRaFT-LV returns n + 1 estimates per prompt, in blocks of the batch's prompt order
             estimates = images.shape[0] // len(batch_prompts)
+            scored = augment_for_reward(images.float(), cfg.reward_augment, gen, shard, estimates)
             r = reward(scored, batch_prompts * estimates).float()  # (estimates * B,)
-        if not torch.isfinite(r).all():
+        if not world.all_true(bool(torch.isfinite(r).all()), "whether the rewards are finite"):
             optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"the reward returned NaN/Inf for prompts {batch_prompts}; this optimiser "
                           "step is skipped and the LoRA is left unchanged.")
@@ -153,7 +163,9 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
         losses.append(loss.item())
         ks.append(k)
     l2 = _lora_l2(backend, cfg, scaler)
-    loss_mean = sum(losses) / len(losses)
+    world.average_grads(params)  # before unscaling: a rank's inf reaches every rank's check
+    reward_sum, loss_sum, pull_sum = world.sum([sum(rewards), sum(losses), sum(pulls)], "the step's metrics")
+    loss_mean = loss_sum / (len(losses) * world.size)
     if cfg.lora_l2_weight > 0:
         loss_mean += cfg.lora_l2_weight * l2
     scaler.unscale_(optimizer)
@@ -164,6 +176,6 @@ def optimizer_step(backend: DiffusionBackend, reward: RewardFn, prompts: Sequenc
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    return {"reward": sum(rewards) / len(rewards), "loss": loss_mean,
+    return {"reward": reward_sum / (len(rewards) * world.size), "loss": loss_mean,
             "k": ks[0] if len(ks) == 1 else ks, "grad_norm": float(grad_norm), "skipped": False, "lr": lr,
-            "pull": sum(pulls) / len(pulls) if pulls else 0.0, "lora_l2": l2}
+            "pull": pull_sum / (len(pulls) * world.size) if pulls else 0.0, "lora_l2": l2}

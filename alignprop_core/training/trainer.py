@@ -22,6 +22,7 @@ from ..config import LoraConfig, SamplerConfig, TrainConfig
 from ..files.outputs import check_writable, claim, lora_file_name, partial_path
 from ..lora import LoraFile
 from ..models.backend import DiffusionBackend
+from ..parallel.world import World, single_process
 from ..rewards import Reward, RewardFn
 from .best import best_index, best_lora_name, stalled
 from .run import TrainRun, check_run_inputs
@@ -61,7 +62,7 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
           should_stop: Callable[[], bool] | None = None, init_lora: LoraFile | None = None,
           state_dir: str | Path | None = None, overwrite: bool = False,
           on_save: Callable[[Path], None] | None = None,
-          judges: Sequence[Reward] | None = None) -> TrainResult:
+          judges: Sequence[Reward] | None = None, world: World | None = None) -> TrainResult:
     """Fine-tune LoRA weights on `backend.lora_target` to maximise `reward`.
 
     Args:
@@ -86,6 +87,10 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
             work. A resumed run may always replace the -best file: it continues the run that wrote it.
         judges: rewards that score every evaluation beside `reward`, never trained on (default: built
             from cfg.judges).
+        world: this rank of a data-parallel run (`parallel.world`; default one process). Every rank
+            calls `train` alike; rank 0 alone checks and writes files (out_dir and state_dir are
+            ignored elsewhere), should_stop on any rank stops all of them, and each evaluation runs on
+            every rank (they hold the same LoRA, so they agree on the best and on early stopping).
 
     Returns:
         TrainResult with the LoRA path, the metric history, the best LoRA and whether it stopped early.
@@ -93,8 +98,9 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
     # 0. everything that can be refused is refused before the first sample
     check_run_inputs(backend, prompts, eval_prompts, cfg)
     state = load_train_state(resume_from) if resume_from is not None else None
-    out = Path(out_dir) if out_dir is not None else None
-    state_out = Path(state_dir) if state_dir is not None else out
+    world = world or single_process()
+    out = Path(out_dir) if out_dir is not None and world.writes else None
+    state_out = (Path(state_dir) if state_dir is not None else out) if world.writes else None
     keep_best = cfg.keep_best and out is not None
     if out is not None:
         lora_name = lora_file_name(lora_name, "lora_name")
@@ -104,7 +110,7 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
     if state_out is not None:
         check_writable(state_out, "the training-state folder")
     run = TrainRun(backend, reward, prompts, eval_prompts, sampler, lora, cfg, init_lora=init_lora,
-                   state=state, source=resume_from or "the training state", judges=judges)
+                   state=state, source=resume_from or "the training state", judges=judges, world=world)
     best_by, patience = run.cfg.best_by, run.cfg.early_stop_evals
     best: dict[str, Any] = {"step": None, "path": None}
 
@@ -153,7 +159,7 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
     stopped = early = False
     try:
         while not run.done:
-            if should_stop is not None and should_stop():
+            if world.any_true(should_stop is not None and should_stop(), "whether to stop"):
                 stopped = True
                 break
             report(run.step())
