@@ -170,3 +170,27 @@ def test_torchrun_launches_the_cli_on_two_ranks_and_rank_0_alone_writes(tmp_path
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     _assert_close(load_file(str(tmp_path / "two" / "alignprop_lora.safetensors")),
                   load_file(str(tmp_path / "one" / "alignprop_lora.safetensors")))
+
+
+def test_launcher_environment_mistakes_are_named(monkeypatch):
+    from alignprop_core.parallel.world import DistConfig, init_world, launched_ranks, rank_device
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a whole number"):
+        launched_ranks()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="every rank on one GPU.*--device cuda"):
+        rank_device(torch.device("cuda", 0))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="RANK, MASTER_ADDR, MASTER_PORT is not set.*torchrun"):
+        init_world(torch.device("cpu"))
+    for name, value in (("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="nccl backend needs CUDA"):
+        init_world(torch.device("cpu"), DistConfig(backend="nccl"))
+    with pytest.raises(ValueError, match="timeout_s must be a positive"):
+        DistConfig(timeout_s=float("nan"))

@@ -176,10 +176,19 @@ def launched_ranks() -> int:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """The device of this rank: a CUDA device without an index becomes cuda:LOCAL_RANK."""
-    if device.type == "cuda" and device.index is None and launched_ranks() > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    """The device of this rank: a CUDA device without an index becomes cuda:LOCAL_RANK.
+
+    Raises:
+        ValueError: several ranks were given one numbered GPU (NCCL refuses two ranks on one device).
+    """
+    ranks = launched_ranks()
+    if device.type != "cuda" or ranks == 1:
+        return device
+    if device.index is not None:
+        raise ValueError(f"--device {device} with {ranks} ranks would put every rank on one GPU; give "
+                         "--device cuda, and each rank trains on cuda:LOCAL_RANK (choose the GPUs with "
+                         "CUDA_VISIBLE_DEVICES).")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init_world(device: torch.device, cfg: DistConfig | None = None) -> World:
