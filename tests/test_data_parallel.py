@@ -146,7 +146,17 @@ def test_a_lost_rank_stops_the_other_with_a_clear_error_in_bounded_time(tmp_path
     assert (tmp_path / "lora" / "train_state.pt").exists()
 
 
-def test_torchrun_launches_the_cli_on_two_ranks_and_rank_0_alone_writes(tmp_path):
+LAUNCHERS = {  # both start 2 ranks on 127.0.0.1 (accelerate's --multi_gpu runs torchrun's launcher)
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-addr", "127.0.0.1", "--master-port", str(port)],
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                "--num_processes", "2", "--num_machines", "1", "--main_process_ip",
+                                "127.0.0.1", "--main_process_port", str(port)],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_a_launcher_starts_the_cli_on_two_ranks_and_rank_0_alone_writes(tmp_path, launcher):
     from alignprop_core.models.tiny_model import ensure_tiny_model_dir
 
     model = ensure_tiny_model_dir(tmp_path / "tiny")
@@ -157,9 +167,8 @@ def test_torchrun_launches_the_cli_on_two_ranks_and_rank_0_alone_writes(tmp_path
              "--width", "16", "--height", "16", "--eval-every", "2", "--lr", "1e-2", "--threads", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "GLOO_SOCKET_IFNAME": "lo"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                          "-m", "alignprop_core", "train", *flags, "--batch-size", "1",
+    two = subprocess.run([*LAUNCHERS[launcher](_free_port()), "-m", "alignprop_core", "train", *flags,
+                          "--device", "cpu", "--batch-size", "1",
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "alignprop_core", "train", *flags, "--batch-size", "2",
