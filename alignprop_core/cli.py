@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict, with_input_names
+from .config import LoraConfig, MemoryConfig, SamplerConfig, TrainConfig, to_dict, with_input_names
 from .files.outputs import check_writable, claim, lora_file_name
 from .files.prompts import read_prompts, shipped_prompts
 from .models.loading import model_folder_info
@@ -126,6 +126,16 @@ def _reward_text(text: str) -> str:
     return spec.text()
 
 
+def _memory_budget(text: str) -> MemoryConfig:
+    """argparse type of --memory-budget: a number of GB or auto."""
+    if text.strip().lower() == "auto":
+        return MemoryConfig(auto=True)
+    try:
+        return MemoryConfig(budget_gb=_finite_float(text))
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise argparse.ArgumentTypeError(f"give a number of GB or auto ({err})") from None
+
+
 def parse_reward_args(pairs: Sequence[str]) -> dict[str, Any]:
     """KEY=VALUE pairs of the reward factory -> kwargs, each value read by the reward spec's reader
     (JSON: 3, 0.5, [1,0,0], true; anything else stays a string)."""
@@ -197,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (0 = torch's default); small models run fastest on one "
                             f"(default: {1 if name == 'demo' else 0})")
         p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
+        p.add_argument("--memory-budget", type=_memory_budget, default=MemoryConfig(), metavar="GB|auto",
+                       help="plan for a peak memory budget: probe one small step, print the plan and train "
+                            "with the fastest batch split and checkpointing that fit (GB of 2^30 bytes; "
+                            "auto = the device's free memory; default: no planning)")
         for prefix, cls in CONFIGS:
             _add_config_flags(p, prefix, cls, defaults[[c for _, c in CONFIGS].index(cls)])
         _add_config_flags(p, "dist-", DistConfig, DistConfig())  # used when a launcher starts ranks
@@ -334,6 +348,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}.")
     device = rank_device(check_device(args.device, train))
+    if args.memory_budget.enabled and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--memory-budget measures memory on cpu and cuda devices, not {device.type}; "
+                         "leave it out on this device.")
     dist = dist_config(args)
     ranks = launched_ranks()
     demo = args.command == "demo"
@@ -367,7 +384,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         try:
             return run_and_report(args.model, reward, prompts, eval_prompts, sampler, lora, train,
                                   out_dir=args.out, lora_name=lora_name, resume_from=args.resume,
-                                  device=device, overwrite=args.overwrite, world=world)
+                                  device=device, overwrite=args.overwrite, memory=args.memory_budget,
+                                  world=world)
         finally:
             world.close()
     except BaseException:

@@ -266,6 +266,30 @@ class TrainConfig:
                              "set TrainConfig.eval_latents >= 2.")
 
 
+@dataclass
+class MemoryConfig:
+    """The memory planner (`alignprop_core.planning`): a budget for the run's peak memory, from which
+    the batch split and checkpointing are chosen before training."""
+
+    budget_gb: float = _help("peak memory the run may use on its device, in GB (2^30 bytes); the planner "
+                             "probes one small step and picks the fastest settings that fit (0 = off)",
+                             default=0.0)
+    auto: bool = _help("budget = what the device can give now: its free memory plus what the run holds",
+                       default=False)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _non_negative(self, "budget_gb")
+        if self.auto and self.budget_gb:
+            raise ValueError(f"MemoryConfig.budget_gb={self.budget_gb} and MemoryConfig.auto=True were both "
+                             "given; give a number of GB or auto, not both.")
+
+    @property
+    def enabled(self) -> bool:
+        """The planner runs: a budget was given or auto asked for."""
+        return self.auto or self.budget_gb > 0
+
+
 def judge_names(judges: tuple[str, ...] | list[str]) -> list[str]:
     """The name each judge's numbers go under: its reward name, with #2, #3 ... for repeats."""
     names: list[str] = []
@@ -278,7 +302,7 @@ def judge_names(judges: tuple[str, ...] | list[str]) -> list[str]:
 def with_input_names(err: ValueError, names: dict[str, str]) -> ValueError:
     """`err` with each ``Config.field`` it names replaced by the input a user typed (a CLI flag, a
     node input), from ``names``; unknown ones stay as they are."""
-    message = re.sub(r"\b(?:SamplerConfig|LoraConfig|TrainConfig)\.\w+",
+    message = re.sub(r"\b(?:SamplerConfig|LoraConfig|TrainConfig|MemoryConfig)\.\w+",
                      lambda m: names.get(m.group(0), m.group(0)), str(err))
     return ValueError(message)
 

@@ -7,12 +7,13 @@ before_after.png (held-out prompts from fixed latents, without and with the LoRA
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .config import LoraConfig, SamplerConfig, TrainConfig, to_dict
+from .config import LoraConfig, MemoryConfig, SamplerConfig, TrainConfig, to_dict
 from .lora import set_lora_scale
 from .models.loading import load_backend
 from .parallel.world import World, single_process
@@ -44,17 +45,29 @@ def _progress(total: int):
     return bar, on_step
 
 
+def _rank0_settings(world: World, sampler: SamplerConfig, cfg: TrainConfig) -> tuple[SamplerConfig, TrainConfig]:
+    """Rank 0's planned batch split and checkpointing, on every rank (only rank 0 probes)."""
+    if world.size == 1:
+        return sampler, cfg
+    mine = [cfg.batch_size, cfg.grad_accum, sampler.checkpoint_unet, sampler.checkpoint_vae]
+    batch, accum, unet, vae = world.sum([float(v) if world.writes else 0.0 for v in mine], "the memory plan")
+    return (dataclasses.replace(sampler, checkpoint_unet=bool(unet), checkpoint_vae=bool(vae)),
+            dataclasses.replace(cfg, batch_size=int(batch), grad_accum=int(accum)))
+
+
 def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
                    eval_prompts: Sequence[str], sampler: SamplerConfig, lora: LoraConfig,
                    cfg: TrainConfig, out_dir: Path, lora_name: str, resume_from: Path | None,
                    device: torch.device, overwrite: bool = False,
-                   judges: Sequence[Reward] | None = None, world: World | None = None
-                   ) -> dict[str, Any] | None:
+                   judges: Sequence[Reward] | None = None, memory: MemoryConfig | None = None,
+                   world: World | None = None) -> dict[str, Any] | None:
     """Train on the diffusers model in `model_dir` and write all artefacts into `out_dir`.
 
-    `judges` score every evaluation beside the reward (default: built from cfg.judges). On a rank of a
-    data-parallel run (`world`), rank 0 alone samples the before/after grid, writes and returns the
-    summary; the other ranks train and return None."""
+    `judges` score every evaluation beside the reward (default: built from cfg.judges). With a
+    `memory` budget the planner probes the model once loaded, prints its plan to stderr and trains
+    with the batch split and checkpointing it chose. On a rank of a data-parallel run (`world`),
+    rank 0 alone plans (the others take its settings), samples the before/after grid, writes and
+    returns the summary; the other ranks train and return None."""
     world = world or single_process()
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("TrainConfig.mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on CPU.")
@@ -63,6 +76,16 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
     cfg = dataclasses.replace(cfg, reward=reward.spec.text())  # the reward as built, with its arguments
     backend = load_backend(model_dir, device=device, dtype=WEIGHT_DTYPES[cfg.mixed_precision],
                            name=Path(model_dir).name)
+    planned = {}
+    if memory is not None and memory.enabled:
+        from .planning import plan_memory
+
+        if world.writes:
+            plan = plan_memory(backend, reward, prompts, sampler, lora, cfg, memory)
+            print(plan.describe(), file=sys.stderr)
+            sampler, cfg = plan.apply(sampler, cfg)
+            planned = {"memory_plan": plan.chosen.setting.label(), "memory_estimate_gb": plan.chosen.peak / 2 ** 30}
+        sampler, cfg = _rank0_settings(world, sampler, cfg)
     # A reward with a report (e.g. toy_count's accuracy) is reported on every held-out prompt;
     # otherwise only the grid's prompts are sampled again.
     shown = list(eval_prompts) if reward.has_report else list(eval_prompts)[:8]
@@ -95,7 +118,7 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
     scored = eval_entries(shown, cfg)  # the prompt of each image (eval_latents per prompt)
     extra = {} if not reward.has_report else {"held_out_report_start": reward.report(before, scored),
                                               "held_out_report_end": reward.report(after, scored)}
-    return {**extra, **held_out_summary(evals), "reward": reward.spec.text(),
+    return {**extra, **planned, **held_out_summary(evals), "reward": reward.spec.text(),
         "lora": str(result.lora_path), "metrics_csv": str(csv_path), "metrics_json": str(json_path),
         "reward_curve": str(curve), "before_after": str(grid),
         "held_out_reward_start": evals[0]["eval_reward"] if evals else None,
