@@ -167,7 +167,10 @@ def test_a_launcher_starts_the_cli_on_two_ranks_and_rank_0_alone_writes(tmp_path
              "--width", "16", "--height", "16", "--eval-every", "2", "--lr", "1e-2", "--threads", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "GLOO_SOCKET_IFNAME": "lo"}
-    two = subprocess.run([*LAUNCHERS[launcher](_free_port()), "-m", "alignprop_core", "train", *flags,
+    # with torchrun, rank 0 also plans for a memory budget and rank 1 takes its settings (a budget this
+    # large keeps the batch whole; the plan does not change the numbers, only what is recomputed)
+    plan = ["--memory-budget", "64"] if launcher == "torchrun" else []
+    two = subprocess.run([*LAUNCHERS[launcher](_free_port()), "-m", "alignprop_core", "train", *flags, *plan,
                           "--device", "cpu", "--batch-size", "1",
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -176,6 +179,7 @@ def test_a_launcher_starts_the_cli_on_two_ranks_and_rank_0_alone_writes(tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     # one summary (rank 0's), and the same files as a single-process run
     assert two.stdout.count('"lora"') == 1
+    assert ("memory plan" in two.stderr.lower()) == bool(plan), two.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     _assert_close(load_file(str(tmp_path / "two" / "alignprop_lora.safetensors")),
                   load_file(str(tmp_path / "one" / "alignprop_lora.safetensors")))
