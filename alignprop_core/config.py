@@ -233,6 +233,11 @@ class TrainConfig:
                             "<name>-best.safetensors", default=True)
     early_stop_evals: int = _help("stop training once best_by has stayed below its best for this many "
                                   "evaluations in a row (0 = never stop early)", default=0)
+    offload_reward: bool = _help("keep the reward's and the judges' networks on the CPU except while they "
+                                 "score: moved to the device for each scoring pass and back once its "
+                                 "backward is done, freeing their memory for the denoiser's gradient window "
+                                 "at the cost of copying their weights twice per pass (same scores)",
+                                 default=False)
 
     def __post_init__(self) -> None:
         _check_types(self)
