@@ -121,7 +121,7 @@ class TrainRun:
             check_resumable(state, self.config, source)
 
         # only the LoRA parameters train (kept in fp32 by add_lora)
-        self.params = add_lora(backend.lora_target, lora)
+        self.params = add_lora(backend.lora_target, lora, device=backend.device)
         if init_lora is not None:
             apply_lora_file(backend.lora_target, init_lora)
         self.optimizer = make_optimizer(self.params, self.cfg)
