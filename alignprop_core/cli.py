@@ -40,7 +40,7 @@ from .files.prompts import read_prompts, shipped_prompts
 from .models.loading import model_folder_info
 from .parallel.world import DistConfig, init_world, launched_ranks, rank_device, single_process
 from .sampling.chain import check_flow_eta
-from .sampling.sampler import check_model_takes
+from .sampling.sampler import check_model_takes, check_vae_tiles
 from .rewards import REWARDS, build_reward
 from .rewards.spec import RewardSpec, parse_value
 from .training.best import best_lora_name
@@ -272,6 +272,7 @@ def check_model_dir(path: Path, train: TrainConfig, sampler: SamplerConfig | Non
                          f"--model {path}; round them to a multiple of {multiple}.")
     if sampler is not None:
         check_model_takes(sampler, f"--model {path} ({info.pipeline_class})", info.guidance_input)
+        check_vae_tiles(sampler, info.vae_scale_factor)
         if info.family != "sd15":  # the rectified-flow families
             check_flow_eta(sampler.eta)
 

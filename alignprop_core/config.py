@@ -101,7 +101,7 @@ class SamplerConfig:
                          default=0.0)
     checkpoint_unet: bool = _help("gradient-checkpoint every denoising step in the gradient window",
                                   default=True)
-    checkpoint_vae: bool = _help("gradient-checkpoint the VAE decode", default=True)
+    checkpoint_vae: bool = _help("gradient-checkpoint the VAE decode (each tile's with vae_tile)", default=True)
     estimator: str = _help("gradient estimator: truncated (AlignProp: backprop through the last K "
                            "steps) | draft_lv (DRaFT-LV: K = 1 plus lv_samples re-noised copies of the "
                            "last step, rewards averaged)", default="truncated")
@@ -110,11 +110,22 @@ class SamplerConfig:
     distilled_guidance: float = _help("guidance fed to a guidance-distilled model as an input "
                                       "(FLUX.1-dev; 0 = the model's default, 3.5); models without "
                                       "that input refuse any other value", default=0.0)
+    # after the fields above: a settings node shows its later (optional) inputs in this order
+    vae_tile: int = _help("decode in square tiles of this many image pixels a side, blended where they "
+                          "overlap, so the VAE decoder's activations fit one tile (a multiple of the VAE "
+                          "factor, e.g. 512; images differ slightly near the seams); 0 = decode whole",
+                          default=0)
+    vae_tile_overlap: int = _help("least overlap of neighbouring VAE tiles in image pixels (a multiple of "
+                                  "the VAE factor, below half of vae_tile)", default=64)
 
     def __post_init__(self) -> None:
         _check_types(self)
         _positive(self, "steps")
-        _non_negative(self, "eta", "k_std", "distilled_guidance")
+        _non_negative(self, "eta", "k_std", "distilled_guidance", "vae_tile", "vae_tile_overlap")
+        if self.vae_tile and not 2 * self.vae_tile_overlap < self.vae_tile:
+            raise ValueError(f"SamplerConfig.vae_tile_overlap={self.vae_tile_overlap} must be below half of "
+                             f"SamplerConfig.vae_tile={self.vae_tile}: every tile keeps a middle part of its "
+                             "own; lower the overlap or raise the tile size.")
         _one_of(self, "truncation", TRUNCATION_STRATEGIES)
         _one_of(self, "estimator", ESTIMATORS)
         if self.lv_samples < 1:
@@ -233,6 +244,11 @@ class TrainConfig:
                             "<name>-best.safetensors", default=True)
     early_stop_evals: int = _help("stop training once best_by has stayed below its best for this many "
                                   "evaluations in a row (0 = never stop early)", default=0)
+    offload_reward: bool = _help("keep the reward's and the judges' networks on the CPU except while they "
+                                 "score: moved to the device for each scoring pass and back once its "
+                                 "backward is done, freeing their memory for the denoiser's gradient window "
+                                 "at the cost of copying their weights twice per pass (same scores)",
+                                 default=False)
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -158,10 +158,12 @@ def vae_factor(vae) -> int:
 
 @contextlib.contextmanager
 def training_session(model, vae) -> Iterator[None]:
-    """Everything ComfyUI needs around a training run: grad mode on, models on the device,
-    and VAE + model loaded fully (no partial offload, so weights do not move during backward)."""
+    """Everything ComfyUI needs around a training run: grad mode on, and VAE + model loaded as
+    ComfyUI loads them for sampling: fully where they fit, else partially (the layers left on the
+    offload device have their weights cast to the compute device per forward by comfy.ops, in
+    backward's recomputation too; the LoRA lives on the compute device, `add_lora`)."""
     import comfy.model_management as mm
 
     with torch.inference_mode(False), torch.enable_grad():
-        mm.load_models_gpu([model, vae.patcher], force_full_load=True)
+        mm.load_models_gpu([model, vae.patcher])
         yield

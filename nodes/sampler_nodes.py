@@ -16,9 +16,10 @@ Sampler = io.Custom("ALIGNPROP_SAMPLER")
 CATEGORY = "AlignProp/sampling"
 SAMPLER_LIMITS = {"steps": (1, 1000, 1), "k": (1, 1000, 1), "k_min": (1, 1000, 1), "k_max": (1, 1000, 1),
                   "eta": (0.0, 1.0, 0.01), "guidance_scale": (0.0, 30.0, 0.1), "k_mean": (1.0, 1000.0, 0.1),
-                  "k_std": (0.0, 1000.0, 0.1), "lv_samples": (1, 64, 1), "distilled_guidance": (0.0, 30.0, 0.1)}
+                  "k_std": (0.0, 1000.0, 0.1), "lv_samples": (1, 64, 1), "distilled_guidance": (0.0, 30.0, 0.1),
+                  "vae_tile": (0, 8192, 8), "vae_tile_overlap": (0, 4096, 8)}
 # added after the first workflows were shared: optional, so those still validate with the defaults
-LATER_FIELDS = ("estimator", "lv_samples", "distilled_guidance")
+LATER_FIELDS = ("estimator", "lv_samples", "distilled_guidance", "vae_tile", "vae_tile_overlap")
 
 
 class SamplerSettings(io.ComfyNode):
@@ -27,7 +28,7 @@ class SamplerSettings(io.ComfyNode):
         return io.Schema(
             node_id="AlignProp_SamplerSettings", display_name="AlignProp Sampler Settings", category=CATEGORY,
             description="the differentiable sampler: steps, eta, guidance, truncation K, gradient checkpointing, "
-                        "estimator (truncated or DRaFT-LV) and FLUX.1's distilled guidance",
+                        "estimator (truncated or DRaFT-LV), FLUX.1's distilled guidance and tiled VAE decoding",
             inputs=config_inputs(SamplerConfig, limits=SAMPLER_LIMITS, optional=LATER_FIELDS),
             outputs=[Sampler.Output(display_name="sampler")])
 

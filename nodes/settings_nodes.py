@@ -34,12 +34,12 @@ Objective = io.Custom("ALIGNPROP_OBJECTIVE")
 LoraSettingsSocket = io.Custom("ALIGNPROP_LORA_SETTINGS")
 
 OPTIMIZER_FIELDS = ("grad_accum", "lr_schedule", "lr_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                    "adam_eps", "max_grad_norm", "mixed_precision")
+                    "adam_eps", "max_grad_norm", "mixed_precision", "offload_reward")
 EVALUATION_FIELDS = ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every", "best_by",
                      "keep_best", "early_stop_evals")
 OBJECTIVE_FIELDS = ("loss", "reward_target", "reward_augment", "negative_prompt", "kl_weight", "lora_l2_weight")
 # fields added after workflows were saved: optional inputs, so those workflows still validate
-LATER_FIELDS = ("best_by", "keep_best", "early_stop_evals", "kl_weight", "lora_l2_weight")
+LATER_FIELDS = ("best_by", "keep_best", "early_stop_evals", "kl_weight", "lora_l2_weight", "offload_reward")
 # every TrainConfig field a settings node holds; the trainer shows the others (but reward, its socket)
 SETTINGS_FIELDS = OPTIMIZER_FIELDS + EVALUATION_FIELDS + OBJECTIVE_FIELDS
 
@@ -64,8 +64,8 @@ class OptimizerSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return _schema("AlignProp_OptimizerSettings", "AlignProp Optimizer Settings",
-                       "AdamW, gradient accumulation and clipping, learning-rate schedule and mixed precision "
-                       "for the AlignProp Trainer's optimizer socket", OPTIMIZER_FIELDS, Optimizer, "optimizer")
+                       "AdamW, gradient accumulation and clipping, learning-rate schedule, mixed precision "
+                       "and reward offloading for the AlignProp Trainer's optimizer socket", OPTIMIZER_FIELDS, Optimizer, "optimizer")
 
     @classmethod
     def execute(cls, **kwargs):

@@ -35,6 +35,7 @@ from alignprop_core.eval_table import evaluation_table
 from alignprop_core.lora import check_lora_fits, load_lora, lora_modules, remove_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
 from alignprop_core.plots import plot_reward_curve
+from alignprop_core.rewards.offload import offloaded
 from alignprop_core.files.prompts import parse_prompts
 from alignprop_core.training.best import best_lora_name
 from alignprop_core.training.evaluate import evaluate
@@ -83,8 +84,9 @@ def _out_of_memory_message(err: BaseException, trained: dict, cfg: TrainConfig, 
             "keep the effective batch), eval_batch_size (AlignProp Evaluation Settings), width/height or the "
             "sampler's K"
             + (f", turn on {' and '.join(off)} in AlignProp Sampler Settings" if off else "")
-            + ", or on a GPU set mixed_precision to bf16/fp16 in AlignProp Optimizer Settings; close other "
-              "programs using the memory. "
+            + ", or on a GPU set mixed_precision to bf16/fp16"
+            + ("" if cfg.offload_reward else " and offload_reward to true")
+            + " in AlignProp Optimizer Settings; close other programs using the memory. "
             + kept)
 
 
@@ -170,6 +172,8 @@ class AlignPropTrainer(io.ComfyNode):
         judges = list(judges or [])
         cfg = build(TrainConfig, kwargs, reward=reward.spec.text(), judges=tuple(j.spec.text() for j in judges))
         cfg = merge(cfg, optimizer, evaluation, objective)
+        # the preview scores with the run's reward: with offloading, its networks wait on the CPU
+        reward = offloaded(reward) if cfg.offload_reward else reward
         sampler = sampler or SamplerConfig()
         family = check_family_inputs(model, vae, sampler, cfg.width, cfg.height)
         if init_lora is not None and lora_settings is not None:

@@ -219,6 +219,12 @@ CLI_ROWS: list[BadInput] = [
     _cli("draft-lv-with-k-3", "--sampler-estimator", "draft_lv with --sampler-k 3",
          ("--sampler-estimator", "draft_lv", "--sampler-k", "3"), "--sampler-estimator='draft_lv'",
          "--sampler-k=3 asks for more", "set --sampler-truncation='fixed' and --sampler-k=1"),
+    _cli("vae-tile-overlap-half", "--sampler-vae-tile-overlap", "32 with --sampler-vae-tile 64",
+         ("--sampler-vae-tile", "64", "--sampler-vae-tile-overlap", "32"), "--sampler-vae-tile-overlap=32",
+         "below half of --sampler-vae-tile=64"),
+    _cli("vae-tile-odd-on-vae2", "--sampler-vae-tile", "9 on a model whose VAE factor is 2",
+         ("--sampler-vae-tile", "9", "--sampler-vae-tile-overlap", "2"), "vae_tile=9",
+         "multiples of the VAE factor 2", names="vae_tile=9"),
 ]
 
 TRAINER = "AlignProp_Trainer"

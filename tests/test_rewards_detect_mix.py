@@ -104,12 +104,12 @@ def test_owlvit_preprocessing_matches_processor(detector_dirs):
     reward = make_object_count(detector_dirs["owlvit"], "cat", target=1.0)
     _, processor = _reference("owlvit", detector_dirs["owlvit"])
     arr = _uint8_images(2, 56, 80)
-    ours = preprocess_images(_to_float(arr), reward.spec)
+    ours = preprocess_images(_to_float(arr), reward.preprocess)
     # User path: PIL uint8 in, resized in uint8 (two passes, each rounded) -> we differ by the
     # rounding only: at most ~1/255 before normalisation, ~1/3 of that on average (two roundings).
     ref = _official_pixels(processor, arr)
     assert ours.shape == ref.shape == (2, 3, SIZE, SIZE)
-    level = 1 / 255 / min(reward.spec.std)  # one uint8 level in normalised units
+    level = 1 / 255 / min(reward.preprocess.std)  # one uint8 level in normalised units
     torch.testing.assert_close(ours, ref, rtol=0, atol=1.05 * level)
     assert (ours - ref).abs().mean() < 0.4 * level
 
@@ -122,10 +122,10 @@ def test_owlv2_preprocessing_matches_processor(detector_dirs):
     # Square input: no padding; 160 -> 64 exercises the Gaussian anti-aliasing (sigma 0.75, 7 taps).
     arr = _uint8_images(2, 160, 160)
     ref = _official_pixels(processor, arr)
-    torch.testing.assert_close(preprocess_images(_to_float(arr), reward.spec), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(preprocess_images(_to_float(arr), reward.preprocess), ref, rtol=0, atol=1e-5)
     # Non-square input: padded at the bottom/right. transformers 5 pads with 0.0, 4.x with 0.5.
     installed_pad = 0.0 if int(transformers.__version__.split(".")[0]) >= 5 else 0.5
-    spec = dataclasses.replace(reward.spec, pad_value=installed_pad)
+    spec = dataclasses.replace(reward.preprocess, pad_value=installed_pad)
     arr = _uint8_images(1, 112, 160, seed=1)
     ref = _official_pixels(processor, arr)
     torch.testing.assert_close(preprocess_images(_to_float(arr), spec), ref, rtol=0, atol=1e-5)

@@ -121,16 +121,20 @@ def _seed_lora_a(module: nn.Module, init_seed: int) -> None:
         weight.copy_(draw)
 
 
-def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
+def add_lora(module: nn.Module, cfg: LoraConfig, device: torch.device | None = None) -> list[nn.Parameter]:
     """Freeze ``module`` and inject trainable LoRA adapters into the layers named by ``cfg``.
 
     The adapter starts as an exact no-op (``lora_B`` is zero) with ``lora_A`` drawn from a generator
     seeded by ``cfg.init_seed``; the caller's RNG state is restored afterwards. Adapter weights are
-    float64 where the base layer is float64 and float32 otherwise, on the base layer's device.
+    float64 where the base layer is float64 and float32 otherwise, on `device` (default: the base
+    layer's device).
 
     Args:
         module: the denoiser (e.g. a diffusers ``UNet2DConditionModel``); modified in place.
         cfg: rank, alpha, target-module suffixes and init seed.
+        device: where the model computes. A host that keeps some base weights on another device and
+            casts them per forward (ComfyUI's partial loading) passes its compute device, so the
+            adapters sit where the activations are rather than beside an offloaded weight.
 
     Returns:
         The trainable LoRA parameters, sorted by parameter name.
@@ -176,8 +180,9 @@ def add_lora(module: nn.Module, cfg: LoraConfig) -> list[nn.Parameter]:
         # Keep the trainable weights in float32 on half-precision bases: fp16/bf16 updates lose small
         # gradient steps; autocast mixes the two on CUDA and peft casts the LoRA output back.
         dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
+        where = device if device is not None else next(base.parameters()).device
         for adapters in (layer.lora_A, layer.lora_B):
-            adapters[ADAPTER].to(dtype=dtype)
+            adapters[ADAPTER].to(device=where, dtype=dtype)
     _seed_lora_a(module, cfg.init_seed)
     params = lora_parameters(module)
     for _, p in params:

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import RewardFn, check_images
+from .base import FunctionReward, check_images
+from .spec import RewardSpec
 from .clip_loading import (ImageEncoder, clip_vision_from_state_dict, freeze, load_comfy_clip_vision,
                            load_open_clip, open_clip_image_encoder, read_state_dict, require_file)
 from .preprocess import clip_preprocess
@@ -91,7 +92,7 @@ def load_aesthetic_head(head_path: str | Path, device: str | torch.device = "cpu
 def make_aesthetic(head_path: str | Path, clip_checkpoint: str | Path | None = None,
                    clip_vision_path: str | Path | None = None, clip_arch: str = "ViT-L-14-quickgelu",
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   clip_vision_state_dict: dict[str, torch.Tensor] | None = None) -> RewardFn:
+                   clip_vision_state_dict: dict[str, torch.Tensor] | None = None) -> FunctionReward:
     """LAION aesthetic score of each image (about 1-10, higher is more aesthetic); prompts are ignored.
 
     Args:
@@ -106,7 +107,8 @@ def make_aesthetic(head_path: str | Path, clip_checkpoint: str | Path | None = N
             (``vision_model.*``, ``visual_projection.weight``), instead of a file; they are copied.
 
     Returns:
-        ``fn(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images' device.
+        A reward ``(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images'
+        device, whose `modules()` are the CLIP tower and the head.
     """
     sources = [s for s in (clip_checkpoint, clip_vision_path, clip_vision_state_dict) if s is not None]
     if len(sources) != 1:
@@ -136,4 +138,4 @@ def make_aesthetic(head_path: str | Path, clip_checkpoint: str | Path | None = N
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return head(embeds).squeeze(-1).float().to(images.device)
 
-    return reward
+    return FunctionReward(RewardSpec("aesthetic"), reward, modules=[encoder.module, head])

@@ -62,21 +62,36 @@ class Reward:
         """Extra numbers about a batch beside its reward (e.g. accuracies); {} if there are none."""
         return {}
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks this reward scores with (e.g. a CLIP tower and its head); [] for a reward
+        computed from the pixels alone."""
+        return []
+
 
 class FunctionReward(Reward):
-    """A stateless reward from a scoring function, with an optional report function."""
+    """A stateless reward from a scoring function, with an optional report function and the
+    networks the function scores with."""
 
     def __init__(self, spec: RewardSpec, fn: RewardFn,
-                 report: Callable[[torch.Tensor, Sequence[str]], dict[str, float]] | None = None):
+                 report: Callable[[torch.Tensor, Sequence[str]], dict[str, float]] | None = None,
+                 modules: Sequence[torch.nn.Module] = ()):
         super().__init__(spec)
-        self.fn, self._report = fn, report
+        self.fn, self._report, self.networks = fn, report, list(modules)
         self.has_report = report is not None
+
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.networks)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.fn(images, prompts)
 
     def report(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         return self._report(images, prompts) if self._report is not None else {}
+
+
+def reward_modules(reward: Reward | RewardFn) -> list[torch.nn.Module]:
+    """The networks of `reward`: its `modules()` if it is a `Reward`; a plain function shows none."""
+    return reward.modules() if isinstance(reward, Reward) else []
 
 
 def as_reward(reward: Reward | RewardFn, spec: RewardSpec | str) -> Reward:

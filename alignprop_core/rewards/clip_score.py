@@ -10,9 +10,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .base import RewardFn, check_images, check_prompts
+from .base import FunctionReward, check_images, check_prompts
 from .clip_loading import load_open_clip, open_clip_image_encoder
 from .preprocess import clip_preprocess
+from .spec import RewardSpec
 
 
 def open_clip_similarity(model: torch.nn.Module, tokenizer: Callable, resize_mode: str = "shortest",
@@ -42,7 +43,7 @@ def open_clip_similarity(model: torch.nn.Module, tokenizer: Callable, resize_mod
 
 
 def make_clip_score(arch: str, checkpoint: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> RewardFn:
+                    dtype: torch.dtype = torch.float32) -> FunctionReward:
     """Cosine similarity between normalised CLIP image and prompt embeddings, in [-1, 1].
 
     Args:
@@ -52,7 +53,8 @@ def make_clip_score(arch: str, checkpoint: str | Path, device: str | torch.devic
         dtype: dtype of its weights.
 
     Returns:
-        ``fn(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images' device.
+        A reward ``(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images'
+        device, whose `modules()` is the frozen model.
     """
     model, tokenizer = load_open_clip(arch, checkpoint, device, dtype)
     similarity = open_clip_similarity(model, tokenizer)
@@ -61,4 +63,4 @@ def make_clip_score(arch: str, checkpoint: str | Path, device: str | torch.devic
         check_images(images, prompts)
         return similarity(images, check_prompts(prompts, "clip_score")).to(images.device)
 
-    return reward
+    return FunctionReward(RewardSpec("clip_score"), reward, modules=[model])

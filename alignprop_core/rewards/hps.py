@@ -13,14 +13,14 @@ from typing import Sequence
 
 import torch
 
-from .base import RewardFn, check_images
+from .base import FunctionReward, check_images, check_prompts
 from .clip_loading import load_open_clip, require_file
-from .base import check_prompts
 from .clip_score import open_clip_similarity
+from .spec import RewardSpec
 
 
 def make_hps(checkpoint: str | Path, arch: str = "ViT-H-14", device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> RewardFn:
+             dtype: torch.dtype = torch.float32) -> FunctionReward:
     """HPSv2 score of each image for its prompt (higher is more preferred by people).
 
     Args:
@@ -30,7 +30,8 @@ def make_hps(checkpoint: str | Path, arch: str = "ViT-H-14", device: str | torch
         dtype: dtype of its weights.
 
     Returns:
-        ``fn(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images' device.
+        A reward ``(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images'
+        device, whose `modules()` is the frozen model.
     """
     path = require_file(checkpoint, "HPSv2 checkpoint", "HPS_v2.1_compressed.pt or HPS_v2_compressed.pt",
                         "1.7 GB", "huggingface.co/xswu/HPSv2")
@@ -42,4 +43,4 @@ def make_hps(checkpoint: str | Path, arch: str = "ViT-H-14", device: str | torch
         check_images(images, prompts)
         return similarity(images, check_prompts(prompts, "hps")).to(images.device)
 
-    return reward
+    return FunctionReward(RewardSpec("hps"), reward, modules=[model])

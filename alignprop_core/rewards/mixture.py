@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .base import Reward, RewardFn, StatsPool, check_images
+from .base import Reward, RewardFn, StatsPool, check_images, reward_modules
 from .spec import RewardSpec, parse_args, split_outside
 
 TARGET_KEY = "toward"  # reserved spec key: "aesthetic:1[toward=10]" means -|10 - r|
@@ -90,6 +90,14 @@ class MixtureReward(Reward):
 
     def pool_batch_statistics(self, pool: StatsPool | None) -> None:
         self.pool = pool
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every part's networks, each once (two parts may share one)."""
+        found: dict[int, torch.nn.Module] = {}
+        for fn in self.fns:
+            for module in reward_modules(fn):
+                found.setdefault(id(module), module)
+        return list(found.values())
 
     def state_dict(self) -> dict[str, Any]:
         """Running statistics as plain numbers, for saving with a training state."""

@@ -27,8 +27,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import check_images
+from .base import Reward, check_images
 from .clip_loading import quiet_pickle_protocol_warning, weights_error
+from .spec import RewardSpec
 
 DEFAULT_QUERY = "a photo of a {}"
 # OWLv2 was trained on images padded with grey (the original implementation and transformers 4.x
@@ -141,13 +142,14 @@ def object_from_prompt(prompt: str) -> str:
     return words[-1].lower()
 
 
-class ObjectCountReward:
+class ObjectCountReward(Reward):
     """Callable reward `(images, prompts) -> Tensor[B]`; built by `make_object_count`."""
 
     def __init__(self, model, tokenizer, spec: DetectorPreprocess, object_name: str | None,
                  target: float, threshold: float | None, temperature: float, query_template: str,
                  max_length: int):
-        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        super().__init__(RewardSpec("object_count"))
+        self.model, self.tokenizer, self.preprocess = model, tokenizer, spec
         self.object_name, self.target = object_name, target
         self.threshold, self.temperature = threshold, temperature
         self.query_template, self.max_length = query_template, max_length
@@ -171,8 +173,11 @@ class ObjectCountReward:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_images(images, prompts)
         queries = self.queries(prompts, images.shape[0])
-        counts = self.count(preprocess_images(images, self.spec), queries)
+        counts = self.count(preprocess_images(images, self.preprocess), queries)
         return -(counts - self.target).abs().to(images.device, torch.float32)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
 
 
 def _read_json(path: Path) -> dict:

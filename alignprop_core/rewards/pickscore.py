@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from .base import RewardFn, check_images
+from .base import FunctionReward, check_images, check_prompts
 from .clip_loading import freeze, quiet_pickle_protocol_warning, weights_error
-from .base import check_prompts
 from .preprocess import clip_preprocess
+from .spec import RewardSpec
 
 MAX_TEXT_TOKENS = 77  # CLIP's context length, as the reference passes it
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -61,7 +61,7 @@ def _features(out) -> torch.Tensor:
 
 
 def make_pickscore(model_dir: str | Path, processor_dir: str | Path | None = None,
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> RewardFn:
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FunctionReward:
     """PickScore of each image for its prompt (higher is more preferred by people).
 
     Args:
@@ -72,7 +72,8 @@ def make_pickscore(model_dir: str | Path, processor_dir: str | Path | None = Non
         dtype: dtype of its weights.
 
     Returns:
-        ``fn(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images' device.
+        A reward ``(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` float32 scores on the images'
+        device, whose `modules()` is the frozen model.
     """
     from transformers import AutoTokenizer, CLIPModel
 
@@ -107,4 +108,4 @@ def make_pickscore(model_dir: str | Path, processor_dir: str | Path | None = Non
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         return (scale * (image_emb * text_emb).sum(dim=-1).float()).to(images.device)
 
-    return reward
+    return FunctionReward(RewardSpec("pickscore"), reward, modules=[model])

@@ -103,4 +103,4 @@ def make_toy_count(attributes: Sequence[str] = ("count",), kind: str = "log_prob
         return out
 
     # the report is what the demo prints before and after training
-    return FunctionReward(RewardSpec("toy_count"), reward, report)
+    return FunctionReward(RewardSpec("toy_count"), reward, report, modules=[classifier])

@@ -22,6 +22,9 @@ The pull toward the base model (`BasePull`, asked for by passing one to `sample_
 adapters off, at the same x_t, and records per sample the mean squared difference of the two guided
 predictions. Both passes sit inside the step's checkpointed function, so memory stays per step, and
 gradient reaches the LoRA through the adapted prediction and, through x_t, the earlier window steps.
+
+The decode at the end can run in overlapping tiles (`SamplerConfig.vae_tile`, see `tiled_decode`), so
+the VAE decoder's activations are bounded by one tile.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from ..models.backend import Cond, Denoiser, DiffusionBackend
 from ..parallel.shard import ONE, Shard
 from .chain import Schedule, Step, check_eta, make_chain
 from .conditioning import batch_conds, can_batch
+from .tiled_decode import tiled_decode
 
 
 def draw_truncation(cfg: SamplerConfig, generator: torch.Generator) -> int:
@@ -243,8 +247,16 @@ def _release_freed_heap(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def decode_images(backend: DiffusionBackend, latents: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """Latents -> images in [0,1]; optionally checkpointed so the decoder's activations are not kept."""
+def decode_images(backend: DiffusionBackend, latents: torch.Tensor, use_checkpoint: bool,
+                  tile: int = 0, overlap: int = 0) -> torch.Tensor:
+    """Latents -> images in [0,1]; optionally checkpointed so the decoder's activations are not kept.
+
+    With `tile` > 0 (image pixels, a multiple of the VAE factor) the latents are decoded in tiles
+    overlapping by `overlap` pixels (`tiled_decode`), each checkpointed when `use_checkpoint` is on.
+    """
+    if tile:
+        f = backend.vae_scale_factor
+        return tiled_decode(backend.decode, latents, tile // f, overlap // f, f, use_checkpoint)
     if use_checkpoint and torch.is_grad_enabled() and latents.requires_grad:
         return checkpoint(backend.decode, latents, use_reentrant=False)
     return backend.decode(latents)
@@ -252,9 +264,21 @@ def decode_images(backend: DiffusionBackend, latents: torch.Tensor, use_checkpoi
 
 def check_sampler_fits(backend: DiffusionBackend, cfg: SamplerConfig) -> None:
     """Refuse sampler settings the model cannot take, before any work: distilled guidance on a model
-    without that input, and eta > 0 on a flow model (`chain.make_chain` says why)."""
+    without that input, eta > 0 on a flow model (`chain.make_chain` says why), and VAE tiles that are
+    not whole latent cells."""
     check_model_takes(cfg, backend.name, backend.guidance_input)
     check_eta(backend.schedule, cfg.eta)
+    check_vae_tiles(cfg, backend.vae_scale_factor)
+
+
+def check_vae_tiles(cfg: SamplerConfig, vae_factor: int) -> None:
+    """ValueError unless the VAE tiles are whole latent cells (hosts call this from what they know
+    of the model before loading it)."""
+    f = vae_factor
+    if cfg.vae_tile and (cfg.vae_tile % f or cfg.vae_tile_overlap % f):
+        raise ValueError(f"SamplerConfig.vae_tile={cfg.vae_tile} and SamplerConfig.vae_tile_overlap="
+                         f"{cfg.vae_tile_overlap} must be multiples of the VAE factor {f}; round them to "
+                         f"multiples of {f}.")
 
 
 def check_model_takes(cfg: SamplerConfig, name: str, guidance_input: bool) -> None:
@@ -298,4 +322,4 @@ def sample_images(backend: DiffusionBackend, prompts: Sequence[str], cfg: Sample
                   if cfg.use_cfg else None)
     latents = sample_latents(backend.denoiser, backend.schedule, x_T, cond, uncond, cfg,
                              grad_steps, generator, pull, shard)
-    return decode_images(backend, latents, cfg.checkpoint_vae)
+    return decode_images(backend, latents, cfg.checkpoint_vae, cfg.vae_tile, cfg.vae_tile_overlap)

@@ -28,6 +28,7 @@ from ..lora import LoraFile, add_lora, apply_lora_file, lora_state_dict, save_lo
 from ..models.backend import DiffusionBackend
 from ..parallel.world import World, single_process
 from ..rewards import Reward, RewardFn, as_reward, build_reward
+from ..rewards.offload import OffloadedReward, offloaded
 from ..sampling.sampler import check_sampler_fits
 from .evaluate import evaluate_held_out
 from .step import make_optimizer, make_scaler, optimizer_step
@@ -98,6 +99,9 @@ class TrainRun:
         world: this rank of a data-parallel run (`parallel.world`; default one process). Every rank
             builds the same run and takes the same steps on its rows of each global batch; the ranks
             are checked to agree on the configs, prompts and starting state.
+
+    With `cfg.offload_reward` the reward's and judges' networks wait on the CPU between scoring passes
+    (`rewards.offload`); `close()` puts them back where they were built.
     """
 
     def __init__(self, backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
@@ -117,7 +121,7 @@ class TrainRun:
             check_resumable(state, self.config, source)
 
         # only the LoRA parameters train (kept in fp32 by add_lora)
-        self.params = add_lora(backend.lora_target, lora)
+        self.params = add_lora(backend.lora_target, lora, device=backend.device)
         if init_lora is not None:
             apply_lora_file(backend.lora_target, init_lora)
         self.optimizer = make_optimizer(self.params, self.cfg)
@@ -134,6 +138,18 @@ class TrainRun:
             self.world.check_same(json.dumps([self.config, self.prompts, self.eval_prompts, self.steps_done,
                                               self.gen.get_state().tolist(), backend.name]),
                                   "the run's settings, prompts and starting state")
+        if self.cfg.offload_reward:  # last: a run refused above leaves the rewards where they were
+            self.reward = offloaded(self.reward)
+            self.judges = {name: offloaded(judge) for name, judge in self.judges.items()}
+            for scorer in (self.reward, *self.judges.values()):
+                scorer.park()
+
+    def close(self) -> None:
+        """Put what the run moved back as the caller gave it: offloaded reward and judge networks
+        return to the device they were built on. Call once the run is over."""
+        for scorer in (self.reward, *self.judges.values()):
+            if isinstance(scorer, OffloadedReward):
+                scorer.restore()
 
     def _load(self, state: TrainState) -> None:
         """Restore every piece of state that influences what comes next."""

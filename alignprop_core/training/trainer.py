@@ -153,42 +153,45 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
         elif best["step"] == run.steps_done:
             best["path"] = save(path.name)
 
-    restore_best()
-    if run.steps_done == 0 and not run.evals:  # a run stopped during its step-0 evaluation has it already
-        evaluate()
-    stopped = early = False
     try:
-        while not run.done:
-            if world.any_true(should_stop is not None and should_stop(), "whether to stop"):
-                stopped = True
-                break
-            report(run.step())
-            step = run.steps_done
-            evaluated = (run.cfg.eval_every and step % run.cfg.eval_every == 0) or step == run.cfg.steps
-            if evaluated:
-                evaluate()
-            if run.cfg.save_every and step % run.cfg.save_every == 0:
-                save_state()
-                save(f"{Path(lora_name).stem}-step{step:05d}.safetensors")
-            if evaluated and not run.done and stalled(run.evals, best_by, patience):
-                early = True
-                warnings.warn(f"early stop at step {step}: {best_by} has not improved on its best (step "
-                              f"{best['step']}) for {patience} evaluations; the LoRA of step {step} is saved "
-                              f"as {lora_name}" + (f", the best as {best_lora_name(lora_name)}."
-                                                   if best["path"] is not None else "."))
-                break
-    except KeyboardInterrupt:
-        stopped = True
-        warnings.warn(f"training interrupted at step {run.steps_done}; saving the LoRA trained so far as "
-                      f"{partial_path(lora_name)}.")
-    except BaseException as err:
-        # keep what was trained (the LoRA only ever changes by a completed optimiser step) under the
-        # partial name, then let the caller see the original error
-        warnings.warn(f"training stopped by {type(err).__name__} at step {run.steps_done}; saving the LoRA "
-                      f"trained so far as {partial_path(lora_name)}.")
-        save(partial_path(lora_name).name)
-        save_state()
-        raise
+        restore_best()
+        if run.steps_done == 0 and not run.evals:  # a run stopped during its step-0 evaluation has it already
+            evaluate()
+        stopped = early = False
+        try:
+            while not run.done:
+                if world.any_true(should_stop is not None and should_stop(), "whether to stop"):
+                    stopped = True
+                    break
+                report(run.step())
+                step = run.steps_done
+                evaluated = (run.cfg.eval_every and step % run.cfg.eval_every == 0) or step == run.cfg.steps
+                if evaluated:
+                    evaluate()
+                if run.cfg.save_every and step % run.cfg.save_every == 0:
+                    save_state()
+                    save(f"{Path(lora_name).stem}-step{step:05d}.safetensors")
+                if evaluated and not run.done and stalled(run.evals, best_by, patience):
+                    early = True
+                    warnings.warn(f"early stop at step {step}: {best_by} has not improved on its best (step "
+                                  f"{best['step']}) for {patience} evaluations; the LoRA of step {step} is saved "
+                                  f"as {lora_name}" + (f", the best as {best_lora_name(lora_name)}."
+                                                       if best["path"] is not None else "."))
+                    break
+        except KeyboardInterrupt:
+            stopped = True
+            warnings.warn(f"training interrupted at step {run.steps_done}; saving the LoRA trained so far as "
+                          f"{partial_path(lora_name)}.")
+        except BaseException as err:
+            # keep what was trained (the LoRA only ever changes by a completed optimiser step) under the
+            # partial name, then let the caller see the original error
+            warnings.warn(f"training stopped by {type(err).__name__} at step {run.steps_done}; saving the LoRA "
+                          f"trained so far as {partial_path(lora_name)}.")
+            save(partial_path(lora_name).name)
+            save_state()
+            raise
+    finally:
+        run.close()  # the reward's networks back where the caller had them
     if stopped:
         save_state()
     path = save(partial_path(lora_name).name if stopped else lora_name)
