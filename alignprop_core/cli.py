@@ -127,13 +127,11 @@ def _reward_text(text: str) -> str:
 
 
 def _memory_budget(text: str) -> MemoryConfig:
-    """argparse type of --memory-budget: a number of GB or auto."""
-    if text.strip().lower() == "auto":
-        return MemoryConfig(auto=True)
+    """argparse type of --memory-budget: a number of GB, auto or off."""
     try:
-        return MemoryConfig(budget_gb=_finite_float(text))
-    except (ValueError, argparse.ArgumentTypeError) as err:
-        raise argparse.ArgumentTypeError(f"give a number of GB or auto ({err})") from None
+        return MemoryConfig.parse(text, "the value")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_reward_args(pairs: Sequence[str]) -> dict[str, Any]:

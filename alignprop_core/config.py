@@ -305,6 +305,24 @@ class MemoryConfig:
         """The planner runs: a budget was given or auto asked for."""
         return self.auto or self.budget_gb > 0
 
+    @classmethod
+    def parse(cls, text: str, name: str = "memory_budget") -> "MemoryConfig":
+        """`off` (or empty), `auto`, or a number of GB, as the CLI flag and the trainer node take it."""
+        word = str(text).strip().lower()
+        if word in ("", "off", "0"):
+            return cls()
+        if word == "auto":
+            return cls(auto=True)
+        try:
+            gb = float(word)
+        except ValueError:
+            raise ValueError(f"{name} {text!r} is not a number; give a number of GB (e.g. 12), auto or "
+                             "off.") from None
+        try:
+            return cls(budget_gb=gb)
+        except ValueError as err:
+            raise ValueError(str(err).replace("MemoryConfig.budget_gb", name)) from None
+
 
 def judge_names(judges: tuple[str, ...] | list[str]) -> list[str]:
     """The name each judge's numbers go under: its reward name, with #2, #3 ... for repeats."""

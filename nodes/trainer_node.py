@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig
+from alignprop_core.config import LoraConfig, MemoryConfig, SamplerConfig, TrainConfig
 from alignprop_core.eval_table import evaluation_table
 from alignprop_core.lora import check_lora_fits, load_lora, lora_modules, remove_lora
 from alignprop_core.files.outputs import check_writable, lora_file_name, numbered_path, partial_path
+from alignprop_core.planning import plan_memory
 from alignprop_core.plots import plot_reward_curve
 from alignprop_core.rewards.offload import offloaded
 from alignprop_core.files.prompts import parse_prompts
@@ -139,6 +140,11 @@ class AlignPropTrainer(io.ComfyNode):
                                  tooltip="continue the run of this lora_name that was cancelled or failed, "
                                          "from its saved training state (same LoRA settings; raise steps to "
                                          "train longer)"),
+                io.String.Input("memory_budget", default="off", optional=True,
+                                tooltip="off | auto | GB: probe one small step, then train with the fastest "
+                                        "batch split (batch x grad_accum kept) and checkpointing whose "
+                                        "estimated peak fits; auto = the device's free memory now; the plan "
+                                        "is shown in the log and the node's progress text"),
             ],
             outputs=[io.Model.Output(display_name="model"), Lora.Output(display_name="lora"),
                      io.Image.Output(display_name="reward_curve"), io.String.Output(display_name="lora_path"),
@@ -156,7 +162,7 @@ class AlignPropTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, reward, prompts, lora_name, sampler=None, optimizer=None, evaluation=None,
                 objective=None, lora_settings=None, init_lora=None, judges=None, prompt_file=NO_FILE, eval_prompts="",
-                preview_every=0, overwrite=False, resume=False, **kwargs):
+                preview_every=0, overwrite=False, resume=False, memory_budget="off", **kwargs):
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
@@ -195,6 +201,7 @@ class AlignPropTrainer(io.ComfyNode):
         if resume and not os.path.isfile(state_file):
             raise FileNotFoundError(f"resume is on but no run of lora_name {lora_name!r} was stopped early "
                                     f"(no training state at {state_file}); turn resume off to start anew.")
+        memory = MemoryConfig.parse(memory_budget)
         check_clip(model, clip)
         check_writable(os.path.dirname(requested), "the loras folder")  # the last check: it makes the folder
         # without overwrite, a name whose final or best LoRA exists gets the next free number; a resumed
@@ -264,6 +271,12 @@ class AlignPropTrainer(io.ComfyNode):
             with training_session(model, vae):
                 backend = family_backend(model, clip, vae, cfg.width, cfg.height,
                                          name=base_model_name(family, cls.hidden.prompt, node_id))
+                if memory.enabled:  # the plan's batch split and checkpointing replace the inputs'
+                    plan = plan_memory(backend, reward, train_prompts, sampler, lora_cfg, cfg, memory)
+                    logging.info("AlignProp %s", plan.describe())
+                    if node_id:
+                        PromptServer.instance.send_progress_text(plan.describe(), node_id)
+                    sampler, cfg = plan.apply(sampler, cfg)
                 try:
                     result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
                                    out_dir=os.path.dirname(path), lora_name=os.path.basename(path),

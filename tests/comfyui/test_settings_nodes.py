@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 MAX_WIDGETS = 15
 # what users change, kept on the trainer
 TRAINER_WIDGETS = {"prompts", "prompt_file", "eval_prompts", "lora_name", "steps", "lr", "width", "height",
-                   "batch_size", "seed", "overwrite", "resume", "preview_every"}
+                   "batch_size", "seed", "overwrite", "resume", "preview_every", "memory_budget"}
 # a value other than the default for every setting a CPU run can take (mixed precision needs CUDA)
 CHANGED = {"grad_accum": 2, "lr_schedule": "cosine", "lr_warmup_steps": 1, "weight_decay": 0.01, "adam_beta1": 0.8,
-           "adam_beta2": 0.99, "adam_eps": 1e-6, "max_grad_norm": 0.5,
+           "adam_beta2": 0.99, "adam_eps": 1e-6, "max_grad_norm": 0.5, "offload_reward": True,
            "eval_every": 1, "eval_seed": 7, "eval_latents": 2, "eval_batch_size": 1, "save_every": 1,
            "best_by": "diversity", "keep_best": False, "early_stop_evals": 3,
            "loss": "target", "reward_target": 0.5, "reward_augment": "hflip", "negative_prompt": "blurry",
@@ -133,10 +133,11 @@ def test_init_lora_with_lora_settings_is_refused(server, sd15_checkpoint):
 def test_judges_pick_the_best_lora_and_reach_the_outputs(server, sd15_checkpoint):
     """AlignProp Judges on the trainer's judges socket: every evaluation is judged, best_by names the
     judge, the best LoRA is written beside the final one, and the evaluation table and best path are
-    outputs; the pull toward the base model runs on the ComfyUI model (kl_weight)."""
+    outputs; the pull toward the base model runs on the ComfyUI model (kl_weight); memory_budget auto
+    plans on it (with this machine's free memory the fastest plan drops checkpointing)."""
     name = "alignprop_settings/judged"
     graph = trainer_graph(sd15_checkpoint, name, steps=2, eval_every=1, eval_prompts="cat", best_by="color_target",
-                          kl_weight=1.0, lora_l2_weight=0.1)
+                          kl_weight=1.0, lora_l2_weight=0.1, memory_budget="auto")
     graph["30"] = {"class_type": "AlignProp_SimpleReward",
                    "inputs": {"kind": "color_target", "red": 0.0, "green": 0.0, "blue": 1.0}}
     graph["31"] = {"class_type": "AlignProp_Judges", "inputs": {"judge_1": ["30", 0]}}
@@ -153,6 +154,7 @@ def test_judges_pick_the_best_lora_and_reach_the_outputs(server, sd15_checkpoint
     config = json.loads(load_lora(folder / "judged.safetensors").metadata["alignprop.config"])
     assert config["train"]["judges"] == ["color_target[target=[0.0, 0.0, 1.0]]", "color_target[target=[1.0, 0.0, 0.0]]"]
     assert config["train"]["kl_weight"] == 1.0 and config["train"]["best_by"] == "color_target"
+    assert config["sampler"]["checkpoint_unet"] is False and config["sampler"]["checkpoint_vae"] is False
     lines = table.splitlines()
     assert lines[0].split() == ["step", "reward", "color_target", "color_target#2"], table
     rows = [line.split() for line in lines[1:4]]

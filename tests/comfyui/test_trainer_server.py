@@ -20,12 +20,13 @@ from alignprop_core.lora import load_lora
 pytestmark = pytest.mark.slow
 
 SAMPLER = {"steps": 3, "eta": 0.0, "guidance_scale": 5.0, "use_cfg": True, "truncation": "fixed", "k": 1,
-           "k_min": 1, "k_max": 1, "k_mean": 1.0, "k_std": 0.0, "checkpoint_unet": True, "checkpoint_vae": True}
+           "k_min": 1, "k_max": 1, "k_mean": 1.0, "k_std": 0.0, "checkpoint_unet": True, "checkpoint_vae": True,
+           "vae_tile": 0, "vae_tile_overlap": 64}
 # every training value of the trainer tests, flat: the trainer's own inputs and those of its settings nodes
 TRAIN = {"steps": 2, "batch_size": 1, "lr": 1e-3, "width": 64, "height": 64, "seed": 0,
          "grad_accum": 1, "lr_schedule": "constant", "lr_warmup_steps": 0, "weight_decay": 1e-4, "adam_beta1": 0.9,
          "adam_beta2": 0.999, "adam_eps": 1e-8, "max_grad_norm": 1.0, "mixed_precision": "no",
-         "eval_every": 0, "eval_seed": 1234, "eval_latents": 1, "eval_batch_size": 2, "save_every": 0,
+         "offload_reward": False, "eval_every": 0, "eval_seed": 1234, "eval_latents": 1, "eval_batch_size": 2, "save_every": 0,
          "best_by": "reward", "keep_best": True, "early_stop_evals": 0,
          "loss": "maximize", "reward_target": 10.0, "reward_augment": "none", "negative_prompt": "",
          "kl_weight": 0.0, "lora_l2_weight": 0.0,
@@ -34,7 +35,7 @@ TRAIN = {"steps": 2, "batch_size": 1, "lr": 1e-3, "width": 64, "height": 64, "se
 SETTINGS_NODES = {
     "optimizer": ("AlignProp_OptimizerSettings", "21",
                   ("grad_accum", "lr_schedule", "lr_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                   "adam_eps", "max_grad_norm", "mixed_precision")),
+                   "adam_eps", "max_grad_norm", "mixed_precision", "offload_reward")),
     "evaluation": ("AlignProp_EvaluationSettings", "22",
                    ("eval_every", "eval_seed", "eval_latents", "eval_batch_size", "save_every", "best_by",
                     "keep_best", "early_stop_evals")),
