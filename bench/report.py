@@ -267,8 +267,6 @@ def render(results: dict) -> str:
     if "scaling" in results:
         lines += scaling_section(results["scaling"])
         lines += ["![scaling](scaling.png)", ""]
-    if "data_parallel" in results:
-        lines += data_parallel_section(results["data_parallel"])
     if results.get("estimators"):
         lines += ["## 6. Gradient estimators: DRaFT-LV against truncated K=1", "",
                   "Same model, prompts, T, guidance, LoRA, batch and learning rate; only "
@@ -277,6 +275,8 @@ def render(results: dict) -> str:
                   "by point; the held-out reward is the mean over every held-out prompt, one image each.", ""]
         for est in results["estimators"]:
             lines += estimators_section(est)
+    if "data_parallel" in results:
+        lines += data_parallel_section(results["data_parallel"])
     return "\n".join(lines)
 
 
