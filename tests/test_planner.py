@@ -77,6 +77,40 @@ def test_the_chooser_refuses_with_the_smallest_estimate():
         choose_plan(_costs(), SamplerConfig(steps=20, k=2), TrainConfig(batch_size=4), 6 * GB)
 
 
+def test_offloading_the_reward_is_chosen_only_where_its_weights_make_the_difference():
+    sampler, cfg = SamplerConfig(steps=20, k=2), TrainConfig(batch_size=1)
+    costs = dataclasses.replace(_costs(), reward_weights=GB)
+    on = Setting(2, 1, 1, True, True, True)
+    # scoring phase: 4 + 0.5 + 1 + 2/64 GB; chain phase: the whole estimate without the reward's 1 GB
+    full = estimate_peak(costs, dataclasses.replace(on, offload_reward=False))
+    assert estimate_peak(costs, on) == max(full - GB, 4 * GB + GB // 2 + GB + 2 * (GB // 64))
+    # 7.53 GB plus headroom does not fit 8 GB, the 6.53 GB of the offloaded plan does
+    plan = choose_plan(costs, sampler, cfg, 8 * GB)
+    assert plan.chosen.setting == on and plan.apply(sampler, cfg)[1].offload_reward
+    assert plan.chosen.time > min(c.time for c in plan.candidates)  # moving the weights is not free
+    # with room to spare the faster plan without offloading wins; nothing to offload: never offered
+    assert not choose_plan(costs, sampler, cfg, 1000 * GB).chosen.setting.offload_reward
+    assert not any(c.setting.offload_reward for c in choose_plan(_costs(), sampler, cfg, 1000 * GB).candidates)
+    # without denoiser checkpointing the reward scores beside every window step: no offload candidate
+    assert not any(c.setting.offload_reward and not c.setting.checkpoint_unet
+                   for c in choose_plan(costs, sampler, cfg, 1000 * GB).candidates)
+
+
+def test_the_reward_weights_counted_are_those_on_the_training_device():
+    from alignprop_core.planning.probe import reward_weight_bytes
+    from alignprop_core.rewards.base import FunctionReward
+    from alignprop_core.rewards.spec import RewardSpec
+
+    shared = torch.nn.Linear(8, 4)  # 36 float32 numbers
+    head = torch.nn.BatchNorm1d(4)  # 8 parameters and 2 running-stat buffers of 4, one counter
+    reward = FunctionReward(RewardSpec.parse("smoothness"), lambda images, prompts: images.mean((1, 2, 3)),
+                            modules=[shared, head, shared])
+    on_meta = FunctionReward(reward.spec, reward.fn, modules=[m.to("meta") for m in (shared, head)])
+    assert reward_weight_bytes(reward, torch.device("cpu")) == 0  # parking on the CPU frees nothing
+    assert reward_weight_bytes(on_meta, torch.device("meta")) == 4 * (36 + 8 + 8) + 8
+    assert reward_weight_bytes(on_meta, torch.device("cuda")) == 0  # not on that device
+
+
 def test_settings_without_a_measured_denoiser_step_are_left_out():
     costs = dataclasses.replace(_costs(), denoiser_step=None, decode=None)
     plan = choose_plan(costs, SamplerConfig(steps=20, k=2), TrainConfig(batch_size=2), 1000 * GB)

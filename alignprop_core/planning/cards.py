@@ -87,7 +87,8 @@ def card_costs(family: Family, px: int) -> StepCosts:
     return StepCosts(baseline=int((family.weights + REWARD_WEIGHTS) * 1e9 * BF16),
                      fixed=int(16 * family.lora_params),  # fp32 weight, gradient, two AdamW moments
                      per_sample=max(v + reward_bytes() + images - u, 0),
-                     latent=family.latent_channels * (px // 8) ** 2 * 4, denoiser_step=u, decode=v)
+                     latent=family.latent_channels * (px // 8) ** 2 * 4, denoiser_step=u, decode=v,
+                     reward_weights=int(REWARD_WEIGHTS * 1e9 * BF16))
 
 
 def card_table(k: int = 1, images: int = 4, steps: int = 20) -> str:

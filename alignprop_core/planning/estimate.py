@@ -13,7 +13,12 @@ growth, which is linear in the micro-batch size B:
 W is the number of denoiser steps that carry gradient per image (K, or 1 + n for DRaFT-LV's n
 re-noised copies). With checkpointing each window step keeps one latent-sized tensor and backward
 recomputes one step's activations at a time; without it every window step keeps a whole denoiser
-step of activations. `fixed` is what does not scale with the batch (the LoRA, its gradient and
+step of activations. With the reward offloaded (`TrainConfig.offload_reward`) its weights
+(`StepCosts.reward_weights`) are on the device only while it scores and runs its backward, when no
+denoiser step's activations are alive, so the peak is the larger of the scoring phase (the weights,
+the saved window, the decode) and the chain phase (everything else, without the weights); without
+denoiser checkpointing every window step's activations are alive while it scores, and offloading
+saves nothing, so that pairing is never a candidate. `fixed` is what does not scale with the batch (the LoRA, its gradient and
 AdamW's two moments, work buffers); `per_sample` is the rest per image (decoding and scoring, the
 recomputed decode included). The model is additive: the decoder's activations kept without VAE
 checkpointing are counted on top of everything else, which slightly overstates that case (they are
@@ -23,7 +28,8 @@ Time, in units of one denoiser forward pass on one image: T sampling steps (plus
 copies), backward through the window (about two forwards per step), one more forward per window step
 when checkpointed, the decode (`DECODE_COST` forwards; backward two, recomputation one more), and a
 fixed cost per denoiser call of each micro-batch (`CALL_COST`), so fewer, larger micro-batches are
-faster. Only the ranking of candidates matters, not the absolute numbers.
+faster; offloading the reward costs `OFFLOAD_COST` per micro-batch (its weights cross the bus twice:
+about two forwards each for a 1 GB network at PCIe speed against an SD1.5 step). Only the ranking of candidates matters, not the absolute numbers.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from ..config import SamplerConfig, TrainConfig
 GB = 2 ** 30  # the planner's gigabyte: budgets and estimates are in GiB, as cards are sold
 DECODE_COST = 1.0  # a VAE decode of one image, in denoiser forwards of one image
 CALL_COST = 0.5  # fixed cost of one batched denoiser call (launches, Python), in image forwards
+OFFLOAD_COST = 4.0  # moving the reward network to the device and back once, in image forwards
 
 
 @dataclass
@@ -46,6 +53,7 @@ class StepCosts:
     latent: int  # one saved window tensor per image (an x_t)
     denoiser_step: int | None  # one window step's activations per image; None: not measured
     decode: int | None  # the decoder's saved activations per image without checkpointing; None: unknown
+    reward_weights: int = 0  # the reward's and judges' networks on the training device (0 on the CPU)
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,12 @@ class Setting:
     grad_accum: int  # micro-batches per optimiser step
     checkpoint_unet: bool  # checkpoint every window step of the denoiser
     checkpoint_vae: bool  # checkpoint the VAE decode
+    offload_reward: bool = False  # the reward's networks wait on the CPU between scoring passes
 
     def label(self) -> str:
-        """A short human description, e.g. '4 x 1, ckpt unet+vae'."""
+        """A short human description, e.g. '4 x 1, ckpt unet+vae, offload'."""
         ckpt = "+".join(n for n, on in (("unet", self.checkpoint_unet), ("vae", self.checkpoint_vae)) if on)
-        return f"{self.batch} x {self.grad_accum}, ckpt {ckpt or 'none'}"
+        return f"{self.batch} x {self.grad_accum}, ckpt {ckpt or 'none'}" + (", offload" if self.offload_reward else "")
 
 
 def window_steps(sampler: SamplerConfig) -> int:
@@ -79,7 +88,7 @@ def window_steps(sampler: SamplerConfig) -> int:
 def setting_of(sampler: SamplerConfig, cfg: TrainConfig) -> Setting:
     """The setting the configs ask for as they are."""
     return Setting(window_steps(sampler), cfg.batch_size, cfg.grad_accum, sampler.checkpoint_unet,
-                   sampler.checkpoint_vae)
+                   sampler.checkpoint_vae, cfg.offload_reward)
 
 
 def can_estimate(costs: StepCosts, setting: Setting) -> bool:
@@ -97,7 +106,11 @@ def estimate_peak(costs: StepCosts, setting: Setting) -> int:
     step = costs.denoiser_step or 0
     window = setting.window * costs.latent + step if setting.checkpoint_unet else setting.window * step
     decode = 0 if setting.checkpoint_vae else (costs.decode or 0)
-    return costs.baseline + costs.fixed + setting.batch * (costs.per_sample + window + decode)
+    peak = costs.baseline + costs.fixed + setting.batch * (costs.per_sample + window + decode)
+    if not (setting.offload_reward and setting.checkpoint_unet):
+        return peak
+    scoring = costs.baseline + costs.fixed + setting.batch * (costs.per_sample + setting.window * costs.latent + decode)
+    return max(scoring, peak - costs.reward_weights)
 
 
 def relative_time(setting: Setting, steps: int, k: int) -> float:
@@ -113,4 +126,5 @@ def relative_time(setting: Setting, steps: int, k: int) -> float:
     per_image = forwards + 2 * setting.window + (setting.window if setting.checkpoint_unet else 0)
     per_image += DECODE_COST * (3 + (1 if setting.checkpoint_vae else 0))
     calls = forwards + 2 * setting.window  # denoiser calls per micro-batch, forward and backward
-    return images * per_image + setting.grad_accum * calls * CALL_COST
+    offload = OFFLOAD_COST if setting.offload_reward else 0.0
+    return images * per_image + setting.grad_accum * (calls * CALL_COST + offload)

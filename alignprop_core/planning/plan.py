@@ -2,8 +2,9 @@
 
 Only choices that leave the algorithm as it is are changed: the batch of an optimiser step is split
 into micro-batches (`batch_size * grad_accum` stays the images per step; the gradient is the same
-mean, though the random draws are taken in a different order), and gradient checkpointing of the
-denoiser and the VAE is turned on or off. K, the image size and everything else stay the user's.
+mean, though the random draws are taken in a different order), gradient checkpointing of the
+denoiser and the VAE is turned on or off, and, where the reward's networks sit on the training
+device, they may be offloaded between scoring passes (the same LoRA, bit for bit). K, the image size and everything else stay the user's.
 Among the candidates whose estimate (with `HEADROOM`) fits the budget, the fastest by
 `estimate.relative_time` wins; ties go to the smaller estimate.
 """
@@ -43,17 +44,17 @@ class Plan:
         """The configs with the chosen batch split and checkpointing."""
         s = self.chosen.setting
         return (dataclasses.replace(sampler, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae),
-                dataclasses.replace(cfg, batch_size=s.batch, grad_accum=s.grad_accum))
+                dataclasses.replace(cfg, batch_size=s.batch, grad_accum=s.grad_accum, offload_reward=s.offload_reward))
 
     def describe(self) -> str:
         """A short table of the candidates, their estimates and the chosen one."""
         fastest = min(c.time for c in self.candidates)
         lines = [f"memory plan: budget {self.budget / GB:.2f} GB, held before training "
                  f"{self.costs.baseline / GB:.2f} GB, {HEADROOM:.0%} headroom",
-                 f"  {'batch x accum, checkpointing':<30} {'estimate':>10} {'time':>6}  fits"]
+                 f"  {'batch x accum, checkpointing':<40} {'estimate':>10} {'time':>6}  fits"]
         for c in self.candidates:
             mark = ("  <- chosen" if c is self.chosen else "") + ("  (asked)" if c.setting == self.asked else "")
-            lines.append(f"  {c.setting.label():<30} {c.peak / GB:>7.2f} GB {c.time / fastest:>6.2f}  "
+            lines.append(f"  {c.setting.label():<40} {c.peak / GB:>7.2f} GB {c.time / fastest:>6.2f}  "
                          f"{'yes' if c.fits else 'no'}{mark}")
         return "\n".join(lines)
 
@@ -72,10 +73,12 @@ def choose_plan(costs: StepCosts, sampler: SamplerConfig, cfg: TrainConfig, budg
     asked = setting_of(sampler, cfg)
     chain_k = 1 if sampler.estimator == "draft_lv" else asked.window
     candidates = []
-    for (batch, accum), unet, vae in itertools.product(_splits(cfg.batch_size * cfg.grad_accum),
-                                                      (False, True), (False, True)):
-        setting = Setting(asked.window, batch, accum, unet, vae)
-        if not can_estimate(costs, setting):
+    # offloading a reward that is not on the device (or on the CPU, where parking frees nothing) is moot
+    offloads = (False, True) if costs.reward_weights > 0 else (asked.offload_reward,)
+    for (batch, accum), unet, vae, offload in itertools.product(_splits(cfg.batch_size * cfg.grad_accum),
+                                                               (False, True), (False, True), offloads):
+        setting = Setting(asked.window, batch, accum, unet, vae, offload)
+        if not can_estimate(costs, setting) or (offload and not unet and costs.reward_weights > 0):
             continue
         peak = estimate_peak(costs, setting)
         candidates.append(Candidate(setting, peak, relative_time(setting, sampler.steps, chain_k),

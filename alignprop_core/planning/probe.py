@@ -69,7 +69,7 @@ def _peak_of_step(meter: PeakMeter, backend: DiffusionBackend, reward: Reward, p
                   lora: LoraConfig, sampler: SamplerConfig, cfg: TrainConfig) -> int:
     """Peak above the meter's baseline of one optimiser step on a throwaway LoRA."""
     meter.start()
-    params = add_lora(backend.lora_target, lora)
+    params = add_lora(backend.lora_target, lora, device=backend.device)
     try:
         optimizer = make_optimizer(params, cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -124,12 +124,27 @@ def probe_costs(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: S
             p3 = None
         p2 = _peak_of_step(meter, backend, reward, prompts, lora, *_probe_configs(sampler, cfg, w2, 2, True))
     meter.settle()
+    weights = reward_weight_bytes(reward, backend.device)
     a = p1 - w1 * latent  # fixed + s + u
     b = p2 - 2 * w2 * latent  # fixed + 2 (s + u)
     fixed, s_u = max(2 * a - b, 0), max(b - a, 0)
     if p3 is None:
-        return StepCosts(meter.baseline, fixed, s_u, latent, None, None)
+        return StepCosts(meter.baseline, fixed, s_u, latent, None, None, weights)
     decode = saved.bytes
     step = max(p3 - decode - a, 0) / (w3 - 1) if w3 > 1 else 0
     step = int(min(step, s_u))  # s + u bounds u: a window step cannot cost more than a whole image
-    return StepCosts(meter.baseline, fixed, s_u - step, latent, step, decode)
+    return StepCosts(meter.baseline, fixed, s_u - step, latent, step, decode, weights)
+
+
+def reward_weight_bytes(reward: Reward | RewardFn, device: torch.device) -> int:
+    """Bytes of the reward's networks (`Reward.modules()`) held on `device`; 0 on the CPU, where
+    offloading to the CPU frees nothing, and for a reward that is elsewhere already."""
+    if device.type == "cpu" or not isinstance(reward, Reward):
+        return 0
+    seen, total = set(), 0
+    for module in reward.modules():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == device.type and id(t) not in seen:  # a network listed twice counts once
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
