@@ -6,7 +6,8 @@ the world the environment describes and writes, into the job's folder, `rank<r>.
 of its LoRA after every step, and the metrics) and `rank<r>.safetensors` (its final LoRA). With
 `die_at_step` rank `die_rank` exits abruptly once that step is done, as a crashed process would;
 with `hang_at_step` it stops itself (SIGSTOP) instead, as a hung process would.
-`build` is also imported by the test, so the single-process reference is the same run.
+`build` is also imported by the test, so the single-process reference is the same run. With `judge`
+a weight-free judge counts the held-out images this rank scored.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from alignprop_core.config import LoraConfig, SamplerConfig, TrainConfig  # noqa
 from alignprop_core.lora import lora_state_dict  # noqa: E402
 from alignprop_core.parallel import DistConfig, init_world  # noqa: E402
 from alignprop_core.rewards import make_reward  # noqa: E402
+from alignprop_core.rewards.base import FunctionReward  # noqa: E402
 
 PROMPTS = ["a cat", "a dog", "a horse", "a cow", "a fish", "a bird"]
 EVAL = ["a fox", "a lion"]
@@ -37,12 +39,14 @@ def build(job: dict):
     take part."""
     torch.manual_seed(0)
     backend = make_backend(torch.float32)
-    reward = make_reward("mixture", spec="smoothness:1, color_target:0.5", standardize=True)
-    sampler = SamplerConfig(steps=3, eta=1.0, guidance_scale=3.0, truncation="uniform", k_min=1, k_max=2,
-                            **job.get("sampler", {}))
-    cfg = TrainConfig(reward="mixture", steps=job["steps"], batch_size=job["batch_size"],
+    reward = (make_reward("mixture", spec="smoothness:1, color_target:0.5", standardize=True)
+              if job.get("reward", "mixture") == "mixture" else make_reward(job["reward"]))
+    sampler = SamplerConfig(**{"steps": 3, "eta": 1.0, "guidance_scale": 3.0, "truncation": "uniform",
+                               "k_min": 1, "k_max": 2, **job.get("sampler", {})})
+    cfg = TrainConfig(reward=job.get("reward", "mixture"), steps=job["steps"], batch_size=job["batch_size"],
                       grad_accum=job.get("grad_accum", 1), lr=1e-2, width=16, height=16, eval_every=2,
-                      eval_batch_size=2, reward_augment="hflip", save_every=job.get("save_every", 0), seed=0)
+                      eval_batch_size=2, eval_latents=job.get("eval_latents", 1), reward_augment="hflip",
+                      save_every=job.get("save_every", 0), seed=0)
     return backend, reward, sampler, LoraConfig(rank=2, alpha=2.0), cfg
 
 
@@ -65,6 +69,14 @@ def main(job_path: str) -> None:
     world = init_world(torch.device("cpu"), DistConfig(backend="gloo", timeout_s=job.get("timeout_s", 60)))
     backend, reward, sampler, lora, cfg = build(job)
     digests: list[str] = []
+    judged = {"images": 0}  # held-out images this rank's judge scored
+
+    def colourful(images, prompts):
+        judged["images"] += images.shape[0]
+        return colourfulness(images, prompts)
+
+    colourfulness = make_reward("colourfulness")
+    judges = [FunctionReward(colourfulness.spec, colourful)] if job.get("judge") else None
 
     def on_step(step: int, metrics: dict) -> None:
         if "eval_reward" in metrics:
@@ -77,11 +89,11 @@ def main(job_path: str) -> None:
 
     try:
         result = train(backend, reward, PROMPTS, EVAL, sampler, lora, cfg, out_dir=out / "lora",
-                       resume_from=job.get("resume_from"), on_step=on_step, world=world)
+                       resume_from=job.get("resume_from"), on_step=on_step, world=world, judges=judges)
     finally:
         world.close()
     (out / f"rank{world.rank}.json").write_text(json.dumps(
-        {"digests": digests, "history": result.history, "evals": result.evals,
+        {"digests": digests, "history": result.history, "evals": result.evals, "judged": judged["images"],
          "lora_path": str(result.lora_path) if result.lora_path else None}))
     save_file({k: v.contiguous() for k, v in lora_state_dict(backend.lora_target).items()},
               str(out / f"rank{world.rank}.safetensors"))

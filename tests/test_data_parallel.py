@@ -120,6 +120,22 @@ def test_the_ranks_draw_different_rows_so_one_rank_alone_differs(reference, tmp_
     assert _worst(_lora(tmp_path), _lora(reference[0])) > 2e-3
 
 
+def test_evaluations_are_split_over_the_ranks_and_give_the_one_process_record(tmp_path):
+    # eta 0 and a stateless reward: each rank samples and scores every other batch of held-out images
+    job = {"steps": 2, "reward": "smoothness", "sampler": {"eta": 0.0}, "eval_latents": 2, "judge": True}
+    [one] = _run({**job, "batch_size": 4}, tmp_path / "one", ranks=0)
+    two = _run({**job, "batch_size": 2}, tmp_path / "two", ranks=2)
+    assert two[0]["evals"] == two[1]["evals"]  # both ranks hold the whole record
+    assert two[0]["judged"] + two[1]["judged"] == one["judged"] > 0  # no image judged twice or left out
+    assert two[0]["judged"] == two[1]["judged"]
+    for mine, theirs in zip(two[0]["evals"], one["evals"], strict=True):
+        assert mine["eval_reward"] == pytest.approx(theirs["eval_reward"], rel=1e-5, abs=1e-6)
+        assert mine["diversity"] == pytest.approx(theirs["diversity"], rel=1e-5)
+        assert mine["judges"]["colourfulness"] == pytest.approx(theirs["judges"]["colourfulness"], rel=1e-5)
+    # the step-0 evaluation (same LoRA everywhere) is the same record, bit for bit
+    assert two[0]["evals"][0] == one["evals"][0]
+
+
 @pytest.mark.parametrize("first, then", [(2, 0), (0, 2)])
 def test_a_saved_state_resumes_on_another_number_of_ranks(reference, tmp_path, first, then):
     batch = {0: 4, 2: 2}

@@ -112,6 +112,15 @@ class World:
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         return self._reduce(t, dist.ReduceOp.SUM, what).tolist()
 
+    def sum_tensor(self, tensor: torch.Tensor, what: str = "the evaluation's numbers") -> torch.Tensor:
+        """`tensor` summed element-wise over the ranks (a new tensor on the tensor's device)."""
+        if self.size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        total = tensor.to(self.device).clone()
+        return self._reduce(total, dist.ReduceOp.SUM, what).to(tensor.device)
+
     def pool_statistics(self, means: list[float], spreads: list[float]) -> tuple[list[float], list[float]]:
         """Per-component (mean, population variance) of this rank's rows -> those of the global
         batch: every rank has the same number of rows, so the pooled mean is the mean of the means and

@@ -53,6 +53,12 @@ class Reward:
         """Score inside this block without updating the reward's state (e.g. for evaluation)."""
         yield
 
+    def moves_state_in_evaluation(self) -> bool:
+        """Whether scoring inside `scoring_only()` may still change the state, so that every rank of
+        a data-parallel run must score every evaluation image itself. A reward with any state is
+        assumed to; a stateless one never does."""
+        return bool(self.state_dict())
+
     def pool_batch_statistics(self, pool: StatsPool | None) -> None:
         """Statistics a reward keeps of its training batches are to be pooled by `pool` (a
         data-parallel run: one rank scores only its rows of the global batch); a stateless reward

@@ -91,6 +91,10 @@ class MixtureReward(Reward):
     def pool_batch_statistics(self, pool: StatsPool | None) -> None:
         self.pool = pool
 
+    def moves_state_in_evaluation(self) -> bool:
+        # scoring_only lets a standardised mixture without statistics take them from what it scores
+        return self.standardize and self.stats.batches == 0
+
     def modules(self) -> list[torch.nn.Module]:
         """Every part's networks, each once (two parts may share one)."""
         found: dict[int, torch.nn.Module] = {}

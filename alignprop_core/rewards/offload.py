@@ -97,6 +97,9 @@ class OffloadedReward(Reward):
     def pool_batch_statistics(self, pool: StatsPool | None) -> None:
         self.inner.pool_batch_statistics(pool)
 
+    def moves_state_in_evaluation(self) -> bool:
+        return self.inner.moves_state_in_evaluation()
+
 
 def offloaded(reward: Reward) -> OffloadedReward:
     """`reward` with its networks kept on the CPU between scoring passes (itself if it already is)."""

@@ -3,7 +3,9 @@
 `evaluate` scores the held-out images with one reward (and can hand the images back). `evaluate_held_out`
 is what a training run records at each evaluation: the same images scored by the training reward and by
 every judge (rewards that are never trained on, so a hacked reward shows as a gap between them), and
-their diversity (`training.diversity`).
+their diversity (`training.diversity`). On the ranks of a data-parallel run it can be split: each rank
+samples and scores every size-th batch of images and the ranks sum their numbers into the record one
+process would make (`shard_evaluation` says when that is exact).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from ..config import SamplerConfig, TrainConfig
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn
+from ..parallel.shard import ONE, Shard
 from ..sampling.sampler import sample_images
 from .diversity import downsample, held_out_diversity
 from .step import autocast_context
@@ -42,19 +45,24 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _sample_held_out(backend: DiffusionBackend, prompts: Sequence[str], sampler: SamplerConfig,
-                     cfg: TrainConfig, score: Callable[[list[str], torch.Tensor], None]) -> None:
+                     cfg: TrainConfig, score: Callable[[int, list[str], torch.Tensor], None],
+                     shard: Shard = ONE) -> None:
     """Sample every held-out image from its fixed latent, batch by batch, and hand each batch
-    (prompts, images (B, 3, H, W) float in [0, 1]) to `score`, under the run's autocast."""
+    (index of its first image, prompts, images (B, 3, H, W) float in [0, 1]) to `score`, under the
+    run's autocast. With `shard`, only the batches numbered rank, rank + size, ... (sampling draws
+    no noise then: see `shard_evaluation`)."""
     gen = torch.Generator().manual_seed(cfg.eval_seed)
     entries = eval_entries(prompts, cfg)
     shape = backend.latent_shape(len(entries), cfg.height, cfg.width)
     x_T = torch.randn(shape, generator=gen).to(backend.device)
-    for i in range(0, len(entries), cfg.eval_batch_size):
+    for n, i in enumerate(range(0, len(entries), cfg.eval_batch_size)):
+        if n % shard.size != shard.rank:
+            continue
         chunk = list(entries[i:i + cfg.eval_batch_size])
         with autocast_context(backend.device, cfg.mixed_precision):
             img = sample_images(backend, chunk, sampler, x_T[i:i + len(chunk)],
                                 cfg.negative_prompt, grad_steps=0, generator=gen)
-            score(chunk, img.float())
+            score(i, chunk, img.float())
 
 
 def _scoring_only(reward: Reward | RewardFn) -> contextlib.AbstractContextManager:
@@ -79,7 +87,7 @@ def evaluate(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequ
     scores: list[float] = []
     images: list[torch.Tensor] = []
 
-    def score(chunk: list[str], img: torch.Tensor) -> None:
+    def score(start: int, chunk: list[str], img: torch.Tensor) -> None:
         scores.extend(reward(img, chunk).float().tolist())
         if return_images:
             images.append(img.cpu())
@@ -89,10 +97,19 @@ def evaluate(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequ
     return scores, (torch.cat(images) if return_images else None)
 
 
+def shard_evaluation(sampler: SamplerConfig, scorers: Sequence[Reward | RewardFn]) -> bool:
+    """Whether splitting an evaluation over ranks gives exactly the one-process record: sampling must
+    draw no noise (eta = 0; the noise of a batch follows the batches before it) and no scorer may move
+    its state while it scores (a standardised mixture's first evaluation sets its statistics)."""
+    return sampler.eta == 0 and not any(isinstance(s, Reward) and s.moves_state_in_evaluation()
+                                        for s in scorers)
+
+
 @torch.no_grad()
 def evaluate_held_out(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequence[str],
                       sampler: SamplerConfig, cfg: TrainConfig,
-                      judges: Mapping[str, Reward | RewardFn] | None = None) -> HeldOutScores:
+                      judges: Mapping[str, Reward | RewardFn] | None = None, shard: Shard = ONE,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> HeldOutScores:
     """The held-out images (as `evaluate` samples them) scored by `reward` and by every judge, and
     their diversity when cfg.eval_latents >= 2.
 
@@ -101,24 +118,42 @@ def evaluate_held_out(backend: DiffusionBackend, reward: Reward | RewardFn, prom
 
     Args:
         judges: judge name (`config.judge_names`) -> reward; none by default.
+        shard, gather: on a rank of a data-parallel run, this rank's share of the batches
+            (`_sample_held_out`) and the sum of a tensor over the ranks; every rank then returns the
+            whole record. Only where `shard_evaluation` holds.
     """
     judges = dict(judges or {})
-    result = HeldOutScores(scores=[], judges={name: [] for name in judges})
-    small: list[torch.Tensor] = []
+    n = len(eval_entries(prompts, cfg))
+    # every number by image position, zeros where another rank scores: the sum over ranks is exact
+    table = torch.zeros(1 + len(judges), n, dtype=torch.float64)
+    small: torch.Tensor | None = None
 
-    def score(chunk: list[str], img: torch.Tensor) -> None:
-        result.scores.extend(reward(img, chunk).float().tolist())
-        for name, judge in judges.items():
-            result.judges[name].extend(judge(img, chunk).float().tolist())
+    def score(start: int, chunk: list[str], img: torch.Tensor) -> None:
+        nonlocal small
+        end = start + len(chunk)
+        table[0, start:end] = reward(img, chunk).double().cpu()
+        for row, judge in enumerate(judges.values(), 1):
+            table[row, start:end] = judge(img, chunk).double().cpu()
         if cfg.eval_latents >= 2:
-            small.append(downsample(img))
+            tiny = downsample(img).double()
+            small = small if small is not None else torch.zeros(n, *tiny.shape[1:], dtype=torch.float64)
+            small[start:end] = tiny
 
     with contextlib.ExitStack() as stack:
         for scorer in (reward, *judges.values()):
             stack.enter_context(_scoring_only(scorer))
-        _sample_held_out(backend, prompts, sampler, cfg, score)
-    if small:
-        result.diversity = held_out_diversity(torch.cat(small), len(prompts))
+        _sample_held_out(backend, prompts, sampler, cfg, score, shard)
+    if shard.size > 1:
+        if gather is None:
+            raise ValueError("evaluate_held_out: a shard of the evaluation needs `gather` to sum the ranks' numbers.")
+        if cfg.eval_latents >= 2:  # a rank that scored no batch still sends its zeros, shaped alike
+            shape = downsample(torch.zeros(1, 3, cfg.height, cfg.width)).shape[1:]
+            small = gather(small if small is not None else torch.zeros(n, *shape, dtype=torch.float64))
+        table = gather(table)
+    result = HeldOutScores(scores=table[0].float().tolist(),
+                           judges={name: table[row].float().tolist() for row, name in enumerate(judges, 1)})
+    if small is not None:
+        result.diversity = held_out_diversity(small.float(), len(prompts))
     return result
 
 

@@ -26,11 +26,12 @@ import torch
 from ..config import LoraConfig, SamplerConfig, TrainConfig, judge_names, to_dict
 from ..lora import LoraFile, add_lora, apply_lora_file, lora_state_dict, save_lora, set_lora_state_dict
 from ..models.backend import DiffusionBackend
+from ..parallel.shard import ONE
 from ..parallel.world import World, single_process
 from ..rewards import Reward, RewardFn, as_reward, build_reward
 from ..rewards.offload import OffloadedReward, offloaded
 from ..sampling.sampler import check_sampler_fits
-from .evaluate import evaluate_held_out
+from .evaluate import evaluate_held_out, shard_evaluation
 from .step import make_optimizer, make_scaler, optimizer_step
 from .train_state import TrainState, check_resumable, save_train_state
 
@@ -190,9 +191,15 @@ class TrainRun:
     def evaluate(self) -> dict[str, Any]:
         """Score the held-out images at the current step; returns the record (also appended to
         `evals`): {"step", "eval_reward" (mean training reward), "judges": {name: mean score},
-        "diversity": mean pairwise distance of each prompt's images, None with eval_latents = 1}."""
+        "diversity": mean pairwise distance of each prompt's images, None with eval_latents = 1}.
+
+        On several ranks each samples and scores its share of the images where that gives the same
+        record (`evaluate.shard_evaluation`: eta = 0, no scorer whose state would move); otherwise
+        every rank evaluates everything."""
+        split = self.world.size > 1 and shard_evaluation(self.sampler, [self.reward, *self.judges.values()])
         held_out = evaluate_held_out(self.backend, self.reward, self.eval_prompts, self.sampler, self.cfg,
-                                     self.judges)
+                                     self.judges, shard=self.world.shard if split else ONE,
+                                     gather=self.world.sum_tensor)
         self.evals.append(held_out.record(self.steps_done))
         return copy.deepcopy(self.evals[-1])
 
