@@ -6,7 +6,11 @@
    finite rewards, the LoRA moves and stays fp32, and the same seed gives the same LoRA; a run
    stopped after 3 steps and resumed from its saved state equals 6 straight steps (`TrainRun`);
 3. the full SD1.5 UNet (860M, random weights, 512 px, T=20) and the full SDXL UNet (2.6B, 1024 px):
-   seconds per optimiser step and peak CUDA memory against K, with and without checkpointing.
+   seconds per optimiser step and peak CUDA memory against K, with and without checkpointing;
+4. the memory planner on CUDA (`planner`): the probe on the full SD1.5 model in bf16 with a reward
+   network of CLIP ViT-L/14's size (random open_clip tower, 0.6 GB), then for settings the probe did
+   not run (K, batch, checkpointing, reward offload, VAE tiles) its estimate against the measured
+   peak CUDA memory of two optimiser steps, and the seconds per step.
 Every section is independent: an error is recorded and the next section runs. Results go to
 DIR/gpu_check.json; a table is printed last.
 """
@@ -234,19 +238,104 @@ def check_full_size(name: str, ks: tuple[int, ...], px: int, repeats: int) -> li
     return rows
 
 
+def vit_reward(device: torch.device, dtype: torch.dtype, arch: str = "ViT-L-14"):
+    """A reward with a network of a real reward's size: a random open_clip vision tower (ViT-L/14 is
+    the aesthetic predictor's), scoring the mean of each image's embedding."""
+    import open_clip
+
+    from alignprop_core.rewards.base import FunctionReward
+    from alignprop_core.rewards.spec import RewardSpec
+
+    tower = open_clip.create_model(arch, pretrained=None).visual.to(device, dtype).eval().requires_grad_(False)
+    side = tower.image_size[0] if isinstance(tower.image_size, tuple) else tower.image_size
+
+    def score(images, prompts):
+        x = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+        return tower(x.to(dtype)).float().mean(dim=1)
+
+    return FunctionReward(RewardSpec.parse("smoothness"), score, modules=[tower])
+
+
+def check_planner(device: torch.device = CUDA, model: str = "sd15", px: int = 512, arch: str = "ViT-L-14",
+                  repeats: int = 2) -> dict:
+    """The planner's estimate against the measured peak for settings the probe did not run."""
+    from alignprop_core.models.backend import diffusers_backend
+    from alignprop_core.planning import Setting, estimate_peak
+    from alignprop_core.planning.probe import probe_costs
+    from alignprop_core.rewards.offload import offloaded
+    from alignprop_core.training.step import make_optimizer, make_scaler, optimizer_step
+    from bench.models import build_model
+
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    backend = diffusers_backend(build_model(model, 0).to(device, dtype), name=model)
+    reward = vit_reward(device, dtype, arch)
+    prompts, lora = ["a photo of a cat", "a red car"], LoraConfig()
+    mixed = "bf16" if on_cuda else "no"
+    base_sampler = SamplerConfig(steps=20 if on_cuda else 6)
+    base_cfg = TrainConfig(reward="smoothness", batch_size=1, width=px, height=px, mixed_precision=mixed)
+    if on_cuda:
+        torch.cuda.synchronize()
+    costs = probe_costs(backend, reward, prompts, base_sampler, lora, base_cfg)
+    out: dict = {"model": model, "px": px, "reward_network": arch, "costs_gib": {
+        k: (round(v / 2 ** 30, 4) if isinstance(v, int) else v) for k, v in vars(costs).items()}, "rows": []}
+    # (K, batch, checkpoint, offload the reward, VAE tile in pixels)
+    for k, batch, ckpt, offload, tile in ((1, 2, True, False, 0), (5, 2, True, False, 0), (5, 2, True, True, 0),
+                                          (1, 1, False, False, 0), (5, 1, False, False, 0), (1, 2, True, False, px // 2)):
+        sampler = replace(base_sampler, k=k, checkpoint_unet=ckpt, checkpoint_vae=ckpt, vae_tile=tile,
+                          vae_tile_overlap=min(64, tile // 4 // 8 * 8) if tile else 64)
+        cfg = replace(base_cfg, batch_size=batch, offload_reward=offload)
+        setting = Setting(k, batch, 1, ckpt, ckpt, offload and costs.reward_weights > 0)
+        row = {"K": k, "batch": batch, "checkpoint": ckpt, "offload_reward": offload, "vae_tile": tile,
+               "estimate_gib": round(estimate_peak(costs, setting) / 2 ** 30, 3)}
+        scorer = offloaded(reward) if offload else reward
+        if offload:
+            scorer.park()
+        params = add_lora(backend.lora_target, lora, device=device)
+        try:
+            optimizer, gen = make_optimizer(params, cfg), torch.Generator().manual_seed(0)
+            scaler = make_scaler(device, cfg)
+            if on_cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for step in range(repeats):
+                started = time.perf_counter()
+                optimizer_step(backend, scorer, prompts, sampler, cfg, params, optimizer, scaler, gen, step)
+                if on_cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            row["step_s"] = round(statistics.median(times), 3)
+            if on_cuda:
+                row["measured_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
+                row["estimate_over_measured"] = round(row["estimate_gib"] / row["measured_gib"], 3)
+        except torch.OutOfMemoryError as err:
+            row["error"] = f"OOM: {str(err).splitlines()[0]}"
+        finally:
+            remove_lora(backend.lora_target)
+            if offload:
+                scorer.restore()
+            if on_cuda:
+                torch.cuda.empty_cache()
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
     parser.add_argument("--sections", nargs="+", default=None,
-                        help="run only these sections (gradients training resume sd15 sdxl)")
+                        help="run only these sections (gradients training resume sd15 sdxl planner)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
                "capability": list(torch.cuda.get_device_capability(0))}
     sections = [("gradients", check_gradients), ("training", check_training), ("resume", check_resume),
                 ("sd15", lambda: check_full_size("sd15", (1, 5, 10, 20), 256 if args.quick else 512, 3)),
-                ("sdxl", lambda: check_full_size("sdxl", (1, 10), 512 if args.quick else 1024, 2))]
+                ("sdxl", lambda: check_full_size("sdxl", (1, 10), 512 if args.quick else 1024, 2)),
+                ("planner", lambda: check_planner(px=256 if args.quick else 512))]
     chosen = set(args.sections or [name for name, _ in sections])
     for name, fn in [(n, f) for n, f in sections if n in chosen]:
         started = time.perf_counter()
