@@ -209,6 +209,26 @@ def test_nan_reward_skips_the_step_and_keeps_the_lora():
         assert torch.isfinite(p).all()
 
 
+def test_a_reward_that_is_never_finite_stops_the_run_with_the_cause(tmp_path):
+    backend = make_backend(torch.float32)
+    sampler, lora, cfg = _configs(steps=20, eval_every=0)
+    good = make_reward("color_target")
+    calls = {"n": 0}
+
+    def broken(images, prompts):  # fine for the step-0 evaluation, NaN in training
+        calls["n"] += 1
+        r = good(images, prompts)
+        return r if calls["n"] == 1 else r * math.nan
+
+    with pytest.warns(UserWarning, match="NaN/Inf"), \
+            pytest.raises(RuntimeError, match=r"NaN/Inf in 5 optimiser steps in a row \(steps 1 to 5\)"):
+        train(backend, broken, PROMPTS, EVAL, sampler, lora, cfg, out_dir=tmp_path)
+    assert calls["n"] == 1 + 5  # it stopped there, not after 20 steps
+    # kept as after any failure: the (untrained) LoRA under the partial name, never the final one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alignprop_lora-best.safetensors",
+                                                         "alignprop_lora-partial.safetensors", "train_state.pt"]
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(prompts=[]), "no training prompts"),
     (dict(width=15), "multiples of the VAE factor"),

@@ -29,6 +29,7 @@ from .run import TrainRun, check_run_inputs
 from .train_state import load_train_state
 
 OnStep = Callable[[int, dict[str, Any]], None]
+SKIPPED_IN_A_ROW = 5  # optimiser steps with a non-finite reward, one after another, that end a run
 
 
 @dataclass
@@ -42,6 +43,19 @@ class TrainResult:
     best_path: Path | None = None  # <name>-best.safetensors: the LoRA of the best evaluation, if kept
     best_step: int | None = None  # the step of the best evaluation by cfg.best_by
     early_stopped: bool = False  # cfg.early_stop_evals ended the run; it finished under the final name
+
+
+def _stop_if_nothing_trains(history: Sequence[dict[str, Any]], steps: int) -> None:
+    """RuntimeError once the reward was NaN/Inf in SKIPPED_IN_A_ROW steps in a row (or in every step
+    of a shorter run): each was skipped, so the run would go on, or finish, without training."""
+    needed = min(SKIPPED_IN_A_ROW, steps)
+    recent = list(history[-needed:])
+    if len(recent) == needed and all(m.get("skipped") for m in recent):
+        raise RuntimeError(
+            f"the reward returned NaN/Inf in {needed} optimiser steps in a row (steps {recent[0]['step']} to "
+            f"{recent[-1]['step']}), so none of them changed the LoRA; the run stops rather than go on "
+            "without training. Check the reward on these images (score a batch with AlignProp Score Images "
+            "or evaluate()), its arguments and weights, and with fp16 try bf16.")
 
 
 def saved_step(path: Path) -> int | None:
@@ -165,6 +179,7 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
                     break
                 report(run.step())
                 step = run.steps_done
+                _stop_if_nothing_trains(run.history, run.cfg.steps)
                 evaluated = (run.cfg.eval_every and step % run.cfg.eval_every == 0) or step == run.cfg.steps
                 if evaluated:
                     evaluate()
