@@ -46,13 +46,14 @@ def _progress(total: int):
 
 
 def _rank0_settings(world: World, sampler: SamplerConfig, cfg: TrainConfig) -> tuple[SamplerConfig, TrainConfig]:
-    """Rank 0's planned batch split and checkpointing, on every rank (only rank 0 probes)."""
+    """Rank 0's planned settings (`Plan.apply`'s fields) on every rank (only rank 0 probes)."""
     if world.size == 1:
         return sampler, cfg
-    mine = [cfg.batch_size, cfg.grad_accum, sampler.checkpoint_unet, sampler.checkpoint_vae]
-    batch, accum, unet, vae = world.sum([float(v) if world.writes else 0.0 for v in mine], "the memory plan")
+    mine = [cfg.batch_size, cfg.grad_accum, sampler.checkpoint_unet, sampler.checkpoint_vae, cfg.offload_reward]
+    batch, accum, unet, vae, offload = world.sum([float(v) if world.writes else 0.0 for v in mine],
+                                                 "the memory plan")
     return (dataclasses.replace(sampler, checkpoint_unet=bool(unet), checkpoint_vae=bool(vae)),
-            dataclasses.replace(cfg, batch_size=int(batch), grad_accum=int(accum)))
+            dataclasses.replace(cfg, batch_size=int(batch), grad_accum=int(accum), offload_reward=bool(offload)))
 
 
 def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
@@ -78,13 +79,13 @@ def run_and_report(model_dir: Path, reward: Reward, prompts: Sequence[str],
                            name=Path(model_dir).name)
     planned = {}
     if memory is not None and memory.enabled:
-        from .planning import plan_memory
+        from .planning import GB, plan_memory
 
         if world.writes:
             plan = plan_memory(backend, reward, prompts, sampler, lora, cfg, memory)
             print(plan.describe(), file=sys.stderr)
             sampler, cfg = plan.apply(sampler, cfg)
-            planned = {"memory_plan": plan.chosen.setting.label(), "memory_estimate_gb": plan.chosen.peak / 2 ** 30}
+            planned = {"memory_plan": plan.chosen.setting.label(), "memory_estimate_gb": plan.chosen.peak / GB}
         sampler, cfg = _rank0_settings(world, sampler, cfg)
     # A reward with a report (e.g. toy_count's accuracy) is reported on every held-out prompt;
     # otherwise only the grid's prompts are sampled again.

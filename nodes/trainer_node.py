@@ -178,8 +178,6 @@ class AlignPropTrainer(io.ComfyNode):
         judges = list(judges or [])
         cfg = build(TrainConfig, kwargs, reward=reward.spec.text(), judges=tuple(j.spec.text() for j in judges))
         cfg = merge(cfg, optimizer, evaluation, objective)
-        # the preview scores with the run's reward: with offloading, its networks wait on the CPU
-        reward = offloaded(reward) if cfg.offload_reward else reward
         sampler = sampler or SamplerConfig()
         family = check_family_inputs(model, vae, sampler, cfg.width, cfg.height)
         if init_lora is not None and lora_settings is not None:
@@ -271,12 +269,14 @@ class AlignPropTrainer(io.ComfyNode):
             with training_session(model, vae):
                 backend = family_backend(model, clip, vae, cfg.width, cfg.height,
                                          name=base_model_name(family, cls.hidden.prompt, node_id))
-                if memory.enabled:  # the plan's batch split and checkpointing replace the inputs'
+                if memory.enabled:  # the plan's batch split, checkpointing and offloading replace the inputs'
                     plan = plan_memory(backend, reward, train_prompts, sampler, lora_cfg, cfg, memory)
                     logging.info("AlignProp %s", plan.describe())
                     if node_id:
                         PromptServer.instance.send_progress_text(plan.describe(), node_id)
                     sampler, cfg = plan.apply(sampler, cfg)
+                # the preview scores with the run's reward: with offloading, its networks wait on the CPU
+                reward = offloaded(reward) if cfg.offload_reward else reward
                 try:
                     result = train(backend, reward, train_prompts, held_out, sampler, lora_cfg, cfg,
                                    out_dir=os.path.dirname(path), lora_name=os.path.basename(path),

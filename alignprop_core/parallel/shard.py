@@ -46,9 +46,10 @@ class Shard:
         full = torch.randn((local_shape[0] * self.size, *local_shape[1:]), generator=generator, **kw)
         return self.take(full)
 
-    def randint(self, high: int, local: int, generator: torch.Generator | None) -> list[int]:
-        """`local` integers in [0, high) for this rank's rows, drawn for the global batch."""
-        return self.take(torch.randint(high, (local * self.size,), generator=generator)).tolist()
+    def randint(self, high: int, local: int, generator: torch.Generator | None, blocks: int = 1) -> list[int]:
+        """`local` integers in [0, high) for this rank's rows (of `blocks` blocks, see `rows`), drawn
+        for the global batch."""
+        return self.take(torch.randint(high, (local * self.size,), generator=generator), blocks).tolist()
 
 
 ONE = Shard()

@@ -28,6 +28,7 @@ from ..config import LoraConfig, SamplerConfig, TrainConfig
 from ..lora import add_lora, remove_lora
 from ..models.backend import DiffusionBackend
 from ..rewards import Reward, RewardFn, as_reward
+from ..rewards.base import reward_modules
 from ..training.step import make_optimizer, make_scaler, optimizer_step
 from .estimate import StepCosts, window_steps
 from .host_memory import PeakMeter
@@ -139,10 +140,10 @@ def probe_costs(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: S
 def reward_weight_bytes(reward: Reward | RewardFn, device: torch.device) -> int:
     """Bytes of the reward's networks (`Reward.modules()`) held on `device`; 0 on the CPU, where
     offloading to the CPU frees nothing, and for a reward that is elsewhere already."""
-    if device.type == "cpu" or not isinstance(reward, Reward):
+    if device.type == "cpu":
         return 0
     seen, total = set(), 0
-    for module in reward.modules():
+    for module in reward_modules(reward):
         for t in [*module.parameters(), *module.buffers()]:
             if t.device.type == device.type and id(t) not in seen:  # a network listed twice counts once
                 seen.add(id(t))

@@ -41,12 +41,8 @@ def augment_for_reward(images: torch.Tensor, kind: str, generator: torch.Generat
         raise ValueError(f"reward augmentation 'dihedral' turns images by quarter turns, which needs square "
                          f"images, not {images.shape[-1]}x{images.shape[-2]}; use 'hflip' or square images.")
     n = images.shape[0]
-
-    def draw(high: int) -> list[int]:
-        return shard.take(torch.randint(high, (n * shard.size,), generator=generator), blocks).tolist()
-
-    mirror = draw(2)
-    turns = draw(4) if kind == "dihedral" else [0] * n
+    mirror = shard.randint(2, n, generator, blocks)
+    turns = shard.randint(4, n, generator, blocks) if kind == "dihedral" else [0] * n
     out = []
     for image, m, t in zip(images, mirror, turns):
         image = torch.rot90(image, t, dims=(-2, -1)) if t else image

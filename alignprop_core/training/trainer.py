@@ -103,8 +103,8 @@ def train(backend: DiffusionBackend, reward: Reward | RewardFn, prompts: Sequenc
             from cfg.judges).
         world: this rank of a data-parallel run (`parallel.world`; default one process). Every rank
             calls `train` alike; rank 0 alone checks and writes files (out_dir and state_dir are
-            ignored elsewhere), should_stop on any rank stops all of them, and each evaluation runs on
-            every rank (they hold the same LoRA, so they agree on the best and on early stopping).
+            ignored elsewhere), should_stop on any rank stops all of them, and every rank gets the same
+            evaluation records (`TrainRun.evaluate`), so they agree on the best and on early stopping.
 
     Returns:
         TrainResult with the LoRA path, the metric history, the best LoRA and whether it stopped early.
